@@ -1,0 +1,170 @@
+"""The only place the trainer meets ComfyUI: a ComfyUI MODEL/CLIP/VAE behind trainer's protocols.
+
+Everything here works on ComfyUI 2024-03 and 2025-10; version differences are feature-detected
+(see shared/research/comfyui-internals.md).
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+
+import torch
+
+import comfy.lora
+import comfy.model_management
+import comfy.sd
+
+from ..trainer.checkpointing import clone_inputs_of, gradient_checkpointing
+
+log = logging.getLogger("LoRA Lab")
+
+
+def model_sampling(patcher):
+    getter = getattr(patcher, "get_model_object", None)
+    return getter("model_sampling") if getter else patcher.model.model_sampling
+
+
+def model_family(patcher) -> str:
+    """A short name for the base model family, as kohya's ss_base_model_version spells it."""
+    config_name = type(getattr(patcher.model, "model_config", None)).__name__
+    families = {"SD15": "sd_v1", "SD20": "sd_v2", "SD21UnclipL": "sd_v2", "SD21UnclipH": "sd_v2",
+                "SDXL": "sdxl_base_v1-0", "SDXLRefiner": "sdxl_refiner_v1-0", "SSD1B": "sdxl_base_v1-0"}
+    return families.get(config_name, config_name.lower() or "unknown")
+
+
+def default_resolution(patcher) -> int:
+    return 1024 if model_family(patcher).startswith("sdxl") else 512
+
+
+class ComfyDenoiser:
+    """trainer.loop.Denoiser over a ComfyUI BaseModel: ComfyUI's own model_sampling does the math."""
+
+    def __init__(self, patcher):
+        self.base_model = patcher.model
+        self.sampling = model_sampling(patcher)
+        sigmas = getattr(self.sampling, "sigmas", None)
+        # Discrete models (eps, v) train on their 1000 timesteps; a plain copy escapes inference mode.
+        self.sigmas = sigmas.detach().clone().float() if sigmas is not None else None
+
+    def training_sigmas(self, u: torch.Tensor) -> torch.Tensor:
+        if self.sigmas is None:
+            raise NotImplementedError("this model type has no discrete timesteps; not supported yet")
+        index = (u * len(self.sigmas)).long().clamp_(0, len(self.sigmas) - 1)
+        return self.sigmas.to(u.device)[index.to(self.sigmas.device)].to(u.device)
+
+    def noisy_latents(self, latents, noise, sigma):
+        return self.sampling.noise_scaling(sigma.view(-1, 1, 1, 1), noise, latents)
+
+    def denoise(self, noisy, sigma, cond):
+        return self.base_model.apply_model(noisy, sigma, c_crossattn=cond)
+
+    def output_error_scale(self, sigma):
+        # calculate_denoised(sigma, out, x) = a*x - s*out, so s = -calculate_denoised(sigma, 1, 0).
+        shape = (sigma.shape[0], 1, 1, 1)
+        zeros = torch.zeros(shape, device=sigma.device)
+        return -self.sampling.calculate_denoised(sigma, torch.ones(shape, device=sigma.device), zeros).view(-1)
+
+
+# --- which layers get adapters, and their kohya names ---------------------------------------------
+def unet_lora_targets(patcher) -> dict[str, str]:
+    """kohya's SD default: every Linear and 1x1 Conv inside the UNet's transformer blocks.
+
+    Returns {module path inside diffusion_model: kohya module name}. Names come from ComfyUI's own
+    LoRA key map, so every saved key is one ComfyUI maps (no "lora key not loaded"). SD1/SD2 files
+    use the diffusers-style names kohya and A1111 write; SDXL uses the LDM names kohya writes.
+    """
+    base_model = patcher.model
+    key_map = comfy.lora.model_lora_keys_unet(base_model, {})
+    names_for_weight: dict[str, list[str]] = {}
+    for lora_name, weight_key in key_map.items():
+        if lora_name.startswith("lora_unet_"):
+            names_for_weight.setdefault(weight_key, []).append(lora_name)
+    prefer_ldm_names = model_family(patcher).startswith("sdxl")
+    targets = {}
+    for block_path, block in base_model.diffusion_model.named_modules():
+        if type(block).__name__ != "SpatialTransformer":
+            continue
+        for inner_path, layer in block.named_modules():
+            is_linear = isinstance(layer, torch.nn.Linear)
+            is_pointwise_conv = isinstance(layer, torch.nn.Conv2d) and tuple(layer.kernel_size) == (1, 1)
+            if not (is_linear or is_pointwise_conv):
+                continue
+            path = f"{block_path}.{inner_path}"
+            candidates = names_for_weight.get(f"diffusion_model.{path}.weight", [])
+            ldm_name = "lora_unet_" + path.replace(".", "_")
+            diffusers = [n for n in candidates if n != ldm_name]
+            if prefer_ldm_names or not diffusers:
+                chosen = ldm_name if ldm_name in candidates else None
+            else:
+                chosen = diffusers[0]
+            if chosen is None:
+                raise RuntimeError(f"ComfyUI has no LoRA key for {path}; cannot train it safely")
+            targets[path] = chosen
+    return targets
+
+
+# --- getting a shared model ready to train, and handing it back unchanged --------------------------
+def load_fully(patcher) -> None:
+    """Put the model (with any upstream LoRA patches applied) wholly on its device."""
+    kwargs = {}
+    if "force_full_load" in inspect.signature(comfy.model_management.load_models_gpu).parameters:
+        kwargs["force_full_load"] = True
+    comfy.model_management.load_models_gpu([patcher], **kwargs)
+
+
+def detach_from_inference_mode(module: torch.nn.Module) -> int:
+    """Swap inference-mode weights for ordinary copies with the same values and flags.
+
+    ComfyUI builds models inside ``torch.inference_mode()``; autograd may not save such tensors for
+    backward. Each weight is swapped one at a time, so memory grows by one tensor, not one model.
+    ComfyUI itself replaces parameter objects when it patches weights, so identity is not relied on.
+    """
+    swapped = 0
+    with torch.inference_mode(False):
+        for sub in module.modules():
+            for name, param in list(sub._parameters.items()):
+                if param is not None and param.is_inference():
+                    sub._parameters[name] = torch.nn.Parameter(param.detach().clone(),
+                                                               requires_grad=param.requires_grad)
+                    swapped += 1
+            for name, buffer in list(sub._buffers.items()):
+                if buffer is not None and buffer.is_inference():
+                    sub._buffers[name] = buffer.detach().clone()
+                    swapped += 1
+    return swapped
+
+
+@contextlib.contextmanager
+def trainable_unet(patcher, checkpointing: bool):
+    """The UNet ready for adapters: fully loaded, autograd-safe weights, 2024-03's in-place trap
+    defused, optional gradient checkpointing. Everything but the weight copies is undone on exit."""
+    load_fully(patcher)
+    network = patcher.model.diffusion_model
+    detach_from_inference_mode(network)
+    transformer_blocks = [m for m in network.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    norms = [m for block in transformer_blocks for m in block.modules() if isinstance(m, torch.nn.LayerNorm)]
+    checkpointed = [m for m in network.modules() if type(m).__name__ == "TimestepEmbedSequential"]
+    with clone_inputs_of(norms), gradient_checkpointing(checkpointed, enabled=checkpointing):
+        yield network
+
+
+# --- encoders ----------------------------------------------------------------------------------------
+def pixel_encoder(vae, patcher):
+    """(1,H,W,3) pixels -> model-space latents (VAE.encode is unscaled; process_latent_in scales)."""
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return patcher.model.process_latent_in(vae.encode(pixels[..., :3]))
+    return encode
+
+
+def caption_encoder(clip):
+    def encode(caption: str) -> torch.Tensor:
+        with torch.no_grad():
+            return clip.encode_from_tokens(clip.tokenize(caption))
+    return encode
+
+
+def apply_lora(model, clip, tensors: dict, strength_model: float = 1.0, strength_clip: float = 1.0):
+    """The same path as ComfyUI's LoraLoader: patched clones, the shared originals untouched."""
+    return comfy.sd.load_lora_for_models(model, clip, tensors, strength_model, strength_clip)

@@ -1,0 +1,373 @@
+"""Dataset nodes: a folder or an IMAGE batch becomes a LORALAB_DATASET; a contact sheet shows it.
+
+Folders are read only inside ComfyUI's input folder and the roots a server owner registers as the
+``lora_datasets`` folder kind (extra_model_paths.yaml), so a shared server never reads elsewhere.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import re
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+import folder_paths
+
+from ..trainer.buckets import make_buckets, nearest_bucket
+from ..trainer.dataset import (Dataset, DatasetError, dataset_from_pixels, folder_signature,
+                               normalize_caption_extension, scan_folder, steps_report)
+from .messages import user_error, validation_message
+
+CATEGORY = "LoRA Lab/Dataset"
+DATASET_ROOT_KIND = "lora_datasets"     # the folder kind server owners register extra roots under
+
+FOLDER_TOOLTIP = (
+    "A folder inside ComfyUI's input folder, e.g. `mychar` or `projects/mychar`; subfolders are read "
+    "too, and kohya-style `10_name` subfolders repeat their pictures 10 times. To use folders elsewhere, "
+    "register them in extra_model_paths.yaml under the key `lora_datasets` (e.g. `lora_datasets: "
+    "/data/datasets`), restart ComfyUI and type `lora_datasets/<subfolder>` (or just `lora_datasets` for "
+    "the registered folder itself). Absolute paths and `..` are refused.")
+
+
+# --- nodes ----------------------------------------------------------------------------------------
+class LoraLabDatasetFromFolder:
+    TITLE = "Dataset from Folder"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "folder": ("STRING", {"default": "", "tooltip": FOLDER_TOOLTIP}),
+            "caption_extension": ("STRING", {"default": ".txt", "tooltip":
+                "Captions are read from a file next to each picture with the same name and this "
+                "extension: a.png -> a.txt (or a.caption)."}),
+            "default_repeats": ("INT", {"default": 1, "min": 1, "max": 10000, "tooltip":
+                "How often each picture is shown per epoch, unless its folder is named `N_name`."}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 256, "tooltip":
+                "Only for the report's arithmetic: steps per epoch = pictures x repeats / batch size."}),
+            "target_steps": ("INT", {"default": 2000, "min": 0, "max": 1_000_000, "step": 100, "tooltip":
+                "Only for the report: how many epochs reach this many steps (SD1.5 LoRAs: 2000-3000). "
+                "0 leaves it out."}),
+        }}
+
+    RETURN_TYPES = ("LORALAB_DATASET", "STRING")
+    RETURN_NAMES = ("dataset", "report")
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Reads pictures and caption files from a folder (kohya layout welcome) and reports steps per epoch."
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, folder=None, caption_extension=None):
+        # Linked inputs arrive as None at validation time; they are checked when the node runs.
+        for name, value, check in (("folder", folder, resolve_dataset_folder),
+                                   ("caption_extension", caption_extension, normalize_caption_extension)):
+            if isinstance(value, str):
+                try:
+                    check(value)
+                except DatasetError as error:
+                    return validation_message(cls.TITLE, name, error.problem, error.fix)
+        return True
+
+    @classmethod
+    def IS_CHANGED(cls, folder, caption_extension=".txt", **_):
+        # Names, sizes and modification times: a new picture or an edited caption reruns the node.
+        try:
+            return folder_signature(resolve_dataset_folder(folder), caption_extension)
+        except DatasetError as error:
+            return str(error)      # the node itself raises the proper message
+
+    def load(self, folder, caption_extension, default_repeats, batch_size, target_steps):
+        path = _or_user_error(self.TITLE, "folder", resolve_dataset_folder, folder)
+        extension = _or_user_error(self.TITLE, "caption_extension", normalize_caption_extension, caption_extension)
+        dataset = _or_user_error(self.TITLE, "folder", scan_folder, path, extension, default_repeats)
+        report = steps_report(dataset, batch_size, target_steps, source=f"in '{folder.strip()}'")
+        return {"ui": {"text": [report]}, "result": (dataset, report)}
+
+
+class LoraLabDatasetFromImages:
+    TITLE = "Dataset from Images"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "images": ("IMAGE", {"tooltip": "A batch of pictures from any node (Load Image, a batch node...)."}),
+            "captions": ("STRING", {"default": "", "multiline": True, "tooltip":
+                "One caption per line, in batch order; or a single line used for every picture; or empty "
+                "to caption them later with the Caption node."}),
+            "repeats": ("INT", {"default": 1, "min": 1, "max": 10000, "tooltip":
+                "How often each picture is shown per epoch."}),
+        }}
+
+    RETURN_TYPES = ("LORALAB_DATASET",)
+    RETURN_NAMES = ("dataset",)
+    FUNCTION = "build"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Turns an IMAGE batch and typed captions into a dataset."
+
+    def build(self, images, captions, repeats):
+        if not isinstance(images, torch.Tensor) or images.dim() != 4:
+            raise user_error(self.TITLE, "images", "This input needs an IMAGE batch.",
+                             "Connect an IMAGE output, e.g. from Load Image.")
+        text = (captions or "").strip()
+        lines = text.splitlines() if text else []
+        count = images.shape[0]
+        if len(lines) not in (0, 1, count):
+            raise user_error(self.TITLE, "captions", f"{len(lines)} caption lines for {count} pictures.",
+                             f"Write exactly {count} lines (one per picture, in batch order), a single line "
+                             "for all of them, or nothing to caption them later.")
+        return (_or_user_error(self.TITLE, "images", dataset_from_pixels, images, lines, repeats),)
+
+
+class LoraLabDatasetPreview:
+    TITLE = "Dataset Preview"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "dataset": ("LORALAB_DATASET",),
+            "resolution": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8, "tooltip":
+                "Training resolution (512 for SD1.5, 1024 for SDXL): shows the bucket each picture is "
+                "cropped to. 0 hides buckets."}),
+            "thumbnail_size": ("INT", {"default": 192, "min": 64, "max": 512, "step": 16}),
+            "max_images": ("INT", {"default": 64, "min": 1, "max": 1024, "tooltip":
+                "Larger datasets show their first pictures and a count of the rest."}),
+        }}
+
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("contact_sheet",)
+    FUNCTION = "preview"
+    OUTPUT_NODE = True
+    CATEGORY = CATEGORY
+    DESCRIPTION = "A contact sheet of the dataset: thumbnails, captions, repeats and training buckets."
+
+    def preview(self, dataset, resolution, thumbnail_size, max_images):
+        if not isinstance(dataset, Dataset):
+            raise user_error(self.TITLE, "dataset", f"Expected a LoRA Lab dataset, got {type(dataset).__name__}.",
+                             "Connect the output of Dataset from Folder, Dataset from Images or Caption.")
+        buckets = None
+        if resolution > 0:
+            try:
+                buckets = make_buckets(resolution)
+            except ValueError as error:
+                raise user_error(self.TITLE, "resolution", f"{error}.", "Use 64 or more, e.g. 512 or 1024.") from None
+        sheet = contact_sheet(dataset, thumbnail_size, max_images, buckets)
+        return {"ui": {"images": [_save_temp_png(sheet)]}, "result": (_to_image_tensor(sheet),)}
+
+
+NODE_CLASS_MAPPINGS = {
+    "LoraLabDatasetFromFolder": LoraLabDatasetFromFolder,
+    "LoraLabDatasetFromImages": LoraLabDatasetFromImages,
+    "LoraLabDatasetPreview": LoraLabDatasetPreview,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {name: f"{cls.TITLE} (LoRA Lab)" for name, cls in NODE_CLASS_MAPPINGS.items()}
+
+
+def _or_user_error(node: str, input_name: str, function, *args):
+    try:
+        return function(*args)
+    except DatasetError as error:
+        raise user_error(node, input_name, error.problem, error.fix) from None
+
+
+# --- where a dataset folder may be ---------------------------------------------------------------------
+def resolve_dataset_folder(folder: str) -> str:
+    """The real path of the folder named by ``folder``, or ``DatasetError`` saying how to allow it.
+
+    ``name/sub`` is looked up in ComfyUI's input folder; ``lora_datasets/sub`` in each registered
+    lora_datasets root in order (when that kind is registered; otherwise it is an input subfolder).
+    """
+    text = (folder or "").strip().replace("\\", "/")
+    if not text:
+        raise DatasetError("No folder given.",
+                           "Type the name of a folder inside ComfyUI's input folder, e.g. mychar.")
+    if "\x00" in text:
+        raise DatasetError("The folder name contains a NUL character.", "Retype the folder name.")
+    if text.startswith(("/", "~")) or re.match(r"[A-Za-z]:", text):
+        raise DatasetError(f"'{text}' is a path outside ComfyUI's folders; LoRA Lab only reads datasets inside "
+                           "the input folder and folders registered as lora_datasets.", _how_to_allow(text))
+    parts = [part for part in text.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        raise DatasetError(f"'{text}' uses '..' to leave the folder it names.", _how_to_allow(None))
+
+    if parts and parts[0] == DATASET_ROOT_KIND and DATASET_ROOT_KIND in folder_paths.folder_names_and_paths:
+        bases, parts = folder_paths.get_folder_paths(DATASET_ROOT_KIND), parts[1:]
+        where = f"the {DATASET_ROOT_KIND} folders ({', '.join(bases)})"
+    else:
+        if not parts:
+            raise DatasetError("'.' names the whole input folder.",
+                               "Put the pictures in a subfolder of the input folder and type its name.")
+        bases, where = [folder_paths.get_input_directory()], f"ComfyUI's input folder ({folder_paths.get_input_directory()})"
+    for base in bases:
+        base_real = os.path.realpath(base)
+        candidate = os.path.realpath(os.path.join(base_real, *parts))
+        if os.path.commonpath([candidate, base_real]) != base_real:
+            raise DatasetError(f"'{text}' is a symbolic link leading outside {where}.", _how_to_allow(candidate))
+        if os.path.isdir(candidate):
+            return candidate
+    listing = _subfolders(bases)
+    hint = f" Folders there: {listing}." if listing else " It has no subfolders yet."
+    raise DatasetError(f"There is no folder '{text}' in {where}.{hint}",
+                       "Create the folder and put your pictures in it, or type one of the names listed.")
+
+
+def _how_to_allow(path: str | None) -> str:
+    register = (f"register it in extra_model_paths.yaml (e.g. `lora_lab:` then `    lora_datasets: {path}`), "
+                "restart ComfyUI and type `lora_datasets`" if path else
+                "register the folder in extra_model_paths.yaml under the key `lora_datasets`, restart ComfyUI "
+                "and type `lora_datasets/<subfolder>`")
+    return (f"Move or copy the pictures into a subfolder of ComfyUI's input folder "
+            f"({folder_paths.get_input_directory()}) and type its name, or (server owners) {register}.")
+
+
+def _subfolders(bases: list[str], limit: int = 12) -> str:
+    names = []
+    for base in bases:
+        try:
+            names += sorted(entry.name for entry in os.scandir(base) if entry.is_dir() and not entry.name.startswith("."))
+        except OSError:
+            continue
+    return ", ".join(names[:limit]) + (f" … ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+# --- the contact sheet ------------------------------------------------------------------------------
+SHEET_BACKGROUND, CELL_BACKGROUND = (28, 28, 28), (44, 44, 44)
+TEXT, DIM, ATTENTION = (232, 232, 232), (160, 160, 160), (255, 186, 74)
+CAPTION_LINES = 3
+PADDING = 8
+
+
+def contact_sheet(dataset: Dataset, thumbnail_size: int, max_images: int, buckets=None) -> Image.Image:
+    """A grid of thumbnails with name, repeats, bucket and caption; pictures decoded one at a time."""
+    shown = min(dataset.num_images, max_images)
+    font = _font(max(11, thumbnail_size // 15))
+    line_height = _line_height(font)
+    text_lines = 1 + (buckets is not None) + CAPTION_LINES
+    columns = max(1, min(shown, math.ceil(math.sqrt(max(shown, 1)))))
+    rows = max(1, math.ceil(shown / columns))
+    cell_width, cell_height = thumbnail_size, thumbnail_size + PADDING + text_lines * line_height
+    header_height = 2 * line_height + PADDING
+    width = columns * (cell_width + PADDING) + PADDING
+    height = header_height + rows * (cell_height + PADDING) + PADDING
+    sheet = Image.new("RGB", (width, height), SHEET_BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+
+    captioned = sum(item.has_caption for item in dataset.items)
+    header = (f"{dataset.num_images} pictures - {captioned} captioned - "
+              f"{dataset.total_repeats} per epoch with repeats")
+    if shown < dataset.num_images:
+        header += f" - showing the first {shown}"
+    for row, line in enumerate(_wrap(draw, header, font, width - 2 * PADDING, 2)):
+        _text(draw, (PADDING, PADDING // 2 + row * line_height), line, font, TEXT)
+
+    for index in range(shown):
+        item = dataset.items[index]
+        x = PADDING + (index % columns) * (cell_width + PADDING)
+        y = header_height + (index // columns) * (cell_height + PADDING)
+        draw.rectangle((x, y, x + cell_width - 1, y + thumbnail_size - 1), fill=CELL_BACKGROUND)
+        bucket = nearest_bucket(item.width, item.height, buckets) if buckets is not None else None
+        try:
+            thumb = dataset.load_image(index, max_side=thumbnail_size)
+            left, top = x + (cell_width - thumb.width) // 2, y + (thumbnail_size - thumb.height) // 2
+            sheet.paste(thumb, (left, top))
+            if bucket:
+                draw.rectangle(_crop_outline(thumb.size, bucket, left, top), outline=ATTENTION)
+            thumb.close()
+        except DatasetError:
+            _text(draw, (x + 4, y + 4), "cannot read", font, ATTENTION)
+        text_y = y + thumbnail_size + PADDING // 2
+        repeats = f" x{item.repeats}" if item.repeats != 1 else ""
+        _text(draw, (x, text_y), _fit(draw, item.key, font, cell_width - _width(draw, repeats, font)) + repeats,
+              font, DIM)
+        text_y += line_height
+        if bucket:
+            _text(draw, (x, text_y), _fit(draw, f"{item.width}x{item.height} -> bucket {bucket[0]}x{bucket[1]}",
+                                          font, cell_width), font, DIM)
+            text_y += line_height
+        if not item.has_caption:
+            _text(draw, (x, text_y), "(no caption yet)", font, ATTENTION)
+        for line in _wrap(draw, item.caption, font, cell_width, CAPTION_LINES):
+            _text(draw, (x, text_y), line, font, TEXT)
+            text_y += line_height
+    return sheet
+
+
+def _crop_outline(size: tuple[int, int], bucket: tuple[int, int], left: int, top: int) -> tuple[int, int, int, int]:
+    """The part of the thumbnail that survives fit_to_bucket's centre crop, as a rectangle to draw."""
+    width, height = size
+    scale = max(bucket[0] / width, bucket[1] / height)
+    keep_width, keep_height = round(bucket[0] / scale), round(bucket[1] / scale)
+    x0, y0 = left + (width - keep_width) // 2, top + (height - keep_height) // 2
+    return x0, y0, x0 + keep_width - 1, y0 + keep_height - 1
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)    # Pillow >= 10.1: a scalable TrueType font
+    except TypeError:
+        return ImageFont.load_default()             # older Pillow: a small bitmap font
+
+
+def _line_height(font) -> int:
+    box = font.getbbox("Hgjy|")
+    return box[3] - box[1] + 4
+
+
+def _printable(text: str, font) -> str:
+    """Pillow's bundled fonts lack typographic glyphs, and the old bitmap one only knows Latin-1
+    (anything else would raise while drawing)."""
+    text = text.replace("…", "...").replace("→", "->").replace("×", "x")
+    if isinstance(font, ImageFont.FreeTypeFont):
+        return text
+    return text.encode("latin-1", "replace").decode("latin-1")
+
+
+def _text(draw, position, text: str, font, fill) -> None:
+    draw.text(position, _printable(text, font), font=font, fill=fill)
+
+
+def _width(draw, text: str, font) -> float:
+    return draw.textlength(_printable(text, font), font=font)
+
+
+def _fits(draw, text: str, font, width: float) -> bool:
+    return _width(draw, text, font) <= width
+
+
+def _fit(draw, text: str, font, width: float) -> str:
+    """The text, cut with an ellipsis when it is wider than ``width`` pixels."""
+    return text if _fits(draw, text, font, width) else _with_ellipsis(draw, text, font, width)
+
+
+def _with_ellipsis(draw, text: str, font, width: float) -> str:
+    while text and not _fits(draw, text + "…", font, width):    # "…" is drawn as "..."
+        text = text[:-1]
+    return text.rstrip() + "…"
+
+
+def _wrap(draw, text: str, font, width: float, max_lines: int) -> list[str]:
+    """Greedy word wrap into at most ``max_lines``; an ellipsis marks a caption that goes on."""
+    words, lines = text.split(), []
+    while words and len(lines) < max_lines:
+        line = words.pop(0)
+        while words and _fits(draw, f"{line} {words[0]}", font, width):
+            line += " " + words.pop(0)
+        lines.append(_fit(draw, line, font, width))     # a single overlong word is cut
+    if words and not lines[-1].endswith("…"):
+        lines[-1] = _with_ellipsis(draw, lines[-1], font, width)
+    return lines
+
+
+def _save_temp_png(sheet: Image.Image) -> dict:
+    """Save into ComfyUI's temp folder the way PreviewImage does, so the node shows the picture."""
+    prefix = "loralab_dataset_" + "".join(random.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(5))
+    folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
+        prefix, folder_paths.get_temp_directory(), sheet.width, sheet.height)
+    name = f"{filename}_{counter:05}_.png"
+    sheet.save(os.path.join(folder, name), compress_level=1)
+    return {"filename": name, "subfolder": subfolder, "type": "temp"}
+
+
+def _to_image_tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).unsqueeze(0)

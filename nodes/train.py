@@ -1,0 +1,243 @@
+"""Train LoRA: dataset + the MODEL/CLIP/VAE already loaded -> a saved LoRA and the model wearing it."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+
+import torch
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+
+from ..trainer.examples import encode_dataset
+from ..trainer.lora import InjectedLora
+from ..trainer.lora_file import load_lora_file, save_lora_file
+from ..trainer.loop import NonFiniteLoss, StepReport, TrainSettings, train
+from ..trainer.loss_plot import loss_curve_image
+from . import comfy_bridge, training_files
+from .messages import user_error
+from .training_options import OPTIONS_TYPE, TrainingOptions
+
+log = logging.getLogger("LoRA Lab")
+NODE = "Train LoRA"
+PROGRESS_EVENT = "loralab.train.progress"
+
+# Latents survive across queue runs (keyed by VAE, picture content and bucket), so changing only the
+# learning rate and queueing again does not re-encode the dataset.
+_LATENT_CACHE: dict = {}
+_LATENT_CACHE_LIMIT = 4096
+
+
+class LoraLabTrainLora:
+    DESCRIPTION = ("Trains a LoRA on the dataset with the MODEL/CLIP/VAE you loaded, saves it to "
+                   "models/loras, and outputs MODEL and CLIP wearing it, so the next KSampler samples with it.")
+    CATEGORY = "LoRA Lab/Train"
+    FUNCTION = "train_lora"
+    RETURN_TYPES = ("MODEL", "CLIP", "STRING", "IMAGE")
+    RETURN_NAMES = ("model", "clip", "lora_name", "loss_curve")
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL",),
+                "clip": ("CLIP",),
+                "vae": ("VAE",),
+                "dataset": ("LORALAB_DATASET",),
+                "output_name": ("STRING", {"default": "my_lora", "tooltip":
+                                "File name in models/loras (a subfolder like 'mychar/v1' is fine). "
+                                "An existing file is kept: a numbered name is used instead."}),
+                "resolution": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 64, "tooltip":
+                               "Training size in pixels; 0 = the model's own (512 for SD1.5, 1024 for SDXL). "
+                               "Pictures keep their aspect ratio in buckets of about this area."}),
+                "steps": ("INT", {"default": 1500, "min": 1, "max": 1_000_000, "tooltip":
+                          "Total optimizer steps (SD1.5 LoRAs usually want 1500-3000). Ignored when epochs > 0."}),
+                "epochs": ("INT", {"default": 0, "min": 0, "max": 10_000, "tooltip":
+                           "0 = use steps. Otherwise steps = epochs x (images x repeats / batch size)."}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
+                "learning_rate": ("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 1.0, "step": 1e-5,
+                                            "round": False}),
+                "rank": ("INT", {"default": 16, "min": 1, "max": 256, "tooltip": "network_dim"}),
+                "alpha": ("FLOAT", {"default": 8.0, "min": 0.01, "max": 256.0, "step": 0.5, "tooltip":
+                          "network_alpha; the LoRA is scaled by alpha / rank."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF}),
+            },
+            "optional": {
+                "trigger_word": ("STRING", {"default": "", "tooltip":
+                                 "Stored in the file's metadata; empty = the first tag all captions share."}),
+                "options": (OPTIONS_TYPE, {"tooltip": "Advanced settings from a LoRA Lab Training Options node."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def train_lora(self, model, clip, vae, dataset, output_name, resolution, steps, epochs, batch_size,
+                   learning_rate, rank, alpha, seed, trigger_word="", options=None, unique_id=None):
+        options = options or TrainingOptions()
+        check_inputs(dataset, output_name, rank, alpha)
+        resolution = resolution or comfy_bridge.default_resolution(model)
+        device = model.load_device
+        run = TrainingRun(output_name, unique_id, options.save_dtype)
+
+        with torch.inference_mode(False):
+            data = encode_dataset(dataset, resolution, comfy_bridge.pixel_encoder(vae, model),
+                                  comfy_bridge.caption_encoder(clip), latent_cache=_LATENT_CACHE,
+                                  cache_key=f"{id(vae)}:{resolution}")
+            _trim_latent_cache()
+            per_epoch = data.steps_per_epoch(batch_size)
+            total_steps = epochs * per_epoch if epochs > 0 else steps
+            settings = TrainSettings(
+                steps=total_steps, batch_size=batch_size, learning_rate=learning_rate,
+                lr_schedule=options.lr_schedule, warmup_steps=options.warmup_steps,
+                gradient_accumulation=options.gradient_accumulation, max_grad_norm=options.max_grad_norm,
+                mixed_precision=options.resolved_precision(device), seed=seed)
+            describe = training_files.Description(
+                output_name=output_name, family=comfy_bridge.model_family(model), rank=rank, alpha=alpha,
+                resolution=resolution, settings=settings, dataset=dataset, buckets=data.buckets,
+                trigger_word=trigger_word or training_files.shared_first_tag(dataset), per_epoch=per_epoch,
+                epochs=epochs)
+            resume = training_files.load_resume(options.resume_from, NODE) if options.resume_from else None
+            if resume and resume.step >= total_steps:
+                raise user_error(NODE, "steps", f"'{options.resume_from}' already has {resume.step} steps; "
+                                 f"steps is {total_steps}.", f"set steps above {resume.step} to train further.")
+
+            with comfy_bridge.trainable_unet(model, options.gradient_checkpointing) as network, \
+                    torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(seed)
+                lora = InjectedLora(network, comfy_bridge.unet_lora_targets(model), rank=rank, alpha=alpha,
+                                    dropout=options.dropout, seed=seed)
+                lora.train(True)
+                try:
+                    if resume:
+                        lora.load_kohya_state_dict(resume.tensors)
+                    loop_state = train(comfy_bridge.ComfyDenoiser(model), data, lora.parameters(), settings,
+                                       device, on_step=run.step_callback(lora, describe, options),
+                                       resume=resume.loop_state if resume else None)
+                    saved = run.save(lora, describe, loop_state, settings.steps, final=True,
+                                     overwrite=options.overwrite_existing)
+                except comfy.model_management.InterruptProcessingException:
+                    run.save_partial(lora, describe, "cancelled")
+                    raise
+                except NonFiniteLoss as bad:
+                    raise user_error(NODE, "learning_rate", f"{bad}. {run.last_save_text()}",
+                                     "lower the learning rate, use fp32 or bf16 precision, or check the dataset "
+                                     "for broken pictures.") from None
+                except Exception as error:
+                    run.save_partial(lora, describe, f"stopped by an error ({type(error).__name__})")
+                    raise
+                finally:
+                    lora.remove()
+            del data
+        comfy.model_management.soft_empty_cache()
+
+        tensors, _ = load_lora_file(saved)
+        model_out, clip_out = comfy_bridge.apply_lora(model, clip, tensors)
+        lora_name = os.path.relpath(saved, folder_paths.get_folder_paths("loras")[0])
+        curve = torch.from_numpy(loss_curve_image(run.losses, title=f"{lora_name} loss")).unsqueeze(0)
+        report = run.report(lora_name, describe)
+        return {"ui": {"text": [report], "loss": run.losses[-200:]},
+                "result": (model_out, clip_out, lora_name, curve)}
+
+
+def check_inputs(dataset, output_name, rank, alpha):
+    if dataset is None or not getattr(dataset, "items", None):
+        raise user_error(NODE, "dataset", "the dataset has no pictures.",
+                         "check the folder in the dataset node and its report.")
+    if not str(output_name).strip():
+        raise user_error(NODE, "output_name", "the name is empty.", "type a name such as 'my_lora'.")
+    training_files.check_output_name(output_name, NODE)
+    if alpha > rank * 4:
+        log.warning("[LoRA Lab] alpha %.3g is more than 4x rank %d: the LoRA will be very strong", alpha, rank)
+
+
+def _trim_latent_cache():
+    while len(_LATENT_CACHE) > _LATENT_CACHE_LIMIT:
+        _LATENT_CACHE.pop(next(iter(_LATENT_CACHE)))
+
+
+class TrainingRun:
+    """Progress, events, saves and the report of one training run."""
+
+    def __init__(self, output_name: str, unique_id, save_dtype: torch.dtype):
+        self.output_name, self.unique_id, self.save_dtype = output_name, unique_id, save_dtype
+        self.losses: list[float] = []
+        self.step = 0
+        self.started_at = time.time()
+        self.saves: list[str] = []
+        self.progress = None
+        self.snapshot = None      # the loop's resumable state after the last finished step
+
+    def step_callback(self, lora, describe, options):
+        def on_step(report: StepReport):
+            self.step = report.step
+            self.snapshot = report.snapshot
+            self.losses.append(report.loss)
+            if self.progress is None:
+                self.progress = comfy.utils.ProgressBar(report.total)
+            self.progress.update_absolute(report.step, report.total)
+            self.send_event(report)
+            if options.save_every_n_steps and report.step % options.save_every_n_steps == 0 \
+                    and report.step < report.total:
+                self.save(lora, describe, report.snapshot(), report.step, final=False, overwrite=True)
+            # Cancel: ComfyUI's own check, so it works with or without a progress hook installed.
+            comfy.model_management.throw_exception_if_processing_interrupted()
+        return on_step
+
+    def send_event(self, report: StepReport):
+        try:
+            from server import PromptServer
+        except ImportError:
+            return
+        server = getattr(PromptServer, "instance", None)
+        if server is None:
+            return
+        remaining = (report.total - report.step) * report.seconds
+        server.send_sync(PROGRESS_EVENT, {
+            "node": self.unique_id, "step": report.step, "total": report.total, "loss": report.loss,
+            "lr": report.lr, "seconds_per_step": report.seconds, "eta_seconds": remaining,
+        }, getattr(server, "client_id", None))
+
+    def save(self, lora, describe, loop_state, step, final, overwrite):
+        name = self.output_name if final else f"{self.output_name}_step{step}"
+        metadata = describe.metadata(step=step, started_at=self.started_at, finished_at=time.time())
+        path = save_lora_file(training_files.loras_root(), name, lora.kohya_state_dict(), metadata,
+                              overwrite=overwrite, dtype=self.save_dtype)
+        training_files.save_resume_state(path, lora, loop_state, step)
+        self.saves.append(str(path))
+        log.info("[LoRA Lab] saved %s (step %d)", path, step)
+        return path
+
+    def save_partial(self, lora, describe, why):
+        if self.step == 0:
+            log.warning("[LoRA Lab] training %s before the first step finished; nothing to save", why)
+            return None
+        path = self.save(lora, describe, self.snapshot() if self.snapshot else None, self.step,
+                         final=False, overwrite=False)
+        log.warning("[LoRA Lab] training %s at step %d; what was trained is saved as %s", why, self.step, path)
+        try:
+            from server import PromptServer
+            if getattr(PromptServer, "instance", None):
+                PromptServer.instance.send_sync("loralab.train.stopped", {
+                    "node": self.unique_id, "step": self.step, "reason": why, "saved": str(path)},
+                    getattr(PromptServer.instance, "client_id", None))
+        except ImportError:
+            pass
+        return path
+
+    def last_save_text(self) -> str:
+        return f"The last good save is {self.saves[-1]}." if self.saves else "Nothing was saved."
+
+    def report(self, lora_name, describe) -> str:
+        elapsed = time.time() - self.started_at
+        finite = [v for v in self.losses if math.isfinite(v)]
+        lines = [f"Saved {lora_name} in {training_files.loras_root()}",
+                 f"{len(self.losses)} steps in {elapsed:.0f}s; loss {finite[0]:.4f} -> {finite[-1]:.4f}"
+                 if finite else "no steps", describe.arithmetic()]
+        return "\n".join(lines)
+
+
+NODE_CLASS_MAPPINGS = {"LoraLabTrainLora": LoraLabTrainLora}
+NODE_DISPLAY_NAME_MAPPINGS = {"LoraLabTrainLora": "Train LoRA (LoRA Lab)"}

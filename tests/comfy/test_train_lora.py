@@ -1,0 +1,280 @@
+"""Train LoRA in a real in-process ComfyUI with small random-weight SD1.5-architecture models."""
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import random_models
+
+SIZE = 64  # pixels; 8x8 latents keep a step well under a second on the CPU
+
+
+def pattern_pixels(count: int, height: int = SIZE, width: int = SIZE, seed: int = 0) -> torch.Tensor:
+    """Pictures with structure (coloured stripes and blocks), so there is something to learn."""
+    g = torch.Generator().manual_seed(seed)
+    pictures = []
+    ys = torch.linspace(0, 1, height).view(-1, 1, 1)
+    xs = torch.linspace(0, 1, width).view(1, -1, 1)
+    for i in range(count):
+        colour = torch.rand(1, 1, 3, generator=g)
+        stripes = (torch.sin((xs * (3 + i) + ys * 2) * math.pi) > 0).float()
+        pictures.append((colour * stripes + (1 - colour) * (1 - stripes)).expand(height, width, 3))
+    return torch.stack(pictures).clamp(0, 1)
+
+
+@pytest.fixture
+def make_dataset(pack):
+    from lora_lab.trainer.dataset import dataset_from_pixels
+
+    def make(count=4, captions=None, repeats=1, pixels=None):
+        pixels = pattern_pixels(count) if pixels is None else pixels
+        captions = captions or [f"sks, striped pattern {i}" for i in range(pixels.shape[0])]
+        with torch.inference_mode():  # as ComfyUI runs nodes
+            return dataset_from_pixels(pixels, captions, repeats)
+    return make
+
+
+@pytest.fixture
+def loras_dir(comfy):
+    import folder_paths
+    from pathlib import Path
+    return Path(folder_paths.get_folder_paths("loras")[0])
+
+
+@pytest.fixture
+def fresh_unet(comfy):
+    return random_models.sd15_model_patcher(model_channels=32, seed=5)
+
+
+def run_train(model, clip, vae, dataset, name, steps=4, options=None, **overrides):
+    from lora_lab.nodes.train import LoraLabTrainLora
+    args = dict(model=model, clip=clip, vae=vae, dataset=dataset, output_name=name, resolution=SIZE,
+                steps=steps, epochs=0, batch_size=2, learning_rate=1e-3, rank=4, alpha=4.0, seed=0,
+                options=options, unique_id="7")
+    args.update(overrides)
+    with torch.inference_mode():  # ComfyUI executes every node inside inference mode
+        return LoraLabTrainLora().train_lora(**args)
+
+
+def options(**values):
+    from lora_lab.nodes.training_options import TrainingOptions
+    return TrainingOptions(**values)
+
+
+def weights_snapshot(patcher):
+    return {k: v.detach().clone() for k, v in patcher.model.state_dict().items()}
+
+
+def assert_base_untouched(patcher, before, flags_before):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    after = patcher.model.state_dict()
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), f"{key} changed"
+    assert [p.requires_grad for p in patcher.model.parameters()] == flags_before
+    for module in patcher.model.modules():
+        assert not isinstance(module, BaseTunerLayer)
+        assert "forward" not in vars(module), "a forward wrapper was left behind"
+        assert not module._forward_pre_hooks, "a hook was left behind"
+
+
+def encoded_training_set(model, clip, vae, dataset):
+    from lora_lab.nodes import comfy_bridge
+    from lora_lab.trainer.examples import encode_dataset
+    with torch.inference_mode(False):
+        return encode_dataset(dataset, SIZE, comfy_bridge.pixel_encoder(vae, model),
+                              comfy_bridge.caption_encoder(clip))
+
+
+def training_loss(model, data):
+    """The loss on the training set at fixed noise and timesteps, with whatever patches the model has."""
+    import comfy.model_management
+    from lora_lab.nodes import comfy_bridge
+    from lora_lab.trainer.loop import measure_loss
+    comfy.model_management.load_models_gpu([model])
+    return measure_loss(comfy_bridge.ComfyDenoiser(model), data, torch.device("cpu"), draws=6)
+
+
+def test_training_learns_saves_and_leaves_the_base_model_alone(fresh_unet, sd15_clip, small_vae,
+                                                                make_dataset, loras_dir):
+    import comfy.lora
+    dataset = make_dataset(4)
+    data = encoded_training_set(fresh_unet, sd15_clip, small_vae, dataset)
+    before = weights_snapshot(fresh_unet)
+    flags = [p.requires_grad for p in fresh_unet.model.parameters()]
+    base_loss = training_loss(fresh_unet, data)
+
+    result = run_train(fresh_unet, sd15_clip, small_vae, dataset, "learns", steps=40,
+                       options=options(save_precision="fp32"), learning_rate=2e-3, rank=8, alpha=8.0)
+    model_out, clip_out, lora_name, curve = result["result"]
+
+    assert_base_untouched(fresh_unet, before, flags)
+    trained_loss = training_loss(model_out, data)
+    assert trained_loss < 0.8 * base_loss, f"no learning: {base_loss:.4f} -> {trained_loss:.4f}"
+    assert lora_name == "learns.safetensors"
+    assert curve.shape[0] == 1 and curve.shape[-1] == 3 and 0 <= curve.min() and curve.max() <= 1
+    assert len(result["ui"]["loss"]) == 40
+
+    path = loras_dir / lora_name
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+        meta = f.metadata()
+    # every saved key maps to a weight in ComfyUI's own LoRA key map: nothing "not loaded"
+    key_map = comfy.lora.model_lora_keys_unet(fresh_unet.model, {})
+    modules = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in keys}
+    assert modules and all(m in key_map for m in modules)
+    assert all(m.startswith("lora_unet_") for m in modules)
+    assert len(keys) == 3 * len(modules)
+    # kohya's SD default: transformer-block linears and proj_in/out, in diffusers-style names
+    assert any(m.endswith("attn1_to_q") for m in modules) and any(m.endswith("proj_in") for m in modules)
+    assert any(m.startswith("lora_unet_down_blocks_0_attentions_0") for m in modules)
+    assert meta["ss_network_dim"] == "8" and float(meta["ss_network_alpha"]) == 8.0
+    assert meta["ss_steps"] == "40" and meta["ss_base_model_version"] == "sd_v1"
+    assert meta["ss_num_train_images"] == "4" and meta["ss_output_name"] == "learns"
+    assert "sks" in meta["ss_tag_frequency"] and meta.get("sshs_model_hash")
+    assert meta["loralab_trigger_word"] == "sks"
+    for required in ("ss_network_module", "ss_resolution", "ss_learning_rate", "ss_training_started_at",
+                     "ss_training_finished_at"):
+        assert meta.get(required), required
+
+
+def test_saved_file_through_comfyuis_lora_loader_equals_the_trained_adapter(fresh_unet, sd15_clip, small_vae,
+                                                                             make_dataset, caplog):
+    """Load the file with ComfyUI's own LoraLoader node and compare with the adapter held in peft."""
+    import comfy.model_management
+    import nodes as comfy_nodes
+    from lora_lab.nodes import comfy_bridge
+    from lora_lab.trainer.lora import InjectedLora
+    from lora_lab.trainer.lora_file import load_lora_file
+    import folder_paths
+
+    dataset = make_dataset(2)
+    result = run_train(fresh_unet, sd15_clip, small_vae, dataset, "roundtrip", steps=3,
+                       options=options(save_precision="fp32"), learning_rate=1e-2)
+    lora_name = result["result"][2]
+    with caplog.at_level(logging.WARNING), torch.inference_mode():
+        loaded_model, _ = comfy_nodes.LoraLoader().load_lora(fresh_unet, sd15_clip, lora_name, 1.0, 1.0)
+    assert "not loaded" not in caplog.text.lower()
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    sigma = torch.tensor([2.0])
+    cond = torch.randn(1, 77, 768, generator=g)
+    with torch.no_grad():
+        comfy.model_management.load_models_gpu([loaded_model])
+        via_loader = loaded_model.model.apply_model(x, sigma, c_crossattn=cond).clone()
+        comfy.model_management.load_models_gpu([fresh_unet])   # unpatches the LoRA again
+        plain = fresh_unet.model.apply_model(x, sigma, c_crossattn=cond).clone()
+        tensors, _ = load_lora_file(folder_paths.get_full_path("loras", lora_name))
+        with comfy_bridge.trainable_unet(fresh_unet, checkpointing=False) as network:
+            with InjectedLora(network, comfy_bridge.unet_lora_targets(fresh_unet), rank=4, alpha=4.0) as lora:
+                lora.load_kohya_state_dict(tensors)
+                via_adapter = fresh_unet.model.apply_model(x, sigma, c_crossattn=cond).clone()
+    assert not torch.allclose(via_adapter, plain, atol=1e-4), "the LoRA changes nothing"
+    assert torch.allclose(via_loader, via_adapter, atol=1e-4, rtol=1e-4), (via_loader - via_adapter).abs().max()
+
+
+def test_cancel_saves_the_partial_lora_and_restores_the_model(fresh_unet, sd15_clip, small_vae, make_dataset,
+                                                               loras_dir):
+    import comfy.model_management
+    dataset = make_dataset(2)
+    before = weights_snapshot(fresh_unet)
+    flags = [p.requires_grad for p in fresh_unet.model.parameters()]
+    comfy.model_management.interrupt_current_processing(True)   # the user pressed Cancel
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            run_train(fresh_unet, sd15_clip, small_vae, dataset, "cancelled", steps=50)
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    assert (loras_dir / "cancelled_step1.safetensors").is_file(), "Cancel must stop within one step and save"
+    assert not (loras_dir / "cancelled.safetensors").exists()
+    assert_base_untouched(fresh_unet, before, flags)
+
+
+def test_an_error_inside_training_keeps_the_work_and_restores_the_model(fresh_unet, sd15_clip, small_vae,
+                                                                       make_dataset, loras_dir, monkeypatch):
+    from lora_lab.trainer import loop
+    dataset = make_dataset(2)
+    before = weights_snapshot(fresh_unet)
+    flags = [p.requires_grad for p in fresh_unet.model.parameters()]
+    real_loss, calls = loop.denoising_loss, []
+
+    def failing_on_third_call(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated CUDA error")
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "denoising_loss", failing_on_third_call)
+    with pytest.raises(RuntimeError, match="simulated"):
+        run_train(fresh_unet, sd15_clip, small_vae, dataset, "crashes", steps=10)
+    assert (loras_dir / "crashes_step2.safetensors").is_file()
+    assert_base_untouched(fresh_unet, before, flags)
+
+
+def test_non_finite_loss_stops_with_a_clear_message(fresh_unet, sd15_clip, small_vae, make_dataset, monkeypatch):
+    from lora_lab.trainer import loop
+    monkeypatch.setattr(loop, "denoising_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(ValueError) as error:
+        run_train(fresh_unet, sd15_clip, small_vae, make_dataset(2), "nan", steps=3)
+    text = str(error.value)
+    assert "Train LoRA" in text and "learning_rate" in text and "nan" in text.lower() and "Fix:" in text
+
+
+def test_mixed_aspect_ratios_train_in_buckets(fresh_unet, sd15_clip, small_vae, make_dataset, loras_dir):
+    from lora_lab.trainer.dataset import dataset_from_pixels
+    import json
+    wide = pattern_pixels(2, height=48, width=96)
+    tall = pattern_pixels(2, height=96, width=48, seed=1)
+    with torch.inference_mode():
+        a = dataset_from_pixels(wide, ["sks, wide"])
+        b = dataset_from_pixels(tall, ["sks, tall"])
+    from dataclasses import replace
+    merged = replace(a, items=a.items + tuple(replace(i, key=i.key + "b") for i in b.items),
+                     pixels=None)
+    # A folder-free dataset of mixed sizes: give each item its own picture through load_image.
+    pictures = [a.load_image(0), a.load_image(1), b.load_image(0), b.load_image(1)]
+
+    class Mixed(type(merged)):
+        def load_image(self, index, max_side=None):
+            return pictures[index]
+
+    mixed = Mixed(items=merged.items)
+    result = run_train(fresh_unet, sd15_clip, small_vae, mixed, "buckets", steps=4)
+    with safe_open(str(loras_dir / result["result"][2]), "pt") as f:
+        buckets = json.loads(f.metadata()["ss_bucket_info"])["buckets"]
+    assert len(buckets) == 2, buckets
+    widths = sorted(int(b.split("x")[0]) for b in buckets)
+    assert widths[0] < widths[1]
+
+
+def test_resume_continues_the_step_count(fresh_unet, sd15_clip, small_vae, make_dataset, loras_dir):
+    dataset = make_dataset(2)
+    first = run_train(fresh_unet, sd15_clip, small_vae, dataset, "resumable", steps=3)
+    name = first["result"][2]
+    second = run_train(fresh_unet, sd15_clip, small_vae, dataset, "resumable", steps=5,
+                       options=options(resume_from=name))
+    assert len(second["ui"]["loss"]) == 2
+    with safe_open(str(loras_dir / second["result"][2]), "pt") as f:
+        assert f.metadata()["ss_steps"] == "5"
+    assert second["result"][2] != name, "the first file must not be overwritten"
+
+
+def test_existing_file_is_never_overwritten_by_default(fresh_unet, sd15_clip, small_vae, make_dataset, loras_dir):
+    dataset = make_dataset(2)
+    existing = loras_dir / "taken.safetensors"
+    existing.write_bytes(b"someone's LoRA")
+    result = run_train(fresh_unet, sd15_clip, small_vae, dataset, "taken", steps=1)
+    assert existing.read_bytes() == b"someone's LoRA"
+    assert result["result"][2] == "taken_2.safetensors"
+
+
+@pytest.mark.parametrize("bad_name", ["../escape", "/abs/path", "CON", "a\x00b"])
+def test_bad_output_names_are_refused_before_training(fresh_unet, sd15_clip, small_vae, make_dataset, bad_name):
+    with pytest.raises(ValueError) as error:
+        run_train(fresh_unet, sd15_clip, small_vae, make_dataset(1), bad_name, steps=1)
+    assert "output_name" in str(error.value) and "Fix:" in str(error.value)

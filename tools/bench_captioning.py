@@ -1,0 +1,133 @@
+"""Benchmark: BLIP captions per second, batched vs one picture at a time (target: batched >= 3x faster).
+
+    .venv/bin/python tools/bench_captioning.py [--layers 4] [--width 128] [--pictures 32] [--batch 8]
+
+Runs the pack's own ``BlipCaptioner`` on a BLIP with random weights (transformers' real classes; nothing is
+downloaded), on the CPU in fp32. Also home of ``open_eyes``, which the caption tests use to make
+``random_models.tiny_blip`` captions depend on the picture.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import random_models  # noqa: E402
+
+
+def open_eyes(folder: Path, seed: int = 0, cross_attention_gain: float = 10.0) -> Path:
+    """Make a saved random BLIP look at its pictures.
+
+    BlipVisionConfig's default ``initializer_range`` is 1e-10, so a freshly built BLIP's vision tower
+    outputs the same features for every picture and every caption comes out identical. Re-draw the
+    vision weights at std 0.02 (patch embedding 0.2, so pixels dominate the position embeddings) and
+    scale up the decoder's cross-attention so the picture steers the words.
+    """
+    from safetensors.torch import load_file, save_file
+    path = Path(folder) / "model.safetensors"
+    state = load_file(str(path))
+    generator = torch.Generator().manual_seed(seed)
+    for key, value in sorted(state.items()):
+        if key.startswith("vision_model.") and "norm" not in key and (value.dim() >= 2 or "class_embedding" in key):
+            std = 0.2 if "patch_embedding" in key else 0.02
+            state[key] = torch.randn(value.shape, generator=generator) * std
+        elif "crossattention" in key and value.dim() >= 2:
+            state[key] = value * cross_attention_gain
+    save_file(state, str(path), metadata={"format": "pt"})
+    return Path(folder)
+
+
+def bench_blip(folder: Path, layers: int = 4, width: int = 128, image_size: int = 128, seed: int = 0) -> Path:
+    """A BLIP like ``tiny_blip`` but of a chosen depth and width (the vision tower properly initialised)."""
+    from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
+                              BlipProcessor)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(random_models.BLIP_VOCAB) + "\n")
+    tokenizer = BertTokenizer(str(vocab), bos_token="[DEC]", model_max_length=64)
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": image_size, "width": image_size}),
+                              tokenizer=tokenizer)
+    heads = max(1, width // 32)
+    text = {"vocab_size": len(random_models.BLIP_VOCAB), "hidden_size": width, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "intermediate_size": 4 * width, "max_position_embeddings": 128,
+            "encoder_hidden_size": width, "bos_token_id": 5, "pad_token_id": 0, "sep_token_id": 3,
+            "eos_token_id": 3}
+    vision = {"hidden_size": width, "num_hidden_layers": layers, "num_attention_heads": heads,
+              "intermediate_size": 4 * width, "image_size": image_size, "patch_size": 16, "initializer_range": 0.02}
+    torch.manual_seed(seed)
+    model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=width))
+    model.save_pretrained(str(folder), safe_serialization=True)
+    processor.save_pretrained(str(folder))
+    return folder
+
+
+def random_pictures(count: int, size: int = 256, seed: int = 0):
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+def images_per_second(captioner, pictures, batch_size: int, tokens: int, num_beams: int, repeats: int) -> float:
+    """Median over ``repeats`` runs. min_length = max_length, so every run writes the same number of tokens."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        captioner.caption(pictures, min_length=tokens, max_length=tokens, num_beams=num_beams, batch_size=batch_size)
+        times.append(time.perf_counter() - started)
+    return len(pictures) / statistics.median(times)
+
+
+def _pack_captioner():
+    """The pack's trainer/captioner.py, imported as ``lora_lab.trainer.captioner`` without running the pack's
+    __init__ (which needs ComfyUI), the way tests/conftest.py does it."""
+    import importlib
+    import types
+    if "lora_lab" not in sys.modules:
+        package = types.ModuleType("lora_lab")
+        package.__path__ = [str(Path(__file__).resolve().parents[1])]
+        sys.modules["lora_lab"] = package
+    return importlib.import_module("lora_lab.trainer.captioner")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--pictures", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=20, help="tokens written per caption")
+    parser.add_argument("--beams", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+
+    from transformers.utils import logging as transformers_logging
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    BlipCaptioner = _pack_captioner().BlipCaptioner
+
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = bench_blip(Path(scratch) / "blip", args.layers, args.width)
+        captioner = BlipCaptioner(folder, "cpu")
+        pictures = random_pictures(args.pictures)
+        captioner.caption(pictures[:2], min_length=1, max_length=4, batch_size=2)  # warm-up: first calls allocate
+        one = images_per_second(captioner, pictures, 1, args.tokens, args.beams, args.repeats)
+        batched = images_per_second(captioner, pictures, args.batch, args.tokens, args.beams, args.repeats)
+    params = sum(p.numel() for p in captioner.model.parameters()) / 1e6
+    print(f"BLIP {args.layers} layers x {args.width} wide ({params:.1f} M parameters), {args.pictures} pictures, "
+          f"{args.tokens} tokens each, beams {args.beams}, CPU fp32, {torch.get_num_threads()} threads")
+    print(f"one at a time : {one:7.2f} images/s")
+    print(f"batch of {args.batch:<4} : {batched:7.2f} images/s")
+    print(f"speed-up      : {batched / one:7.2f}x (target >= 3x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

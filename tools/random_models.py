@@ -1,0 +1,191 @@
+"""Real model architectures with random weights, built in-process (nothing can be downloaded here).
+
+Needs an in-process ComfyUI (see comfyui_home.prepare_in_process) for everything but tiny_blip.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+SD15_FULL_UNET = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+    "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 320,
+    "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+    "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
+    "context_dim": 768, "num_heads": 8, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+
+
+def sd15_unet_config(model_channels: int = 32) -> dict:
+    """SD1.5's UNet layout (four levels, attention in the first three) at a chosen width.
+
+    model_channels 32 -> about 10 M parameters, 64 -> 37 M, 320 -> the real 860 M.
+    """
+    config = dict(SD15_FULL_UNET, model_channels=model_channels)
+    if model_channels < 320:
+        config["num_head_channels"] = -1
+        config["num_heads"] = 8 if model_channels >= 64 else 4
+    return config
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give a module built by ComfyUI's no-init ops real random weights.
+
+    ComfyUI's ``disable_weight_init`` layers override ``reset_parameters`` with a no-op, so call the
+    torch base class's initialiser directly.
+    """
+    torch.manual_seed(seed)
+    bases = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv1d, torch.nn.Conv3d, torch.nn.GroupNorm,
+             torch.nn.LayerNorm, torch.nn.Embedding)
+    with torch.no_grad():
+        for sub in module.modules():
+            for base in bases:
+                if isinstance(sub, base):
+                    base.reset_parameters(sub)
+                    break
+        for param in module.parameters():
+            if not torch.isfinite(param).all() or param.abs().max() > 1e6:
+                param.normal_(0, 0.02)
+    return module
+
+
+def sd15_model_patcher(model_channels: int = 32, seed: int = 0):
+    """An SD1.5-architecture BaseModel (eps prediction) in a ModelPatcher on the CPU."""
+    import comfy.model_patcher
+    import comfy.supported_models
+    config = comfy.supported_models.SD15(sd15_unet_config(model_channels))
+    # Built inside inference mode, as ComfyUI's loaders build models while executing a node.
+    with torch.inference_mode():
+        model = config.get_model({})
+        randomize_(model, seed)
+    model.eval()
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def sd15_clip(seed: int = 1):
+    """ComfyUI's SD1 CLIP (the real ViT-L/14 text tower and tokenizer) with random weights."""
+    import comfy.sd
+    import comfy.supported_models
+    target = comfy.supported_models.SD15(sd15_unet_config(32)).clip_target()
+    with torch.inference_mode():
+        clip = comfy.sd.CLIP(target=target)
+        randomize_(clip.cond_stage_model, seed)
+    return clip
+
+
+SMALL_VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
+                      "ch": 32, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 1, "attn_resolutions": [],
+                      "dropout": 0.0}
+
+
+def small_vae(seed: int = 2):
+    """An SD-style KL VAE (8x down, 4 latent channels) at a quarter of the width, random weights."""
+    import comfy.ldm.models.autoencoder
+    import comfy.sd
+    with torch.inference_mode():
+        torch.manual_seed(seed)
+        model = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=SMALL_VAE_DDCONFIG, embed_dim=4)
+        randomize_(model, seed)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        return comfy.sd.VAE(sd=state, config={"params": {"ddconfig": SMALL_VAE_DDCONFIG, "embed_dim": 4}})
+
+
+def full_sd15_checkpoint_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A state dict ComfyUI's CheckpointLoaderSimple recognises as SD1.5: real shapes, random values."""
+    import comfy.ldm.models.autoencoder
+    import comfy.supported_models
+    state: dict[str, torch.Tensor] = {}
+    with torch.inference_mode(False), torch.no_grad():
+        unet = sd15_model_patcher(320, seed).model
+        state.update({"model." + k: v.half() for k, v in unet.state_dict().items()
+                      if k.startswith("diffusion_model.")})
+        del unet
+        full_vae = dict(SMALL_VAE_DDCONFIG, ch=128, num_res_blocks=2)
+        vae = randomize_(comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=full_vae, embed_dim=4), seed + 2)
+        state.update({"first_stage_model." + k: v.half() for k, v in vae.state_dict().items()})
+        del vae
+        clip = sd15_clip(seed + 1)
+        for key, value in clip.cond_stage_model.state_dict().items():
+            if key.startswith("clip_l.transformer."):
+                state["cond_stage_model." + key[len("clip_l."):]] = value.half()
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+CHECKPOINT_NAME = "loralab_random_sd15.safetensors"
+CHECKPOINT_FORMAT = 1  # bump when the recipe changes, so cached files are rebuilt
+
+
+def ensure_full_sd15_checkpoint(cache: Path, seed: int = 0) -> Path:
+    """Write (once) a full-shape SD1.5 checkpoint with random weights and return its path.
+
+    Cached outside the repository; about 2.1 GB in fp16. Its pictures are noise: it exists so that
+    ComfyUI's own loaders, samplers and our nodes can run end to end without downloading a model.
+    """
+    import safetensors.torch
+    path = Path(cache) / f"random-sd15-seed{seed}-v{CHECKPOINT_FORMAT}.safetensors"
+    if path.exists():
+        return path
+    state = full_sd15_checkpoint_state(seed)
+    partial = path.with_suffix(".partial")
+    safetensors.torch.save_file(state, str(partial), metadata={
+        "loralab_note": "random weights for tests; produces noise", "modelspec.architecture": "stable-diffusion-v1"})
+    os.replace(partial, path)
+    return path
+
+
+def link_checkpoint(checkpoint: Path, overlay: Path) -> str:
+    """Make the cached checkpoint visible in an overlay's models/checkpoints; returns its list name."""
+    link = Path(overlay) / "models" / "checkpoints" / CHECKPOINT_NAME
+    if not link.exists():
+        link.symlink_to(checkpoint)
+    return CHECKPOINT_NAME
+
+
+# --- BLIP (transformers; no ComfyUI needed) --------------------------------------------------------
+BLIP_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "a", "photo", "of", "cat", "dog",
+              "red", "blue", "car", "tree", "on", "the", "grass", "house"]
+
+
+def tiny_blip(folder: Path, seed: int = 0) -> Path:
+    """Save a BLIP captioning model (transformers' real classes, 2 layers, 32 wide) to ``folder``.
+
+    Its ``generate()`` really runs; its captions are random words from a 19-token vocabulary.
+    """
+    from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration,
+                              BlipImageProcessor, BlipProcessor)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(BLIP_VOCAB) + "\n")
+    tokenizer = BertTokenizer(str(vocab), bos_token="[DEC]", model_max_length=40)
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
+                              tokenizer=tokenizer)
+    text = {"vocab_size": len(BLIP_VOCAB), "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "intermediate_size": 64, "max_position_embeddings": 64, "encoder_hidden_size": 32,
+            "bos_token_id": 5, "pad_token_id": 0, "sep_token_id": 3, "eos_token_id": 3}
+    vision = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+              "image_size": 32, "patch_size": 8}
+    config = BlipConfig(text_config=text, vision_config=vision, projection_dim=32)
+    torch.manual_seed(seed)
+    model = BlipForConditionalGeneration(config)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    processor.save_pretrained(str(folder))
+    return folder
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def describe(obj) -> str:
+    return json.dumps({k: str(v) for k, v in vars(obj).items()})[:200]

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The test command: sets up the environment if needed, then runs the whole suite against a real
+# ComfyUI (COMFYUI_ROOT, or the embedded 2024-03). Extra arguments go to pytest.
+set -uo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${LORALAB_VENV:-$REPO/.venv}"
+bash "$REPO/tools/setup_env.sh" || exit 1
+mkdir -p "$REPO/test-artifacts"
+cd "$REPO"
+start=$(date +%s)
+"$VENV/bin/python" -m pytest -c tests/pytest.ini "$@" --junitxml=test-artifacts/junit.xml 2>&1 | tee test-artifacts/pytest.log
+rc=${PIPESTATUS[0]}
+elapsed=$(( $(date +%s) - start ))
+summary="$(grep -E '^=+ .*(passed|failed|error|no tests ran).* =+$' test-artifacts/pytest.log | tail -1 | tr -d '=')"
+if [ "$rc" -eq 5 ]; then
+  echo "LoRA Lab tests: NO TESTS RAN (pytest exit 5) — treated as a failure"; exit 1
+fi
+echo "LoRA Lab tests:${summary:- (no summary)} in ${elapsed}s, exit $rc, against $("$VENV/bin/python" -c 'import sys; sys.path.insert(0, "tools"); import comfyui_home as h; r = h.find_comfyui_root(); print(h.comfyui_version_label(r))')"
+exit "$rc"

@@ -1,0 +1,54 @@
+"""Gradient checkpointing for modules we do not own, switched on for one training run only."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(modules: Iterable[torch.nn.Module], enabled: bool = True):
+    """Recompute each module's activations in backward instead of keeping them.
+
+    Wraps the bound ``forward`` of each module as an instance attribute and deletes it afterwards,
+    so the shared model is exactly as before once the run ends (successfully or not).
+    """
+    wrapped = []
+    try:
+        if enabled:
+            for module in modules:
+                if "forward" in vars(module):  # someone already patched this instance; leave it alone
+                    continue
+                original = module.forward
+
+                def run(*args, _forward=original, **kwargs):
+                    if not torch.is_grad_enabled():
+                        return _forward(*args, **kwargs)
+                    return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+                module.forward = run
+                wrapped.append(module)
+        yield len(wrapped)
+    finally:
+        for module in wrapped:
+            del module.forward
+
+
+@contextlib.contextmanager
+def clone_inputs_of(modules: Iterable[torch.nn.Module]):
+    """Make each module see a private copy of its first input.
+
+    Needed where a model adds into a tensor in place after a norm layer saved it for backward
+    (ComfyUI 2024-03's ``x += n`` in BasicTransformerBlock); harmless elsewhere.
+    """
+    handles = []
+    try:
+        for module in modules:
+            handles.append(module.register_forward_pre_hook(
+                lambda _m, args: (args[0].clone(), *args[1:]) if args and torch.is_grad_enabled() else None))
+        yield len(handles)
+    finally:
+        for handle in handles:
+            handle.remove()

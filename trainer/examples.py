@@ -1,0 +1,86 @@
+"""Turn a dataset into training examples: bucket, crop, VAE-encode once, encode each caption once."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .buckets import fit_to_bucket, group_into_batches, make_buckets, nearest_bucket
+
+EncodePixels = Callable[[torch.Tensor], torch.Tensor]   # (1,H,W,3) in 0..1 -> (1,C,h,w) model-space latent
+EncodeCaption = Callable[[str], torch.Tensor]           # caption -> conditioning tensor (1,T,D)
+
+
+@dataclass
+class Example:
+    latent: torch.Tensor      # (C,h,w), model space (already scaled for the denoiser)
+    caption: str
+    bucket: tuple[int, int]   # (width, height) in pixels
+    repeats: int
+
+
+@dataclass
+class EncodedDataset:
+    examples: list[Example]
+    conds: dict[str, torch.Tensor] = field(default_factory=dict)   # caption -> conditioning
+    buckets: dict[tuple[int, int], int] = field(default_factory=dict)  # bucket -> number of pictures
+
+    def batch_plan(self, batch_size: int, seed: int) -> Iterator[list[int]]:
+        """Endless batches of example indices, epoch after epoch; each batch comes from one bucket.
+
+        An epoch shows every picture ``repeats`` times (kohya's convention), shuffled per epoch from
+        ``seed`` so a run is reproducible.
+        """
+        expanded = [i for i, ex in enumerate(self.examples) for _ in range(ex.repeats)]
+        for epoch in itertools.count():
+            buckets_of = [self.examples[i].bucket for i in expanded]
+            for batch in group_into_batches(buckets_of, batch_size, seed + epoch):
+                yield [expanded[j] for j in batch]
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return len(list(group_into_batches([ex.bucket for ex in self.examples for _ in range(ex.repeats)],
+                                           batch_size, 0)))
+
+    def collate(self, indices: Sequence[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        latents = torch.stack([self.examples[i].latent for i in indices]).to(device)
+        conds = torch.cat([self.conds[self.examples[i].caption] for i in indices]).to(device)
+        return latents, conds
+
+
+def pil_to_pixels(image) -> torch.Tensor:
+    """PIL RGB -> (1,H,W,3) float in 0..1, the layout ComfyUI's IMAGE and VAE.encode use."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).unsqueeze(0)
+
+
+def encode_dataset(dataset, resolution: int, encode_pixels: EncodePixels, encode_caption: EncodeCaption,
+                   latent_cache: dict | None = None, cache_key: str = "",
+                   on_progress: Callable[[int, int], None] | None = None) -> EncodedDataset:
+    """Bucket and encode every picture once and every distinct caption once.
+
+    Pictures are decoded one at a time, so a big dataset never sits in memory as pixels. When
+    ``latent_cache`` is given, latents are reused across runs keyed by (``cache_key``, content hash,
+    bucket) — re-queueing with another learning rate skips the VAE entirely.
+    """
+    buckets = make_buckets(resolution)
+    encoded = EncodedDataset(examples=[])
+    total = len(dataset.items)
+    for index, item in enumerate(dataset.items):
+        bucket = nearest_bucket(item.width, item.height, buckets)
+        key = (cache_key, item.content_hash, bucket)
+        latent = latent_cache.get(key) if latent_cache is not None else None
+        if latent is None:
+            picture = fit_to_bucket(dataset.load_image(index), bucket)
+            latent = encode_pixels(pil_to_pixels(picture))[0].detach().to("cpu", torch.float32).clone()
+            if latent_cache is not None:
+                latent_cache[key] = latent
+        encoded.examples.append(Example(latent=latent, caption=item.caption, bucket=bucket, repeats=item.repeats))
+        encoded.buckets[bucket] = encoded.buckets.get(bucket, 0) + 1
+        if item.caption not in encoded.conds:
+            encoded.conds[item.caption] = encode_caption(item.caption).detach().to("cpu", torch.float32).clone()
+        if on_progress:
+            on_progress(index + 1, total)
+    return encoded
