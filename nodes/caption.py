@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 
 import torch
@@ -89,6 +90,9 @@ class LoraLabBlipLoader:
 def locate_model(node: str, name: str) -> str:
     """The folder holding model ``name``: the first complete ``<blip folder>/<name>``, else a fresh download
     into the first blip folder (known models, online only), else an error that says what to put where."""
+    if name in ("", ".", "..") or os.path.basename(name) != name or "/" in name:
+        # The combo only offers plain folder names; an API prompt could send anything.
+        raise user_error(node, "model", f"{name!r} is not a model folder name.", "Pick a model from the list.")
     candidates = [os.path.join(base, name) for base in blip_folders()]
     for candidate in candidates:
         resolved = resolve_snapshot(candidate)
@@ -136,8 +140,14 @@ def _offline_reason() -> str | None:
 def _download(repo_id: str, folder: str) -> None:
     from huggingface_hub import snapshot_download
     LOG.info("LoRA Lab: downloading %s into %s", repo_id, folder)
+    created = not os.path.exists(folder)
     os.makedirs(folder, exist_ok=True)
-    snapshot_download(repo_id=repo_id, local_dir=folder, allow_patterns=list(DOWNLOAD_PATTERNS))
+    try:
+        snapshot_download(repo_id=repo_id, local_dir=folder, allow_patterns=list(DOWNLOAD_PATTERNS))
+    except BaseException:
+        if created:  # leave no empty folder behind: it would look like a model in the list
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 def _torch_device(node: str, choice: str) -> torch.device:
@@ -226,8 +236,17 @@ def _run_blip(blip, dataset, todo, prompt, min_length, max_length, num_beams, ba
         comfy.model_management.throw_exception_if_processing_interrupted()
 
     comfy.model_management.throw_exception_if_processing_interrupted()
-    return blip.caption(_LazyImages(dataset, todo), prompt=prompt, min_length=min_length, max_length=max_length,
-                        num_beams=num_beams, batch_size=batch_size, on_batch_done=on_batch_done)
+    on_gpu = blip.device.type != "cpu"
+    if on_gpu:
+        # ComfyUI does not know about BLIP's weights: let it unload its own models to make room
+        # (weights plus a batch's activations, roughly twice the weights).
+        comfy.model_management.free_memory(2 * blip.weight_bytes(), blip.device)
+    try:
+        return blip.caption(_LazyImages(dataset, todo), prompt=prompt, min_length=min_length, max_length=max_length,
+                            num_beams=num_beams, batch_size=batch_size, on_batch_done=on_batch_done)
+    finally:
+        if on_gpu:
+            comfy.model_management.soft_empty_cache()
 
 
 class _LazyImages:
@@ -269,15 +288,16 @@ def _sidecar_lines(dataset, sidecars: SidecarReport) -> list[str]:
     def shown(path: str) -> str:
         return os.path.relpath(path, dataset.root) if dataset.root else path
 
-    lines = [f"Caption files: {len(sidecars.written)} written, {len(sidecars.replaced)} replaced, "
-             f"{len(sidecars.unchanged)} already up to date, {len(sidecars.kept)} kept."]
+    lines = []
+    if sidecars.without_path < len(dataset.items):
+        lines.append(f"Caption files: {len(sidecars.written)} written, {len(sidecars.replaced)} replaced, "
+                     f"{len(sidecars.unchanged)} already up to date, {len(sidecars.kept)} kept.")
     if sidecars.replaced:
         lines.append("Replaced (old text backed up):")
         lines += [f"  - {shown(path)} -> {shown(backup)}" for path, backup in sidecars.replaced]
     if sidecars.kept:
-        lines.append(f"Kept {len(sidecars.kept)} existing caption file(s) unchanged: fill-missing never replaces "
-                     f"them, so edits (trigger word, find/replace, removed tags) reach them only in this graph. "
-                     f"Use overwrite or append to save those edits too.")
+        lines.append(f"Kept {len(sidecars.kept)} existing caption file(s) as they are (fill-missing never replaces "
+                     f"a caption file); the trigger word and other edits reach those captions in this graph only.")
     if sidecars.without_path:
         if dataset.root is None:
             lines.append("Warning: this dataset came from an IMAGE batch, so there are no picture files to write "

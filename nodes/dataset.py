@@ -14,11 +14,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+import comfy.utils
 import folder_paths
 
 from ..trainer.buckets import make_buckets, nearest_bucket
-from ..trainer.dataset import (Dataset, DatasetError, dataset_from_pixels, folder_signature,
-                               normalize_caption_extension, scan_folder, steps_report)
+from ..trainer.dataset import (DEFAULT_MAX_PIXELS, Dataset, DatasetError, dataset_from_pixels, folder_signature,
+                               is_inside, normalize_caption_extension, scan_folder, steps_report)
 from .messages import user_error, validation_message
 
 CATEGORY = "LoRA Lab/Dataset"
@@ -59,15 +60,14 @@ class LoraLabDatasetFromFolder:
     DESCRIPTION = "Reads pictures and caption files from a folder (kohya layout welcome) and reports steps per epoch."
 
     @classmethod
-    def VALIDATE_INPUTS(cls, folder=None, caption_extension=None):
-        # Linked inputs arrive as None at validation time; they are checked when the node runs.
-        for name, value, check in (("folder", folder, resolve_dataset_folder),
-                                   ("caption_extension", caption_extension, normalize_caption_extension)):
-            if isinstance(value, str):
-                try:
-                    check(value)
-                except DatasetError as error:
-                    return validation_message(cls.TITLE, name, error.problem, error.fix)
+    def VALIDATE_INPUTS(cls, folder=None):
+        # Only `folder`: ComfyUI repeats a failure once per argument named here, and caption_extension
+        # is checked when the node runs. A linked input arrives as None; it is checked at run time too.
+        if isinstance(folder, str):
+            try:
+                resolve_dataset_folder(folder)
+            except DatasetError as error:
+                return validation_message(cls.TITLE, "folder", error.problem, error.fix)
         return True
 
     @classmethod
@@ -81,7 +81,8 @@ class LoraLabDatasetFromFolder:
     def load(self, folder, caption_extension, default_repeats, batch_size, target_steps):
         path = _or_user_error(self.TITLE, "folder", resolve_dataset_folder, folder)
         extension = _or_user_error(self.TITLE, "caption_extension", normalize_caption_extension, caption_extension)
-        dataset = _or_user_error(self.TITLE, "folder", scan_folder, path, extension, default_repeats)
+        dataset = _or_user_error(self.TITLE, "folder", scan_folder, path, extension, default_repeats,
+                                 DEFAULT_MAX_PIXELS, _progress_bar())
         report = steps_report(dataset, batch_size, target_steps, source=f"in '{folder.strip()}'")
         return {"ui": {"text": [report]}, "result": (dataset, report)}
 
@@ -164,6 +165,18 @@ NODE_CLASS_MAPPINGS = {
 NODE_DISPLAY_NAME_MAPPINGS = {name: f"{cls.TITLE} (LoRA Lab)" for name, cls in NODE_CLASS_MAPPINGS.items()}
 
 
+def _progress_bar():
+    """A progress callback drawing ComfyUI's bar on the node; created once the total is known."""
+    bar = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = comfy.utils.ProgressBar(total)
+        bar.update_absolute(done, total)
+    return update
+
+
 def _or_user_error(node: str, input_name: str, function, *args):
     try:
         return function(*args)
@@ -198,11 +211,12 @@ def resolve_dataset_folder(folder: str) -> str:
         if not parts:
             raise DatasetError("'.' names the whole input folder.",
                                "Put the pictures in a subfolder of the input folder and type its name.")
-        bases, where = [folder_paths.get_input_directory()], f"ComfyUI's input folder ({folder_paths.get_input_directory()})"
+        input_folder = folder_paths.get_input_directory()
+        bases, where = [input_folder], f"ComfyUI's input folder ({input_folder})"
     for base in bases:
         base_real = os.path.realpath(base)
         candidate = os.path.realpath(os.path.join(base_real, *parts))
-        if os.path.commonpath([candidate, base_real]) != base_real:
+        if not is_inside(candidate, base_real):
             raise DatasetError(f"'{text}' is a symbolic link leading outside {where}.", _how_to_allow(candidate))
         if os.path.isdir(candidate):
             return candidate
@@ -225,7 +239,8 @@ def _subfolders(bases: list[str], limit: int = 12) -> str:
     names = []
     for base in bases:
         try:
-            names += sorted(entry.name for entry in os.scandir(base) if entry.is_dir() and not entry.name.startswith("."))
+            names += sorted(entry.name for entry in os.scandir(base)
+                            if entry.is_dir() and not entry.name.startswith("."))
         except OSError:
             continue
     return ", ".join(names[:limit]) + (f" … ({len(names) - limit} more)" if len(names) > limit else "")

@@ -9,6 +9,7 @@ downloaded), on the CPU in fp32. Also home of ``open_eyes``, which the caption t
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -106,7 +107,10 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=20, help="tokens written per caption")
     parser.add_argument("--beams", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from transformers.utils import logging as transformers_logging
     transformers_logging.set_verbosity_error()
@@ -121,8 +125,10 @@ def main(argv=None) -> int:
         one = images_per_second(captioner, pictures, 1, args.tokens, args.beams, args.repeats)
         batched = images_per_second(captioner, pictures, args.batch, args.tokens, args.beams, args.repeats)
     params = sum(p.numel() for p in captioner.model.parameters()) / 1e6
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"BLIP {args.layers} layers x {args.width} wide ({params:.1f} M parameters), {args.pictures} pictures, "
-          f"{args.tokens} tokens each, beams {args.beams}, CPU fp32, {torch.get_num_threads()} threads")
+          f"{args.tokens} tokens each, beams {args.beams}, CPU fp32, {torch.get_num_threads()} threads, "
+          f"load average {load:.1f} on {os.cpu_count()} cores")
     print(f"one at a time : {one:7.2f} images/s")
     print(f"batch of {args.batch:<4} : {batched:7.2f} images/s")
     print(f"speed-up      : {batched / one:7.2f}x (target >= 3x)")

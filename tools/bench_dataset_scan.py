@@ -114,7 +114,8 @@ def main() -> None:
           f"({1000 * result['scan_cold_s'] / max(result['pictures'], 1):.1f} ms per picture)")
     print(f"scan again (cached facts)  : {result['scan_warm_s']:.3f} s")
     print(f"folder_signature (IS_CHANGED): {result['signature_s']:.3f} s")
-    print(f"load_image full / thumbnail: {result['load_image_full_s']:.3f} s / {result['load_image_thumbnail_s']:.3f} s")
+    print(f"load_image full / thumbnail: {result['load_image_full_s']:.3f} s / "
+          f"{result['load_image_thumbnail_s']:.3f} s")
     print(f"peak RSS: {result['rss_after_import_mb']:.0f} MB after imports -> "
           f"{result['rss_peak_after_scan_mb']:.0f} MB after the scan "
           f"(one decoded picture is {one_decoded_mb:.0f} MB; all of them would be "

@@ -107,6 +107,9 @@ class BlipCaptioner:
     def __repr__(self) -> str:
         return f"BlipCaptioner({self.name!r}, device={self.device}, dtype={self.dtype})"
 
+    def weight_bytes(self) -> int:
+        return sum(param.numel() * param.element_size() for param in self.model.parameters())
+
     def caption(self, images: Sequence[Image.Image], prompt: str | None = None, min_length: int = 5,
                 max_length: int = 30, num_beams: int = 3, batch_size: int = 8,
                 on_batch_done: ProgressCallback | None = None) -> list[str]:
@@ -132,7 +135,7 @@ class BlipCaptioner:
             for start in range(0, total, batch_size):
                 batch = [_rgb(images[index]) for index in range(start, min(start + batch_size, total))]
                 texts = self._generate(batch, prompt, min_length, max_length, num_beams)
-                captions.extend(texts)
+                captions.extend(_strip_echo(text, echoed) for text in texts)
                 if on_batch_done is not None:
                     on_batch_done(len(captions), total)
         finally:

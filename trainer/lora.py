@@ -211,7 +211,7 @@ class InjectedLora:
                 mismatched.append(f"{alpha_key}: file {tuple(state_dict[alpha_key].shape)}, expected a scalar")
                 continue
             file_alpha = float(state_dict[alpha_key].item()) if alpha_key in state_dict else float(site.rank)
-            plan.append((down, up, state_dict[keys[0]], state_dict[keys[1]], 1.0))
+            plan.append((down, up, state_dict[keys[0]], state_dict[keys[1]], file_alpha / site.alpha))
         unexpected = sorted(set(state_dict) - known) if strict else []
         problems = [f"{label}: {_listing(items)}" for label, items in
                     (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", mismatched))

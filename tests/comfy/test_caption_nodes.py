@@ -278,3 +278,24 @@ def test_cancel_before_the_first_batch(pack, blip, dataset_dir, progress_hook, c
     with pytest.raises(comfy.model_management.InterruptProcessingException):
         run_caption(pack, load_dataset(pack, dataset_dir[0]), blip, mode="overwrite")
     assert calls == []
+
+
+def test_online_but_unreachable_hub_ends_in_the_same_manual_instructions(pack, folder_paths, errors, monkeypatch):
+    # Online as far as the environment says, but the hub endpoint is a closed loopback port.
+    import huggingface_hub.constants
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    folder = os.path.join(folder_paths.get_folder_paths("blip")[0], "blip-large")
+    with pytest.raises(errors.LoraLabError) as raised:
+        pack.NODE_CLASS_MAPPINGS[LOADER]().load("blip-large", "auto", "auto")
+    message = str(raised.value)
+    assert "download failed" in message and folder in message
+    assert "https://huggingface.co/Salesforce/blip-image-captioning-large" in message
+    assert not os.path.exists(folder)
+
+
+def test_model_names_cannot_leave_the_blip_folders(pack, errors, blip_dir):
+    for name in ("..", f"../blip/{MODEL_NAME}", str(blip_dir)):
+        with pytest.raises(errors.LoraLabError, match="not a model folder name"):
+            pack.NODE_CLASS_MAPPINGS[LOADER]().load(name, "cpu", "fp32")

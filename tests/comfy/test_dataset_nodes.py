@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
+import urllib.parse
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -105,7 +107,7 @@ def test_folder_names_that_could_leave_the_input_folder_are_refused(pack, errors
     message = str(caught.value)
     assert message.startswith("[LoRA Lab · Dataset from Folder › folder]") and problem in message
     assert "Fix:" in message
-    assert cls.VALIDATE_INPUTS(folder=folder, caption_extension=".txt") == message
+    assert cls.VALIDATE_INPUTS(folder=folder) == message
 
 
 def test_refusal_says_how_to_allow_a_folder_elsewhere(pack, errors, folder_paths):
@@ -160,12 +162,12 @@ def test_caption_extension_is_validated_and_used(pack, errors, dataset_dir):
     picture(path / "a.png")
     (path / "a.caption").write_text("from .caption")
     cls = pack.NODE_CLASS_MAPPINGS[FOLDER_NODE]
-    assert cls.VALIDATE_INPUTS(folder=name, caption_extension=".caption") is True
-    assert cls.VALIDATE_INPUTS(folder=None, caption_extension=None) is True     # linked inputs: checked at run time
-    message = cls.VALIDATE_INPUTS(folder=name, caption_extension="../x")
+    assert cls.VALIDATE_INPUTS(folder=name) is True
+    assert cls.VALIDATE_INPUTS(folder=None) is True      # a linked input: checked when the node runs
+    with pytest.raises(errors.LoraLabError) as caught:
+        run_folder_node(pack, name, caption_extension="../x")
+    message = str(caught.value)
     assert message.startswith("[LoRA Lab · Dataset from Folder › caption_extension]") and ".txt or .caption" in message
-    with pytest.raises(errors.LoraLabError, match="› caption_extension"):
-        run_folder_node(pack, name, caption_extension="/")
     assert run_folder_node(pack, name, caption_extension="caption")["result"][0].items[0].caption == "from .caption"
 
 
@@ -192,7 +194,8 @@ def registered_roots(folder_paths, tmp_path):
     previous = folder_paths.folder_names_and_paths.get("lora_datasets")
     folder_paths.folder_names_and_paths.pop("lora_datasets", None)
     yaml_path = tmp_path / "extra_model_paths.yaml"
-    yaml_path.write_text(f"lora_lab:\n    base_path: {tmp_path}\n    lora_datasets: |\n        datasets_a\n        datasets_b\n")
+    yaml_path.write_text(f"lora_lab:\n    base_path: {tmp_path}\n"
+                         "    lora_datasets: |\n        datasets_a\n        datasets_b\n")
     try:
         from utils.extra_config import load_extra_path_config      # ComfyUI >= 2024-08
         load_extra_path_config(str(yaml_path))
@@ -342,9 +345,14 @@ def test_folder_to_preview_through_the_server(server):
     report = outputs["1"]["text"][0]
     assert "4_fox: 3 x 4 repeats = 12" in report and "= 12 / 2 = 6." in report and "10 epochs = 60 steps" in report
     (shown,) = outputs["2"]["images"]
-    assert shown["type"] == "temp" and (server.overlay / "temp" / shown["subfolder"] / shown["filename"]).is_file()
+    query = urllib.parse.urlencode(shown)      # what the front end asks for to draw it on the node
+    with urllib.request.urlopen(f"{server.url}/view?{query}", timeout=30) as answer:
+        assert answer.read(8) == b"\x89PNG\r\n\x1a\n"
 
     prompt["1"]["inputs"]["folder"] = "/etc"
     with pytest.raises(ComfyExecutionError) as rejected:
         server.run(prompt, timeout=60)
-    assert "Dataset from Folder › folder" in str(rejected.value) and "lora_datasets" in str(rejected.value)
+    (error,) = rejected.value.details["node_errors"]["1"]["errors"]     # one message, on the folder input
+    assert error["type"] == "custom_validation_failed" and error["extra_info"]["input_name"] == "folder"
+    assert "[LoRA Lab · Dataset from Folder › folder] '/etc' is a path outside" in error["details"]
+    assert "lora_datasets" in error["details"].split("Fix:", 1)[1]

@@ -66,6 +66,15 @@ def test_finds_every_supported_format_recursively_in_any_case(tmp_path):
     assert {os.path.splitext(item.key)[1].lower() for item in dataset.items} == IMAGE_EXTENSIONS
 
 
+def test_progress_is_reported_in_order_for_every_picture(tmp_path):
+    for index in range(5):
+        picture(tmp_path / f"{index}.png")
+    write(tmp_path / "broken.png", b"no")
+    calls = []
+    scan_folder(str(tmp_path), on_progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(done, 6) for done in range(1, 7)]
+
+
 def test_order_is_natural_and_independent_of_creation_order(tmp_path):
     for name in ["img10.png", "IMG2.png", "img1.png", "b/x.png", "a.png"]:
         picture(tmp_path / name)
@@ -120,6 +129,16 @@ def test_every_orientation_matches_pillows_exif_transpose(tmp_path, orientation)
     reference = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
     assert (dataset.items[0].width, dataset.items[0].height) == reference.size
     assert np.array_equal(np.asarray(dataset.load_image(0)), np.asarray(reference))
+
+
+def test_png_and_webp_exif_orientation_is_read_from_the_header(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    for name in ("tagged.png", "tagged.webp"):
+        Image.new("RGB", (30, 10), (0, 128, 0)).save(tmp_path / name, exif=exif.tobytes())
+    dataset = scan_folder(str(tmp_path))
+    assert [(item.width, item.height) for item in dataset.items] == [(10, 30), (10, 30)]
+    assert dataset.load_image(0).size == (10, 30) and dataset.load_image(1).size == (10, 30)
 
 
 def test_alpha_is_flattened_onto_white(tmp_path):

@@ -230,6 +230,8 @@ def test_same_seed_same_init_and_global_rng_untouched():
     assert torch.equal(torch.get_rng_state(), rng_before)
     assert all(torch.equal(first[key], second[key]) for key in first)
     assert not torch.equal(first["lora_unet_proj.lora_down.weight"], other["lora_unet_proj.lora_down.weight"])
+    # same shape, different module: different init (modules must not start out correlated)
+    assert not torch.equal(first["lora_unet_blocks_0.lora_down.weight"], first["lora_unet_blocks_2_0.lora_down.weight"])
     # kohya/peft init: kaiming-uniform with a = sqrt(5), i.e. within +-1/sqrt(fan_in) and not degenerate
     down = first["lora_unet_conv.lora_down.weight"]
     assert down.abs().max() <= 1 / (3 * 3 * 3) ** 0.5 and down.std() > 0.05

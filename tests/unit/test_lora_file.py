@@ -116,6 +116,21 @@ def test_a_failed_publish_leaves_no_temporary(tmp_path, monkeypatch):
     assert leftovers(tmp_path) == []
 
 
+def test_a_name_taken_by_another_writer_meanwhile_is_not_replaced(tmp_path, monkeypatch):
+    real_link = os.link
+
+    def competitor_wins(source, destination):
+        if Path(destination).name == "style.safetensors":
+            Path(destination).write_bytes(b"the other writer's file")
+        return real_link(source, destination)
+
+    monkeypatch.setattr(lora_file.os, "link", competitor_wins)
+    path = save_lora_file(tmp_path, "style", lora_tensors(), {})
+    assert path.name == "style_2.safetensors"
+    assert (tmp_path / "style.safetensors").read_bytes() == b"the other writer's file"
+    assert leftovers(tmp_path) == []
+
+
 def test_without_hard_links_a_new_name_is_still_published(tmp_path, monkeypatch):
     def no_links(source, destination):
         raise OSError(95, "Operation not supported")
