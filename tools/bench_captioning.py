@@ -107,7 +107,9 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=20, help="tokens written per caption")
     parser.add_argument("--beams", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    # One thread by default: on a small shared machine OpenMP's spinning threads make multi-threaded timings
+    # swing tenfold with other processes' load; one thread gives numbers that repeat.
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -257,26 +257,29 @@ def progress_hook(comfy):
 
 
 def test_progress_bar_moves_per_batch(pack, blip, dataset_dir, progress_hook):
+    dataset = load_dataset(pack, dataset_dir[0])    # before the hook: the dataset node has its own progress bar
     calls = progress_hook()
-    run_caption(pack, load_dataset(pack, dataset_dir[0]), blip, mode="overwrite", batch_size=3)
+    run_caption(pack, dataset, blip, mode="overwrite", batch_size=3)
     assert calls == [(3, 4), (4, 4)]
 
 
 def test_cancel_between_batches_stops_and_writes_nothing(pack, blip, dataset_dir, progress_hook, comfy):
     name, path = dataset_dir
+    dataset = load_dataset(pack, name)
     calls = progress_hook(lambda value, total: comfy.model_management.interrupt_current_processing(True))
     with pytest.raises(comfy.model_management.InterruptProcessingException):
-        run_caption(pack, load_dataset(pack, name), blip, mode="overwrite", batch_size=1, write_sidecars=True)
+        run_caption(pack, dataset, blip, mode="overwrite", batch_size=1, write_sidecars=True)
     assert calls == [(1, 4)]             # the second batch never started
     assert files_in(path) == ["a.png", "a.txt", "b.png", "c.png", "d.png"]
     assert (path / "a.txt").read_text(encoding="utf-8") == "hand-written, Watermark, my dog"
 
 
 def test_cancel_before_the_first_batch(pack, blip, dataset_dir, progress_hook, comfy):
+    dataset = load_dataset(pack, dataset_dir[0])
     calls = progress_hook()
     comfy.model_management.interrupt_current_processing(True)
     with pytest.raises(comfy.model_management.InterruptProcessingException):
-        run_caption(pack, load_dataset(pack, dataset_dir[0]), blip, mode="overwrite")
+        run_caption(pack, dataset, blip, mode="overwrite")
     assert calls == []
 
 
