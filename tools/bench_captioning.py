@@ -3,8 +3,7 @@
     .venv/bin/python tools/bench_captioning.py [--layers 4] [--width 128] [--pictures 32] [--batch 8]
 
 Runs the pack's own ``BlipCaptioner`` on a BLIP with random weights (transformers' real classes; nothing is
-downloaded), on the CPU in fp32. Also home of ``open_eyes``, which the caption tests use to make
-``random_models.tiny_blip`` captions depend on the picture.
+downloaded), on the CPU in fp32.
 """
 from __future__ import annotations
 
@@ -21,53 +20,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import random_models  # noqa: E402
-
-
-def open_eyes(folder: Path, seed: int = 0, cross_attention_gain: float = 10.0) -> Path:
-    """Make a saved random BLIP look at its pictures.
-
-    BlipVisionConfig's default ``initializer_range`` is 1e-10, so a freshly built BLIP's vision tower
-    outputs the same features for every picture and every caption comes out identical. Re-draw the
-    vision weights at std 0.02 (patch embedding 0.2, so pixels dominate the position embeddings) and
-    scale up the decoder's cross-attention so the picture steers the words.
-    """
-    from safetensors.torch import load_file, save_file
-    path = Path(folder) / "model.safetensors"
-    state = load_file(str(path))
-    generator = torch.Generator().manual_seed(seed)
-    for key, value in sorted(state.items()):
-        if key.startswith("vision_model.") and "norm" not in key and (value.dim() >= 2 or "class_embedding" in key):
-            std = 0.2 if "patch_embedding" in key else 0.02
-            state[key] = torch.randn(value.shape, generator=generator) * std
-        elif "crossattention" in key and value.dim() >= 2:
-            state[key] = value * cross_attention_gain
-    save_file(state, str(path), metadata={"format": "pt"})
-    return Path(folder)
-
-
-def bench_blip(folder: Path, layers: int = 4, width: int = 128, image_size: int = 128, seed: int = 0) -> Path:
-    """A BLIP like ``tiny_blip`` but of a chosen depth and width (the vision tower properly initialised)."""
-    from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
-                              BlipProcessor)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(random_models.BLIP_VOCAB) + "\n")
-    tokenizer = BertTokenizer(str(vocab), bos_token="[DEC]", model_max_length=64)
-    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": image_size, "width": image_size}),
-                              tokenizer=tokenizer)
-    heads = max(1, width // 32)
-    text = {"vocab_size": len(random_models.BLIP_VOCAB), "hidden_size": width, "num_hidden_layers": layers,
-            "num_attention_heads": heads, "intermediate_size": 4 * width, "max_position_embeddings": 128,
-            "encoder_hidden_size": width, "bos_token_id": 5, "pad_token_id": 0, "sep_token_id": 3,
-            "eos_token_id": 3}
-    vision = {"hidden_size": width, "num_hidden_layers": layers, "num_attention_heads": heads,
-              "intermediate_size": 4 * width, "image_size": image_size, "patch_size": 16, "initializer_range": 0.02}
-    torch.manual_seed(seed)
-    model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=width))
-    model.save_pretrained(str(folder), safe_serialization=True)
-    processor.save_pretrained(str(folder))
-    return folder
 
 
 def random_pictures(count: int, size: int = 256, seed: int = 0):
@@ -120,7 +72,8 @@ def main(argv=None) -> int:
     BlipCaptioner = _pack_captioner().BlipCaptioner
 
     with tempfile.TemporaryDirectory() as scratch:
-        folder = bench_blip(Path(scratch) / "blip", args.layers, args.width)
+        folder = random_models.tiny_blip(Path(scratch) / "blip", layers=args.layers, width=args.width,
+                                         image_size=128, patch_size=16)
         captioner = BlipCaptioner(folder, "cpu")
         pictures = random_pictures(args.pictures)
         captioner.caption(pictures[:2], min_length=1, max_length=4, batch_size=2)  # warm-up: first calls allocate

@@ -54,7 +54,7 @@ class ComfyServer:
                "--input-directory", str(self.overlay / "input"),
                "--temp-directory", str(self.overlay / "temp"), *self.extra_args]
         env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"))
-        self._log = open(self.log_path, "ab")
+        self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(cmd, cwd=self.overlay, stdout=self._log, stderr=subprocess.STDOUT,
                                         env=env, start_new_session=True)
         deadline = time.monotonic() + timeout

@@ -4,8 +4,6 @@ Needs an in-process ComfyUI (see comfyui_home.prepare_in_process) for everything
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -152,10 +150,12 @@ BLIP_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "a", "photo
               "red", "blue", "car", "tree", "on", "the", "grass", "house"]
 
 
-def tiny_blip(folder: Path, seed: int = 0) -> Path:
-    """Save a BLIP captioning model (transformers' real classes, 2 layers, 32 wide) to ``folder``.
+def tiny_blip(folder: Path, seed: int = 0, layers: int = 2, width: int = 32, image_size: int = 32,
+              patch_size: int = 8) -> Path:
+    """Save a BLIP captioning model (transformers' real classes; 2 layers, 32 wide by default) to ``folder``.
 
-    Its ``generate()`` really runs; its captions are random words from a 19-token vocabulary.
+    Its ``generate()`` really runs; its captions are random words from a 19-token vocabulary, and they
+    depend on the picture (see ``_make_it_look``).
     """
     from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration,
                               BlipImageProcessor, BlipProcessor)
@@ -163,29 +163,37 @@ def tiny_blip(folder: Path, seed: int = 0) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     vocab = folder / "vocab.txt"
     vocab.write_text("\n".join(BLIP_VOCAB) + "\n")
-    tokenizer = BertTokenizer(str(vocab), bos_token="[DEC]", model_max_length=40)
-    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
+    tokenizer = BertTokenizer(str(vocab), bos_token="[DEC]", model_max_length=64)
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": image_size, "width": image_size}),
                               tokenizer=tokenizer)
-    text = {"vocab_size": len(BLIP_VOCAB), "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-            "intermediate_size": 64, "max_position_embeddings": 64, "encoder_hidden_size": 32,
-            "bos_token_id": 5, "pad_token_id": 0, "sep_token_id": 3, "eos_token_id": 3}
-    vision = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
-              "image_size": 32, "patch_size": 8}
-    config = BlipConfig(text_config=text, vision_config=vision, projection_dim=32)
+    heads = max(2, width // 32)
+    text = {"vocab_size": len(BLIP_VOCAB), "hidden_size": width, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "intermediate_size": 2 * width, "max_position_embeddings": 128,
+            "encoder_hidden_size": width, "bos_token_id": 5, "pad_token_id": 0, "sep_token_id": 3, "eos_token_id": 3}
+    vision = {"hidden_size": width, "num_hidden_layers": layers, "num_attention_heads": heads,
+              "intermediate_size": 2 * width, "image_size": image_size, "patch_size": patch_size,
+              "initializer_range": 0.02}
+    config = BlipConfig(text_config=text, vision_config=vision, projection_dim=width)
     torch.manual_seed(seed)
     model = BlipForConditionalGeneration(config)
+    _make_it_look(model, seed)
     model.save_pretrained(str(folder), safe_serialization=True)
     processor.save_pretrained(str(folder))
     return folder
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _make_it_look(model, seed: int, cross_attention_gain: float = 10.0) -> None:
+    """Make a random BLIP's words depend on the picture.
 
-
-def describe(obj) -> str:
-    return json.dumps({k: str(v) for k, v in vars(obj).items()})[:200]
+    Left at random init the decoder barely listens to the vision tower, so every picture gets the
+    same caption and "batched equals one at a time" would prove nothing. Re-draw the vision weights
+    (patch embedding larger, so pixels dominate the position embeddings) and strengthen cross-attention.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, value in sorted(model.named_parameters()):
+            if name.startswith("vision_model.") and "norm" not in name and (value.dim() >= 2 or "class_embedding" in name):
+                std = 0.2 if "patch_embedding" in name else 0.02
+                value.copy_(torch.randn(value.shape, generator=generator) * std)
+            elif "crossattention" in name and value.dim() >= 2:
+                value.mul_(cross_attention_gain)

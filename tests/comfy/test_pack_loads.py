@@ -39,9 +39,11 @@ def test_node_classes_are_well_formed(pack):
 
 @pytest.mark.server
 def test_server_lists_every_node_and_imported_cleanly(server):
-    log = server.log_text()
-    assert "IMPORT FAILED" not in log, server.log_tail()
-    assert "Cannot import" not in log, server.log_tail()
+    # Only our pack's lines count: ComfyUI 2025-10 without torchaudio reports its own audio nodes.
+    ours_failed = [line for line in server.log_text().splitlines()
+                   if ("IMPORT FAILED" in line or "Cannot import" in line) and comfyui_home.PACK_LINK_NAME in line]
+    assert not ours_failed, server.log_tail()
+    assert f"custom_nodes/{comfyui_home.PACK_LINK_NAME}" in server.log_text(), "the pack was not even tried"
     info = server.get_json("/object_info")
     ours = {name for name, spec in info.items() if spec.get("category", "").startswith("LoRA Lab")}
     assert EXPECTED_NODES <= ours, f"missing from /object_info: {EXPECTED_NODES - ours}"

@@ -7,14 +7,13 @@ import torch
 from PIL import Image
 
 import random_models
-from bench_captioning import open_eyes
 from lora_lab.trainer import captioner as cap
 from lora_lab.trainer.captioner import BlipCaptioner
 
 
 @pytest.fixture(scope="module")
 def blip_folder(tmp_path_factory):
-    return open_eyes(random_models.tiny_blip(tmp_path_factory.mktemp("blip") / "tiny"))
+    return random_models.tiny_blip(tmp_path_factory.mktemp("blip") / "tiny")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,116 @@
+// LoRA Lab front end: reports shown on the nodes that make them, and Train LoRA's live loss chart.
+// DOM widgets only (canvas-drawn widgets break in ComfyUI's newer renderer).
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+import { chartScale, eventIsForNode, smooth, statusLine } from "./loss_chart.js";
+
+const REPORT_NODES = new Set(["LoraLabDatasetFromFolder", "LoraLabCaption", "LoraLabTrainLora"]);
+const TRAIN_NODE = "LoraLabTrainLora";
+const PROGRESS_EVENT = "loralab.train.progress";
+const KEEP_POINTS = 2000;
+
+function reportWidget(node) {
+  // A read-only text box at the end of the widgets, so saved widget values keep their positions.
+  let widget = node.widgets?.find((w) => w.name === "loralab_report");
+  if (widget) return widget;
+  const box = document.createElement("textarea");
+  box.readOnly = true;
+  box.style.cssText = "width:100%;height:100%;font:11px monospace;resize:none;opacity:0.85;";
+  widget = node.addDOMWidget("loralab_report", "loralab_report", box, {
+    getValue: () => box.value, setValue: (v) => { box.value = v ?? ""; }, serialize: false,
+  });
+  widget.serialize = false;
+  widget.computeSize = (width) => [width, 120];
+  return widget;
+}
+
+function lossChartWidget(node) {
+  let widget = node.widgets?.find((w) => w.name === "loralab_loss_chart");
+  if (widget) return widget;
+  const root = document.createElement("div");
+  root.style.cssText = "display:flex;flex-direction:column;gap:2px;width:100%;height:100%;";
+  const canvas = document.createElement("canvas");
+  canvas.style.cssText = "flex:1;width:100%;min-height:80px;background:#1b1b1b;border-radius:4px;";
+  const status = document.createElement("div");
+  status.style.cssText = "font:11px monospace;color:#bbb;white-space:nowrap;overflow:hidden;";
+  root.append(canvas, status);
+  widget = node.addDOMWidget("loralab_loss_chart", "loralab_loss_chart", root, {
+    getValue: () => undefined, setValue: () => {}, serialize: false,
+  });
+  widget.serialize = false;
+  widget.computeSize = (width) => [width, 150];
+  widget.draw_chart = () => drawChart(canvas, status, node.properties?.loralab_loss ?? [], node.loralab_last);
+  return widget;
+}
+
+function drawChart(canvas, status, losses, lastPoint) {
+  const width = (canvas.width = canvas.clientWidth || 300);
+  const height = (canvas.height = canvas.clientHeight || 100);
+  const ctx = canvas.getContext("2d");
+  ctx.clearRect(0, 0, width, height);
+  status.textContent = statusLine(lastPoint);
+  if (!losses.length) return;
+  const scale = chartScale(losses, width, height);
+  const line = (values, colour, lineWidth) => {
+    ctx.strokeStyle = colour;
+    ctx.lineWidth = lineWidth;
+    ctx.beginPath();
+    values.forEach((v, i) => (i ? ctx.lineTo(scale.x(i), scale.y(v)) : ctx.moveTo(scale.x(i), scale.y(v))));
+    ctx.stroke();
+  };
+  line(losses, "rgba(120,160,220,0.45)", 1);
+  line(smooth(losses), "#5fa8ff", 2);
+  ctx.fillStyle = "#888";
+  ctx.font = "10px monospace";
+  ctx.fillText(scale.high.toPrecision(3), 4, 12);
+  ctx.fillText(scale.low.toPrecision(3), 4, height - 4);
+}
+
+app.registerExtension({
+  name: "LoRALab.nodes",
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (!REPORT_NODES.has(nodeData.name)) return;
+    const onNodeCreated = nodeType.prototype.onNodeCreated;
+    nodeType.prototype.onNodeCreated = function () {
+      const result = onNodeCreated?.apply(this, arguments);
+      if (nodeData.name === TRAIN_NODE) {
+        this.properties = this.properties || {};
+        this.properties.loralab_loss = this.properties.loralab_loss || [];
+        lossChartWidget(this);
+      }
+      return result;
+    };
+    const onConfigure = nodeType.prototype.onConfigure;
+    nodeType.prototype.onConfigure = function () {
+      const result = onConfigure?.apply(this, arguments);
+      // The last run's curve is kept in the node's properties, so it survives save and reload.
+      if (nodeData.name === TRAIN_NODE) requestAnimationFrame(() => lossChartWidget(this).draw_chart());
+      return result;
+    };
+    const onExecuted = nodeType.prototype.onExecuted;
+    nodeType.prototype.onExecuted = function (message) {
+      const result = onExecuted?.apply(this, arguments);
+      const text = message?.text;
+      if (text?.length) reportWidget(this).value = Array.isArray(text) ? text.join("\n") : String(text);
+      if (nodeData.name === TRAIN_NODE && Array.isArray(message?.loss) && message.loss.length) {
+        if (!this.properties.loralab_loss?.length) this.properties.loralab_loss = message.loss;
+        lossChartWidget(this).draw_chart();
+      }
+      this.setDirtyCanvas?.(true, true);
+      return result;
+    };
+  },
+  async setup() {
+    api.addEventListener(PROGRESS_EVENT, ({ detail }) => {
+      for (const node of app.graph?._nodes ?? []) {
+        if (node.comfyClass !== TRAIN_NODE || !eventIsForNode(detail.node, node)) continue;
+        node.properties = node.properties || {};
+        if (detail.step === 1 || !Array.isArray(node.properties.loralab_loss)) node.properties.loralab_loss = [];
+        node.properties.loralab_loss.push(detail.loss);
+        if (node.properties.loralab_loss.length > KEEP_POINTS) node.properties.loralab_loss.shift();
+        node.loralab_last = detail;
+        lossChartWidget(node).draw_chart();
+      }
+    });
+  },
+});

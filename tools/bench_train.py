@@ -1,0 +1,164 @@
+"""Benchmark: seconds per training step and peak RSS, LoRA Lab vs a bare peft loop vs ComfyUI's trainer.
+
+    .venv/bin/python tools/bench_train.py [--channels 32 64 320] [--size 256] [--steps 8]
+    COMFYUI_ROOT=/path/to/ComfyUI-2025-10 .venv/bin/python tools/bench_train.py   # adds ComfyUI's TrainLoraNode
+
+Same model (SD1.5 architecture, random weights; channels 32 = 10 M, 64 = 37 M, 320 = the real 860 M),
+same data (4 latents, batch 1), LoRA rank 8 on kohya's default targets, fp32, PyTorch attention, CPU.
+- ours : the pack's path (comfy_bridge + InjectedLora + trainer.loop.train)
+- bare : peft injected by hand and a minimal loop over the same apply_model — the floor
+- comfy: ComfyUI's own TrainLoraNode at its defaults (ComfyUI >= 2025-06 only)
+Each runs in its own process so peak RSS is its own. Median step time after one warm-up step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import comfyui_home  # noqa: E402
+import random_models  # noqa: E402
+
+RANK = 8
+
+
+def child(which: str, channels: int, size: int, steps: int) -> dict:
+    overlay = comfyui_home.build_overlay(Path(tempfile.mkdtemp()) / "comfy", link_pack=False)
+    comfyui_home.prepare_in_process(overlay)
+    import torch
+    pack = types.ModuleType("lora_lab")
+    pack.__path__ = [str(comfyui_home.REPO)]
+    sys.modules["lora_lab"] = pack
+    patcher = random_models.sd15_model_patcher(channels)
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(4, 4, size // 8, size // 8, generator=g)
+    cond = torch.randn(1, 77, 768, generator=g)
+    runner = {"ours": run_ours, "bare": run_bare, "comfy": run_comfy}[which]
+    with torch.inference_mode():   # as ComfyUI executes nodes
+        times = runner(patcher, latents, cond, steps)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"which": which, "channels": channels, "size": size, "steps": steps,
+            "seconds_per_step": statistics.median(times[1:] or times), "peak_rss_mb": peak_mb,
+            "params_m": sum(p.numel() for p in patcher.model.diffusion_model.parameters()) / 1e6}
+
+
+def run_ours(patcher, latents, cond, steps):
+    import torch
+    from lora_lab.nodes import comfy_bridge
+    from lora_lab.trainer.examples import EncodedDataset, Example
+    from lora_lab.trainer.lora import InjectedLora
+    from lora_lab.trainer.loop import TrainSettings, train
+    times = []
+    with torch.inference_mode(False):
+        data = EncodedDataset(examples=[Example(latent=l.clone(), caption="c", bucket=(1, 1), repeats=1)
+                                        for l in latents], conds={"c": cond.clone()})
+        with comfy_bridge.trainable_unet(patcher, checkpointing=False) as network:
+            with InjectedLora(network, comfy_bridge.unet_lora_targets(patcher), rank=RANK, alpha=RANK, seed=0) as lora:
+                train(comfy_bridge.ComfyDenoiser(patcher), data, lora.parameters(),
+                      TrainSettings(steps=steps, batch_size=1, learning_rate=1e-4), torch.device("cpu"),
+                      on_step=lambda report: times.append(report.seconds))
+    return times
+
+
+def run_bare(patcher, latents, cond, steps):
+    """The floor: peft on the same targets, the same forward, nothing else."""
+    import re
+    import torch
+    from peft import LoraConfig, inject_adapter_in_model
+    from lora_lab.nodes import comfy_bridge
+    times = []
+    with torch.inference_mode(False):
+        comfy_bridge.load_fully(patcher)
+        network = patcher.model.diffusion_model
+        comfy_bridge.detach_from_inference_mode(network)   # unavoidable: ComfyUI builds weights in inference mode
+        targets = comfy_bridge.unet_lora_targets(patcher)
+        network.requires_grad_(False)
+        inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=RANK, target_modules="(?:" + "|".join(
+            re.escape(t) for t in targets) + ")"), network)
+        hooks = [m.register_forward_pre_hook(lambda _m, a: (a[0].clone(), *a[1:]))   # the 2024-03 in-place trap
+                 for m in network.modules() if isinstance(m, torch.nn.LayerNorm)]
+        params = [p for p in network.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+        sigmas = comfy_bridge.model_sampling(patcher).sigmas.detach().clone()
+        g = torch.Generator().manual_seed(0)
+        for step in range(steps):
+            began = time.perf_counter()
+            x0 = latents[step % len(latents)].unsqueeze(0).clone()
+            noise = torch.randn(x0.shape, generator=g)
+            sigma = sigmas[torch.randint(0, len(sigmas), (1,), generator=g)]
+            denoised = patcher.model.apply_model(x0 + noise * sigma, sigma, c_crossattn=cond.clone())
+            loss = ((denoised - x0) / sigma).pow(2).mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - began)
+        for h in hooks:
+            h.remove()
+    return times
+
+
+def run_comfy(patcher, latents, cond, steps):
+    """ComfyUI's own TrainLoraNode at its defaults; per-step time from the difference of two run lengths."""
+    from comfy_extras.nodes_train import TrainLoraNode
+    node = TrainLoraNode()
+
+    def timed(n):
+        began = time.perf_counter()
+        node.train(patcher, {"samples": latents.clone()}, [[cond.clone(), {}]], batch_size=1, steps=n,
+                   grad_accumulation_steps=1, learning_rate=5e-4, rank=RANK, optimizer="AdamW",
+                   loss_function="MSE", seed=0, training_dtype="bf16", lora_dtype="bf16", algorithm="LoRA",
+                   gradient_checkpointing=True, existing_lora="[None]")
+        return time.perf_counter() - began
+    timed(1)  # warm-up
+    short, long = timed(2), timed(2 + steps)
+    return [(long - short) / steps]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--channels", type=int, nargs="+", default=[32, 64, 320])
+    parser.add_argument("--size", type=int, default=256, help="training size in pixels (latents are size/8)")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--which", nargs="+", default=["ours", "bare", "comfy"])
+    parser.add_argument("--child", nargs=2, metavar=("WHICH", "CHANNELS"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print("RESULT " + json.dumps(child(args.child[0], int(args.child[1]), args.size, args.steps)), flush=True)
+        return 0
+
+    root = comfyui_home.find_comfyui_root()
+    has_comfy_trainer = (root / "comfy_extras" / "nodes_train.py").exists()
+    load = os.getloadavg()[0]
+    print(f"{comfyui_home.comfyui_version_label(root)}; CPU x{os.cpu_count()} (load {load:.1f}); fp32; "
+          f"{args.size}px; batch 1; LoRA rank {RANK}; {args.steps} steps, median after warm-up")
+    print(f"{'UNet':>14} {'which':>6} {'s/step':>8} {'peak RSS':>10} {'vs bare':>8}")
+    for channels in args.channels:
+        rows = {}
+        for which in args.which:
+            if which == "comfy" and not has_comfy_trainer:
+                continue
+            out = subprocess.run([sys.executable, __file__, "--child", which, str(channels), "--size",
+                                  str(args.size), "--steps", str(args.steps)], capture_output=True, text=True)
+            line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+            if line is None:
+                print(f"{channels:>14} {which:>6} failed: {out.stderr.strip().splitlines()[-1:]}")
+                continue
+            rows[which] = json.loads(line[len("RESULT "):])
+        for which, r in rows.items():
+            ratio = r["seconds_per_step"] / rows["bare"]["seconds_per_step"] if "bare" in rows else float("nan")
+            print(f"{r['params_m']:>11.0f} M {which:>6} {r['seconds_per_step']:>8.3f} "
+                  f"{r['peak_rss_mb']:>8.0f}MB {ratio:>7.2f}x", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
