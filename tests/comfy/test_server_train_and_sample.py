@@ -83,3 +83,40 @@ def test_bad_dataset_folder_is_reported_by_node_and_input(server):
     with pytest.raises(ComfyExecutionError) as error:
         server.run(train_and_sample_prompt("../../etc", "never"), timeout=120)
     assert "folder" in str(error.value) and "Fix" in str(error.value)
+
+
+def test_caption_a_folder_through_the_api_and_write_sidecars(server):
+    root = server.overlay / "input" / "caption_me"
+    if root.exists():
+        shutil.rmtree(root)
+    demo_data.write_demo_dataset(root, count=4, repeats=3, size=64)
+    captions = sorted(root.rglob("*.txt"))
+    kept = captions[0]
+    for missing in captions[1:]:
+        missing.unlink()
+    blip = server.overlay / "models" / "blip" / "tiny-test-blip"
+    if not blip.exists():
+        random_models.tiny_blip(blip)
+    prompt = {
+        "1": {"class_type": "LoraLabDatasetFromFolder", "inputs": {
+            "folder": "caption_me", "caption_extension": ".txt", "default_repeats": 1, "batch_size": 1,
+            "target_steps": 100}},
+        "2": {"class_type": "LoraLabBlipLoader", "inputs": {"model": "tiny-test-blip", "device": "auto",
+                                                            "precision": "auto"}},
+        "3": {"class_type": "LoraLabCaption", "inputs": {
+            "dataset": ["1", 0], "blip": ["2", 0], "mode": "fill-missing", "trigger_word": "sksdemo",
+            "prompt": "", "min_length": 2, "max_length": 8, "num_beams": 1, "batch_size": 2, "find": "",
+            "replace": "", "remove_tags": "", "write_sidecars": True}},
+    }
+    before = kept.read_text(encoding="utf-8")
+    history = server.run(prompt, timeout=300)
+    written = sorted(root.rglob("*.txt"))
+    assert len(written) == 4
+    assert kept.read_text(encoding="utf-8") == before, "fill-missing must never replace an existing caption"
+    for path in written:
+        if path != kept:
+            assert path.read_text(encoding="utf-8").startswith("sksdemo, ")
+    report = history["outputs"]["3"]["text"][0]
+    assert "3" in report
+    dataset_report = history["outputs"]["1"]["text"][0]
+    assert "4" in dataset_report and "3_demo" in dataset_report

@@ -278,3 +278,51 @@ def test_bad_output_names_are_refused_before_training(fresh_unet, sd15_clip, sma
     with pytest.raises(ValueError) as error:
         run_train(fresh_unet, sd15_clip, small_vae, make_dataset(1), bad_name, steps=1)
     assert "output_name" in str(error.value) and "Fix:" in str(error.value)
+
+
+def saved_tensors(loras_dir, name):
+    from lora_lab.trainer.lora_file import load_lora_file
+    return load_lora_file(loras_dir / name)[0]
+
+
+def test_same_seed_same_lora_and_checkpointing_changes_nothing(fresh_unet, sd15_clip, small_vae, make_dataset,
+                                                               loras_dir):
+    dataset = make_dataset(2)
+    fp32 = options(save_precision="fp32")
+    a = run_train(fresh_unet, sd15_clip, small_vae, dataset, "det_a", steps=3, options=fp32)["result"][2]
+    b = run_train(fresh_unet, sd15_clip, small_vae, dataset, "det_b", steps=3, options=fp32)["result"][2]
+    c = run_train(fresh_unet, sd15_clip, small_vae, dataset, "det_c", steps=3,
+                  options=options(save_precision="fp32", gradient_checkpointing=True))["result"][2]
+    ta, tb, tc = (saved_tensors(loras_dir, n) for n in (a, b, c))
+    assert ta.keys() == tb.keys() == tc.keys()
+    for key in ta:
+        assert torch.equal(ta[key], tb[key]), f"{key} differs between two runs with the same seed"
+        assert torch.allclose(ta[key], tc[key], atol=1e-5), f"{key} differs with gradient checkpointing"
+    assert any(ta[k].abs().sum() > 0 for k in ta if k.endswith("lora_up.weight")), "nothing was learned"
+
+
+def test_periodic_saves_and_schedules(fresh_unet, sd15_clip, small_vae, make_dataset, loras_dir):
+    result = run_train(fresh_unet, sd15_clip, small_vae, make_dataset(2), "periodic", steps=4,
+                       options=options(save_every_n_steps=2, lr_schedule="cosine", warmup_steps=1,
+                                       gradient_accumulation=2))
+    assert (loras_dir / "periodic_step2.safetensors").is_file()
+    assert (loras_dir / "periodic_step2.loralab-state.pt").is_file()
+    assert result["result"][2] == "periodic.safetensors"
+    with safe_open(str(loras_dir / "periodic_step2.safetensors"), "pt") as f:
+        assert f.metadata()["ss_steps"] == "2"
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs(fresh_unet, sd15_clip, small_vae, make_dataset, loras_dir, precision):
+    result = run_train(fresh_unet, sd15_clip, small_vae, make_dataset(2), f"mp_{precision}", steps=2,
+                       options=options(precision=precision))
+    assert all(math.isfinite(v) for v in result["ui"]["loss"])
+    with safe_open(str(loras_dir / result["result"][2]), "pt") as f:
+        assert f.metadata()["ss_mixed_precision"] == precision
+
+
+def test_epochs_use_the_kohya_arithmetic(fresh_unet, sd15_clip, small_vae, make_dataset):
+    # 3 pictures x 2 repeats = 6 per epoch; batch 2 -> 3 steps per epoch; 2 epochs -> 6 steps
+    result = run_train(fresh_unet, sd15_clip, small_vae, make_dataset(3, repeats=2), "epochs", steps=999, epochs=2)
+    assert len(result["ui"]["loss"]) == 6
+    assert "3 steps per epoch" in result["ui"]["text"][0] and "2 epochs = 6 steps" in result["ui"]["text"][0]
