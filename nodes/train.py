@@ -5,6 +5,7 @@ import logging
 import math
 import os
 import time
+import weakref
 
 import torch
 
@@ -25,9 +26,10 @@ log = logging.getLogger("LoRA Lab")
 NODE = "Train LoRA"
 PROGRESS_EVENT = "loralab.train.progress"
 
-# Latents survive across queue runs (keyed by VAE, picture content and bucket), so changing only the
-# learning rate and queueing again does not re-encode the dataset.
-_LATENT_CACHE: dict = {}
+# Latents survive across queue runs (per VAE object, keyed by picture content and bucket), so changing
+# only the learning rate and queueing again does not re-encode the dataset. Weak keys: a VAE that is
+# unloaded takes its latents with it, and a new VAE can never be served another one's latents.
+_LATENTS_BY_VAE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _LATENT_CACHE_LIMIT = 4096
 
 
@@ -83,10 +85,11 @@ class LoraLabTrainLora:
         run = TrainingRun(output_name, unique_id, options.save_dtype)
 
         with torch.inference_mode(False):
+            latent_cache = _LATENTS_BY_VAE.setdefault(vae, {})
             data = encode_dataset(dataset, resolution, comfy_bridge.pixel_encoder(vae, model),
-                                  comfy_bridge.caption_encoder(clip), latent_cache=_LATENT_CACHE,
-                                  cache_key=f"{id(vae)}:{resolution}")
-            _trim_latent_cache()
+                                  comfy_bridge.caption_encoder(clip), latent_cache=latent_cache,
+                                  cache_key=str(resolution))
+            _trim(latent_cache)
             per_epoch = data.steps_per_epoch(batch_size)
             total_steps = epochs * per_epoch if epochs > 0 else steps
             settings = TrainSettings(
@@ -153,9 +156,9 @@ def check_inputs(dataset, output_name, rank, alpha):
         log.warning("[LoRA Lab] alpha %.3g is more than 4x rank %d: the LoRA will be very strong", alpha, rank)
 
 
-def _trim_latent_cache():
-    while len(_LATENT_CACHE) > _LATENT_CACHE_LIMIT:
-        _LATENT_CACHE.pop(next(iter(_LATENT_CACHE)))
+def _trim(cache: dict):
+    while len(cache) > _LATENT_CACHE_LIMIT:
+        cache.pop(next(iter(cache)))
 
 
 class TrainingRun:

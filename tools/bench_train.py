@@ -42,13 +42,14 @@ def child(which: str, channels: int, size: int, steps: int) -> dict:
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(4, 4, size // 8, size // 8, generator=g)
     cond = torch.randn(1, 77, 768, generator=g)
+    params_m = sum(p.numel() for p in patcher.model.diffusion_model.parameters()) / 1e6
     runner = {"ours": run_ours, "bare": run_bare, "comfy": run_comfy}[which]
     with torch.inference_mode():   # as ComfyUI executes nodes
         times = runner(patcher, latents, cond, steps)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"which": which, "channels": channels, "size": size, "steps": steps,
             "seconds_per_step": statistics.median(times[1:] or times), "peak_rss_mb": peak_mb,
-            "params_m": sum(p.numel() for p in patcher.model.diffusion_model.parameters()) / 1e6}
+            "params_m": params_m}
 
 
 def run_ours(patcher, latents, cond, steps):

@@ -326,3 +326,19 @@ def test_epochs_use_the_kohya_arithmetic(fresh_unet, sd15_clip, small_vae, make_
     result = run_train(fresh_unet, sd15_clip, small_vae, make_dataset(3, repeats=2), "epochs", steps=999, epochs=2)
     assert len(result["ui"]["loss"]) == 6
     assert "3 steps per epoch" in result["ui"]["text"][0] and "2 epochs = 6 steps" in result["ui"]["text"][0]
+
+
+def test_requeue_with_another_learning_rate_reuses_the_latents(fresh_unet, sd15_clip, make_dataset):
+    vae = random_models.small_vae(seed=9)
+    real_encode, calls = vae.encode, []
+
+    def counting_encode(pixels):
+        calls.append(pixels.shape)
+        return real_encode(pixels)
+
+    vae.encode = counting_encode   # a spy on this one VAE object; the real encoder still runs
+    dataset = make_dataset(3)
+    run_train(fresh_unet, sd15_clip, vae, dataset, "cache_a", steps=1)
+    assert len(calls) == 3
+    run_train(fresh_unet, sd15_clip, vae, dataset, "cache_b", steps=1, learning_rate=5e-4)
+    assert len(calls) == 3, "the second run encoded the pictures again"
