@@ -80,7 +80,7 @@ class LoraLabTrainingOptions:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, resume_from="", **_):
+    def VALIDATE_INPUTS(cls, resume_from=""):
         if resume_from and resume_from.strip():
             if folder_paths.get_full_path("loras", resume_from.strip()) is None:
                 return validation_message(NODE, "resume_from", f"'{resume_from}' is not in any loras folder.",

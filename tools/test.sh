@@ -8,10 +8,15 @@ bash "$REPO/tools/setup_env.sh" || exit 1
 mkdir -p "$REPO/test-artifacts"
 cd "$REPO"
 start=$(date +%s)
+# pytest's rootdir is tests/ (see tests/pytest.ini); without a path of the caller's, name the suite
+# explicitly, or pytest would collect the repository root — a package whose __init__ imports ComfyUI.
+paths=()
+for arg in "$@"; do [ -e "${arg%%::*}" ] && paths+=("$arg"); done
+[ ${#paths[@]} -eq 0 ] && set -- "$@" tests
 "$VENV/bin/python" -m pytest -c tests/pytest.ini "$@" --junitxml=test-artifacts/junit.xml 2>&1 | tee test-artifacts/pytest.log
 rc=${PIPESTATUS[0]}
 elapsed=$(( $(date +%s) - start ))
-summary="$(grep -E '^=+ .*(passed|failed|error|no tests ran).* =+$' test-artifacts/pytest.log | tail -1 | tr -d '=')"
+summary="$(grep -E '(passed|failed|error|no tests ran).* in [0-9.]+s' test-artifacts/pytest.log | tail -1 | tr -d '=')"
 if [ "$rc" -eq 5 ]; then
   echo "LoRA Lab tests: NO TESTS RAN (pytest exit 5) — treated as a failure"; exit 1
 fi

@@ -1,0 +1,60 @@
+"""Learning-rate schedules as plain multipliers of the base rate (torch LambdaLR), kohya's names.
+
+A drop-in replacement for ``schedules.py``: the same ``lr_multiplier`` / ``make_scheduler`` signatures
+(plus ``cycles``), the same values for the three schedules that file had, and two more.
+
+Semantics follow Hugging Face's ``get_scheduler`` (which kohya calls), with one deliberate difference:
+warm-up rises as ``(step + 1) / (warmup + 1)`` instead of ``step / warmup``, so the very first step
+already learns a little instead of being a no-op at learning rate 0 (this is what ``schedules.py``
+always did, and resume tests depend on it). ``constant`` ignores warm-up, as in HF and kohya.
+
+After warm-up, ``progress`` runs from 0 at step ``warmup`` to 1 at step ``total``:
+  linear                1 - progress
+  cosine                half a cosine wave, 1 -> 0
+  cosine_with_restarts  ``cycles`` half-cosines, each a hard restart at 1 (HF
+                        ``get_cosine_with_hard_restarts_schedule_with_warmup``, kohya ``lr_scheduler_num_cycles``)
+Every multiplier is in [0, 1]; steps at or past ``total`` give 0 for the decaying schedules.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts")
+
+
+def lr_multiplier(schedule: str, step: int, total_steps: int, warmup_steps: int = 0, cycles: int = 1) -> float:
+    """The factor applied to the base learning rate before optimizer step ``step`` (0-based)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown lr schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if int(cycles) != cycles or cycles < 1:
+        raise ValueError(f"lr schedule cycles must be a whole number >= 1, got {cycles!r}")
+    if schedule == "constant":
+        return 1.0
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if schedule == "constant_with_warmup":
+        return 1.0
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, max(0.0, (step - warmup_steps) / span))
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    # cosine_with_restarts
+    if progress >= 1.0:
+        return 0.0
+    return 0.5 * (1.0 + math.cos(math.pi * ((int(cycles) * progress) % 1.0)))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int,
+                   warmup_steps: int = 0, cycles: int = 1) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR scaling every param group's own base rate by the same multiplier.
+
+    The multiplier is a plain closure on purpose: LambdaLR saves callable *objects* into its
+    state_dict and would restore an old schedule over a new one on resume; closures are not saved.
+    """
+    lr_multiplier(schedule, 0, total_steps, warmup_steps, cycles)  # validates the arguments up front
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(schedule, step, total_steps, warmup_steps, cycles))
