@@ -2,12 +2,12 @@
 // DOM widgets only (canvas-drawn widgets break in ComfyUI's newer renderer).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-import { chartScale, eventIsForNode, smooth, statusLine } from "./loss_chart.js";
+import { appendPoint, chartScale, resolveNode, smooth, statusLine } from "./loss_chart.js";
 
 const REPORT_NODES = new Set(["LoraLabDatasetFromFolder", "LoraLabCaption", "LoraLabTrainLora"]);
 const TRAIN_NODE = "LoraLabTrainLora";
 const PROGRESS_EVENT = "loralab.train.progress";
-const KEEP_POINTS = 2000;
+const STOPPED_EVENT = "loralab.train.stopped";
 
 function reportWidget(node) {
   // A read-only text box at the end of the widgets, so saved widget values keep their positions.
@@ -93,7 +93,7 @@ app.registerExtension({
       const text = message?.text;
       if (text?.length) reportWidget(this).value = Array.isArray(text) ? text.join("\n") : String(text);
       if (nodeData.name === TRAIN_NODE && Array.isArray(message?.loss) && message.loss.length) {
-        if (!this.properties.loralab_loss?.length) this.properties.loralab_loss = message.loss;
+        this.properties.loralab_loss = message.loss;   // the finished run's whole curve is authoritative
         lossChartWidget(this).draw_chart();
       }
       this.setDirtyCanvas?.(true, true);
@@ -102,15 +102,19 @@ app.registerExtension({
   },
   async setup() {
     api.addEventListener(PROGRESS_EVENT, ({ detail }) => {
-      for (const node of app.graph?._nodes ?? []) {
-        if (node.comfyClass !== TRAIN_NODE || !eventIsForNode(detail.node, node)) continue;
-        node.properties = node.properties || {};
-        if (detail.step === 1 || !Array.isArray(node.properties.loralab_loss)) node.properties.loralab_loss = [];
-        node.properties.loralab_loss.push(detail.loss);
-        if (node.properties.loralab_loss.length > KEEP_POINTS) node.properties.loralab_loss.shift();
-        node.loralab_last = detail;
-        lossChartWidget(node).draw_chart();
-      }
+      const node = resolveNode(app.graph, detail.node);
+      if (!node || node.comfyClass !== TRAIN_NODE) return;
+      node.properties = node.properties || {};
+      node.loralab_curve = appendPoint(node.loralab_curve ?? [], detail);
+      node.properties.loralab_loss = Array.from(node.loralab_curve);
+      node.loralab_last = detail;
+      lossChartWidget(node).draw_chart();
+    });
+    api.addEventListener(STOPPED_EVENT, ({ detail }) => {
+      const node = resolveNode(app.graph, detail.node);
+      if (!node || node.comfyClass !== TRAIN_NODE) return;
+      reportWidget(node).value = `Training ${detail.reason} at step ${detail.step}.\nSaved: ${detail.saved}`;
+      node.setDirtyCanvas?.(true, true);
     });
   },
 });

@@ -32,11 +32,29 @@ export function formatSeconds(seconds) {
   return h ? `${h}h${String(m).padStart(2, "0")}m` : m ? `${m}m${String(r).padStart(2, "0")}s` : `${r}s`;
 }
 
-export function eventIsForNode(eventNodeId, node) {
-  // Nodes inside subgraphs are addressed as "outer:inner"; match the full id or its last part.
-  if (eventNodeId == null) return false;
-  const id = String(eventNodeId);
-  return id === String(node.id) || id.split(":").pop() === String(node.id);
+export function resolveNode(rootGraph, executionId) {
+  // Execution ids of nodes inside subgraphs are paths "outer:inner:…": walk them graph by graph,
+  // so a Train node inside a subgraph is found and a root node with the same last id is not.
+  if (executionId == null || !rootGraph) return null;
+  const path = String(executionId).split(":");
+  let graph = rootGraph;
+  for (let i = 0; i < path.length; i++) {
+    // LiteGraph ids are numbers; newer graphs may key them as strings.
+    const node = graph?.getNodeById?.(+path[i]) ?? graph?.getNodeById?.(path[i]);
+    if (!node) return null;
+    if (i === path.length - 1) return node;
+    graph = node.subgraph;
+  }
+  return null;
+}
+
+export function appendPoint(curve, point, keep = 2000) {
+  // A new run (or a resumed one) starts at a step not after the last one seen: start a new curve.
+  const fresh = !curve.length || point.step <= (curve.lastStep ?? 0);
+  const next = fresh ? [] : curve.slice(curve.length >= keep ? 1 : 0);
+  next.push(point.loss);
+  next.lastStep = point.step;
+  return next;
 }
 
 export function statusLine(point) {

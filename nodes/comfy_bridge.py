@@ -37,12 +37,32 @@ def default_resolution(patcher) -> int:
     return 1024 if model_family(patcher).startswith("sdxl") else 512
 
 
+SUPPORTED_FAMILIES = ("sd_v1", "sd_v2")
+
+
+def unsupported_family(patcher) -> str | None:
+    """The model type's name when this trainer cannot train it yet (checked before any work is done)."""
+    family = model_family(patcher)
+    return None if family in SUPPORTED_FAMILIES else type(getattr(patcher.model, "model_config", None)).__name__
+
+
+def prediction_type(sampling) -> str:
+    """eps / v / flow / other, from ComfyUI's model_sampling class (subclasses are tested first)."""
+    import comfy.model_sampling as kinds
+    for name, label in (("EDM", "edm"), ("X0", "x0"), ("V_PREDICTION", "v"), ("EPS", "eps"), ("CONST", "flow")):
+        kind = getattr(kinds, name, None)
+        if kind is not None and isinstance(sampling, kind):
+            return label
+    return type(sampling).__name__.lower()
+
+
 class ComfyDenoiser:
     """trainer.loop.Denoiser over a ComfyUI BaseModel: ComfyUI's own model_sampling does the math."""
 
     def __init__(self, patcher):
         self.base_model = patcher.model
         self.sampling = model_sampling(patcher)
+        self.prediction_type = prediction_type(self.sampling)
         sigmas = getattr(self.sampling, "sigmas", None)
         # Discrete models (eps, v) train on their 1000 timesteps; a plain copy escapes inference mode.
         self.sigmas = sigmas.detach().clone().float() if sigmas is not None else None
@@ -105,12 +125,26 @@ def unet_lora_targets(patcher) -> dict[str, str]:
 
 
 # --- getting a shared model ready to train, and handing it back unchanged --------------------------
+class PartiallyLoaded(RuntimeError):
+    """ComfyUI kept part of the model off the GPU (lowvram); adapters cannot train across devices."""
+
+
 def load_fully(patcher) -> None:
-    """Put the model (with any upstream LoRA patches applied) wholly on its device."""
+    """Put the model (with any upstream LoRA patches applied) wholly on its device.
+
+    Everything else ComfyUI holds on the device (VAE, text encoder, other models) is unloaded first:
+    their work is done once the dataset is encoded, and training needs the room.
+    """
+    comfy.model_management.unload_all_models()
     kwargs = {}
     if "force_full_load" in inspect.signature(comfy.model_management.load_models_gpu).parameters:
         kwargs["force_full_load"] = True
     comfy.model_management.load_models_gpu([patcher], **kwargs)
+    device = torch.device(patcher.load_device)
+    stray = [name for name, p in patcher.model.diffusion_model.named_parameters() if p.device.type != device.type]
+    if stray:
+        raise PartiallyLoaded(f"{len(stray)} of the model's weights stayed off {device} "
+                              f"(e.g. {stray[0]}) because ComfyUI could not fit the whole model on {device}")
 
 
 def detach_from_inference_mode(module: torch.nn.Module) -> int:
@@ -144,18 +178,39 @@ def trainable_unet(patcher, checkpointing: bool):
     detach_from_inference_mode(network)
     transformer_blocks = [m for m in network.modules() if type(m).__name__ == "BasicTransformerBlock"]
     norms = [m for block in transformer_blocks for m in block.modules() if isinstance(m, torch.nn.LayerNorm)]
-    checkpointed = [m for m in network.modules() if type(m).__name__ == "TimestepEmbedSequential"]
+    # Modules the UNet calls through __call__ (TimestepEmbedSequential is bypassed by
+    # forward_timestep_embed, so wrapping it would do nothing): transformer blocks and res blocks.
+    checkpointed = transformer_blocks + [m for m in network.modules() if type(m).__name__ == "ResBlock"]
     with clone_inputs_of(norms), gradient_checkpointing(checkpointed, enabled=checkpointing):
         yield network
 
 
 # --- encoders ----------------------------------------------------------------------------------------
 def pixel_encoder(vae, patcher):
-    """(1,H,W,3) pixels -> model-space latents (VAE.encode is unscaled; process_latent_in scales)."""
+    """(1,H,W,3) pixels -> model-space latents (VAE.encode is unscaled; process_latent_in scales).
+
+    ComfyUI 2024-03 samples the VAE posterior with the global RNG; a fixed seed per picture makes a
+    picture's latent the same whatever order or run it is encoded in.
+    """
     def encode(pixels: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
+        cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(0)
             return patcher.model.process_latent_in(vae.encode(pixels[..., :3]))
     return encode
+
+
+def vae_fingerprint(vae, patcher, resolution: int) -> str:
+    """Identifies the latents a VAE makes: its encoder weights, the latent format and the size."""
+    from ..trainer.latent_disk_cache import vae_fingerprint as fingerprint
+    state = vae.first_stage_model.state_dict()
+    encoder = {k: v for k, v in state.items() if k.startswith(("encoder.", "quant_conv."))} or state
+    return fingerprint(encoder, extra=f"{latent_space_name(patcher)}:{resolution}")
+
+
+def latent_space_name(patcher) -> str:
+    """Latents are stored after process_latent_in, so they are only valid for one latent format."""
+    return type(getattr(patcher.model, "latent_format", None)).__name__
 
 
 def caption_encoder(clip):

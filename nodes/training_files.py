@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,11 +16,22 @@ from ..trainer.loop import LoopState, TrainSettings
 from .messages import user_error
 
 STATE_SUFFIX = ".loralab-state.pt"
+log = logging.getLogger("LoRA Lab")
 
 
 def loras_root() -> str:
     """The first loras folder: every LoRA loader lists it on both ComfyUI versions (output/ is not)."""
     return folder_paths.get_folder_paths("loras")[0]
+
+
+def user_folder(*parts: str) -> Path:
+    """A folder under ComfyUI's user directory: private to this ComfyUI, outside models/ and output/."""
+    user = getattr(folder_paths, "get_user_directory", None)   # 2024-03 has only the attribute
+    return Path(user() if user else folder_paths.user_directory, "loralab", *parts)
+
+
+def latent_cache_folder() -> str:
+    return str(user_folder("latent-cache"))
 
 
 def check_output_name(name: str, node: str) -> None:
@@ -28,6 +40,26 @@ def check_output_name(name: str, node: str) -> None:
     except ValueError as bad:
         raise user_error(node, "output_name", str(bad),
                          "use a plain name such as 'my_lora' or 'mychar/v2' (no '..', no absolute path).") from None
+
+
+def free_base_name(output_name: str, overwrite: bool) -> str:
+    """The name this run saves under, settled before training starts.
+
+    Unless overwriting, the first of name, name_2, name_3... with neither a final file nor any
+    ``_step<N>`` save of an earlier run, so a run's periodic saves never replace another run's.
+    """
+    relative = lora_relative_path(output_name.strip())          # validates, adds .safetensors
+    base = str(relative)[: -len(".safetensors")]
+    if overwrite:
+        return base
+    root = Path(loras_root())
+    for number in range(1, 10_000):
+        candidate = base if number == 1 else f"{base}_{number}"
+        taken = (root / f"{candidate}.safetensors").exists() or any(
+            (root / candidate).parent.glob(f"{Path(candidate).name}_step*.safetensors"))
+        if not taken:
+            return candidate
+    raise RuntimeError(f"no free name left for {base!r}")
 
 
 def shared_first_tag(dataset) -> str:
@@ -90,14 +122,38 @@ class ResumePoint:
     step: int
     tensors: dict
     loop_state: LoopState
+    optimizer_name: str | None = None
+
+    def for_optimizer(self, name: str) -> "ResumePoint":
+        """Optimizer state only carries over to the same optimizer; otherwise it starts fresh."""
+        if self.optimizer_name not in (None, name) and self.loop_state.optimizer is not None:
+            log.warning("[LoRA Lab] the save at step %d was trained with %s, this run uses %s: "
+                        "its optimizer starts fresh",
+                        self.step, self.optimizer_name, name)
+            self.loop_state.optimizer = None
+        return self
 
 
-def save_resume_state(lora_path: Path, lora, loop_state: LoopState | None, step: int) -> Path:
+def resume_state_path(lora_path) -> Path:
+    """user/loralab/train-state/<name>.loralab-state.pt — not beside the LoRA, where every loader
+    (which lists .pt files too) would offer it as a LoRA."""
+    folder = user_folder("train-state")
+    lora_path = Path(lora_path)
+    try:
+        relative = lora_path.resolve().relative_to(Path(loras_root()).resolve())
+    except ValueError:
+        relative = Path(lora_path.name)
+    return folder / (str(relative)[: -len(".safetensors")] + STATE_SUFFIX)
+
+
+def save_resume_state(lora_path: Path, lora, loop_state: LoopState | None, step: int, optimizer_name: str) -> Path:
     """Beside each save: full-precision adapters + optimizer/scheduler state, for an exact resume."""
-    state = {"step": step, "adapters": lora.kohya_state_dict(dtype=torch.float32)}
+    state = {"step": step, "adapters": lora.kohya_state_dict(dtype=torch.float32), "optimizer_name": optimizer_name}
     if loop_state is not None:
-        state.update(optimizer=loop_state.optimizer, scheduler=loop_state.scheduler)
-    path = Path(str(lora_path)[: -len(".safetensors")] + STATE_SUFFIX)
+        state.update(optimizer=loop_state.optimizer, scheduler=loop_state.scheduler, scaler=loop_state.scaler,
+                     rng=loop_state.rng)
+    path = resume_state_path(lora_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + f".tmp-{os.getpid()}")
     torch.save(state, partial)
     os.replace(partial, path)
@@ -109,7 +165,7 @@ def load_resume(name: str, node: str) -> ResumePoint:
     if lora_path is None:
         raise user_error(node, "resume_from", f"'{name}' is not in any loras folder.",
                          "pick a file the LoRA loaders list.")
-    state_path = Path(lora_path[: -len(".safetensors")] + STATE_SUFFIX)
+    state_path = resume_state_path(lora_path)
     tensors, metadata = load_lora_file(lora_path)
     if not state_path.exists():
         # A LoRA from elsewhere still resumes its weights; the optimizer starts fresh.
@@ -117,5 +173,7 @@ def load_resume(name: str, node: str) -> ResumePoint:
         return ResumePoint(step, tensors, LoopState(step))
     state = torch.load(state_path, map_location="cpu", weights_only=True)
     step = int(state["step"])
-    return ResumePoint(step, state["adapters"], LoopState(step, state.get("optimizer"), state.get("scheduler")))
+    return ResumePoint(step, state["adapters"], LoopState(step, state.get("optimizer"), state.get("scheduler"),
+                                                          state.get("scaler"), state.get("rng")),
+                       state.get("optimizer_name"))
 

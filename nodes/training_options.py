@@ -7,8 +7,11 @@ import torch
 
 import folder_paths
 
-from ..trainer.schedules import SCHEDULES
-from .messages import validation_message
+from ..trainer.caption_augment import CaptionAugment
+from ..trainer.lr_schedules import SCHEDULES
+from ..trainer.noise import NoiseSettings
+from ..trainer.optimizers import OPTIMIZERS, parse_optimizer_args, unavailable_reason
+from .messages import user_error, validation_message
 
 OPTIONS_TYPE = "LORALAB_TRAINING_OPTIONS"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -30,6 +33,32 @@ class TrainingOptions:
     save_precision: str = "fp16"
     overwrite_existing: bool = False
     resume_from: str = ""
+    # kohya-style extras (all optional inputs, so older prompts still validate)
+    optimizer: str = "AdamW"
+    optimizer_args: str = ""
+    weight_decay: float = 0.01
+    lr_cycles: int = 1
+    noise_offset: float = 0.0
+    min_timestep: int = 0
+    max_timestep: int = 1000
+    min_snr_gamma: float = 0.0
+    scale_v_pred_loss: bool = False
+    caption_dropout: float = 0.0
+    shuffle_tags: bool = False
+    keep_tokens: int = 1
+    tag_dropout: float = 0.0
+    latent_disk_cache: bool = True
+
+    @property
+    def noise(self) -> NoiseSettings:
+        return NoiseSettings.from_kohya_timesteps(
+            self.min_timestep, self.max_timestep, noise_offset=self.noise_offset,
+            min_snr_gamma=self.min_snr_gamma, scale_v_pred_loss=self.scale_v_pred_loss)
+
+    @property
+    def captions(self) -> CaptionAugment:
+        return CaptionAugment(caption_dropout=self.caption_dropout, shuffle_tags=self.shuffle_tags,
+                              keep_tokens=self.keep_tokens, tag_dropout=self.tag_dropout)
 
     @property
     def save_dtype(self) -> torch.dtype:
@@ -40,7 +69,8 @@ class TrainingOptions:
         if self.precision != "auto":
             return self.precision
         if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            # Native bf16 needs Ampere or newer; older cards only emulate it (slowly).
+            return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
         return "fp32"
 
 
@@ -76,11 +106,46 @@ class LoraLabTrainingOptions:
                 "resume_from": ("STRING", {"default": d.resume_from, "tooltip":
                                 "A LoRA Lab save in models/loras (e.g. 'my_lora_step500.safetensors') to continue; "
                                 "steps on Train LoRA is then the new total."}),
-            }
+            },
+            "optional": {
+                "optimizer": (list(OPTIMIZERS), {"default": d.optimizer, "tooltip":
+                              "AdamW8bit needs bitsandbytes, Prodigy needs prodigyopt (use lr 1.0 with Prodigy)."}),
+                "optimizer_args": ("STRING", {"default": d.optimizer_args, "tooltip":
+                                   "kohya-style extra arguments, e.g. 'd_coef=2 decouple=True'."}),
+                "weight_decay": ("FLOAT", {"default": d.weight_decay, "min": 0.0, "max": 1.0, "step": 0.001}),
+                "lr_cycles": ("INT", {"default": d.lr_cycles, "min": 1, "max": 100,
+                                      "tooltip": "Restarts for cosine_with_restarts."}),
+                "noise_offset": ("FLOAT", {"default": d.noise_offset, "min": 0.0, "max": 1.0, "step": 0.01,
+                                           "tooltip": "0.05-0.1 helps very dark and very bright pictures; 0 = off."}),
+                "min_timestep": ("INT", {"default": d.min_timestep, "min": 0, "max": 999}),
+                "max_timestep": ("INT", {"default": d.max_timestep, "min": 1, "max": 1000}),
+                "min_snr_gamma": ("FLOAT", {"default": d.min_snr_gamma, "min": 0.0, "max": 20.0, "step": 0.5,
+                                            "tooltip": "5 is typical; 0 = off."}),
+                "scale_v_pred_loss": ("BOOLEAN", {"default": d.scale_v_pred_loss}),
+                "caption_dropout": ("FLOAT", {"default": d.caption_dropout, "min": 0.0, "max": 1.0, "step": 0.05}),
+                "shuffle_tags": ("BOOLEAN", {"default": d.shuffle_tags}),
+                "keep_tokens": ("INT", {"default": d.keep_tokens, "min": 0, "max": 32, "tooltip":
+                                "Tags kept in place when shuffling (1 keeps the trigger word first)."}),
+                "tag_dropout": ("FLOAT", {"default": d.tag_dropout, "min": 0.0, "max": 1.0, "step": 0.05}),
+                "latent_disk_cache": ("BOOLEAN", {"default": d.latent_disk_cache, "tooltip":
+                                      "Keep VAE latents on disk (user/loralab/latent-cache), so a second run "
+                                      "on the same pictures skips encoding."}),
+            },
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, resume_from=""):
+    def VALIDATE_INPUTS(cls, resume_from="", optimizer="AdamW", optimizer_args=""):
+        # Naming an input here makes ComfyUI skip its own check of that input: check the combo too.
+        if optimizer not in OPTIMIZERS:
+            return validation_message(NODE, "optimizer", f"'{optimizer}' is not an optimizer LoRA Lab knows.",
+                                      f"choose one of {', '.join(OPTIMIZERS)}.")
+        reason = unavailable_reason(optimizer)
+        if reason:
+            return validation_message(NODE, "optimizer", reason, "install it, or choose AdamW.")
+        try:
+            parse_optimizer_args(optimizer_args or "")
+        except ValueError as bad:
+            return validation_message(NODE, "optimizer_args", str(bad), "write pairs like 'd_coef=2 decouple=True'.")
         if resume_from and resume_from.strip():
             if folder_paths.get_full_path("loras", resume_from.strip()) is None:
                 return validation_message(NODE, "resume_from", f"'{resume_from}' is not in any loras folder.",
@@ -89,7 +154,13 @@ class LoraLabTrainingOptions:
 
     def build(self, **values):
         values["resume_from"] = values.get("resume_from", "").strip()
-        return (TrainingOptions(**values),)
+        options = TrainingOptions(**values)
+        try:
+            options.noise            # validates the timestep range and the other noise settings
+            parse_optimizer_args(options.optimizer_args)
+        except ValueError as bad:
+            raise user_error(NODE, None, str(bad), "check min_timestep < max_timestep and the optimizer_args.")
+        return (options,)
 
 
 NODE_CLASS_MAPPINGS = {"LoraLabTrainingOptions": LoraLabTrainingOptions}

@@ -71,6 +71,12 @@ def build_overlay(dest: Path, root: Path | None = None, link_pack: bool = True) 
     """Create (or refresh) a private ComfyUI root at ``dest`` that runs the code of ``root``."""
     root = root or find_comfyui_root()
     dest.mkdir(parents=True, exist_ok=True)
+    source_file = dest / ".source"
+    if source_file.exists() and source_file.read_text() != str(root):
+        # Switching ComfyUI versions: drop the old version's code, keep our private folders.
+        for entry in dest.iterdir():
+            if entry.name not in PRIVATE_ENTRIES and entry.name != ".source" and (entry.is_symlink() or entry.is_file()):
+                entry.unlink()
     for entry in root.iterdir():
         if entry.name in PRIVATE_ENTRIES:
             continue
@@ -87,9 +93,11 @@ def build_overlay(dest: Path, root: Path | None = None, link_pack: bool = True) 
         (dest / "models" / name).mkdir(parents=True, exist_ok=True)
     if link_pack:
         link = dest / "custom_nodes" / PACK_LINK_NAME
+        if link.is_symlink() and not link.exists():   # broken: the repository moved
+            link.unlink()
         if not link.exists():
             link.symlink_to(REPO, target_is_directory=True)
-    (dest / ".source").write_text(str(root))
+    source_file.write_text(str(root))
     return dest
 
 

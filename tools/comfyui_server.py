@@ -77,7 +77,8 @@ class ComfyServer:
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 try:
                     os.killpg(self.process.pid, signal.SIGKILL)
-                except ProcessLookupError:
+                    self.process.wait(timeout=20)
+                except (ProcessLookupError, subprocess.TimeoutExpired):
                     pass
         if getattr(self, "_log", None):
             self._log.close()

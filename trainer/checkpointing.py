@@ -26,7 +26,10 @@ def gradient_checkpointing(modules: Iterable[torch.nn.Module], enabled: bool = T
                 def run(*args, _forward=original, **kwargs):
                     if not torch.is_grad_enabled():
                         return _forward(*args, **kwargs)
-                    return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+                    # checkpoint keeps the input to recompute from in backward, but some blocks add into
+                    # their input in place (ComfyUI 2024-03's ``x += n``): they get a copy, and the kept
+                    # input stays as it was.
+                    return checkpoint(_on_a_copy, _forward, *args, use_reentrant=False, **kwargs)
 
                 module.forward = run
                 wrapped.append(module)
@@ -34,6 +37,10 @@ def gradient_checkpointing(modules: Iterable[torch.nn.Module], enabled: bool = T
     finally:
         for module in wrapped:
             del module.forward
+
+
+def _on_a_copy(forward, first, *args, **kwargs):
+    return forward(first.clone() if torch.is_tensor(first) else first, *args, **kwargs)
 
 
 @contextlib.contextmanager

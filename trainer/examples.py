@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -40,14 +41,23 @@ class EncodedDataset:
             for batch in group_into_batches(buckets_of, batch_size, seed + epoch):
                 yield [expanded[j] for j in batch]
 
-    def steps_per_epoch(self, batch_size: int) -> int:
-        return len(list(group_into_batches([ex.bucket for ex in self.examples for _ in range(ex.repeats)],
-                                           batch_size, 0)))
+    def steps_per_epoch(self, batch_size: int, gradient_accumulation: int = 1) -> int:
+        """Optimizer steps per epoch: batches (per bucket, rounded up) / accumulation, rounded up."""
+        batches = len(group_into_batches([ex.bucket for ex in self.examples for _ in range(ex.repeats)],
+                                         batch_size, 0))
+        return -(-batches // gradient_accumulation)
 
     def collate(self, indices: Sequence[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         latents = torch.stack([self.examples[i].latent for i in indices]).to(device)
-        conds = torch.cat([self.conds[self.examples[i].caption] for i in indices]).to(device)
-        return latents, conds
+        return latents, concat_conds([self.conds[self.examples[i].caption] for i in indices]).to(device)
+
+
+def concat_conds(conds: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(1,T_i,D) conds -> (B,T,D). Captions over 75 tokens encode to 154, 231... tokens. Repeat each up
+    to a common length, as ComfyUI does when it batches conds (CONDCrossAttn.concat): attention is
+    unchanged by it."""
+    length = math.lcm(*(c.shape[1] for c in conds))
+    return torch.cat([c.repeat(1, length // c.shape[1], 1) for c in conds])
 
 
 def pil_to_pixels(image) -> torch.Tensor:

@@ -10,17 +10,22 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol
 
 import torch
 
-from .examples import EncodedDataset
-from .schedules import make_scheduler
+from .caption_augment import CaptionAugment, TextEncodingMemo, augment_batch, varies
+from .examples import EncodedDataset, concat_conds
+from .lr_schedules import make_scheduler
+from .noise import NoiseSettings, draw, loss_weights, weighted_mean
+from .optimizers import make_optimizer, trainable_parameters
 
 
 class Denoiser(Protocol):
     """What the loop needs from a diffusion model."""
+
+    prediction_type: str   # "eps" | "v" | "flow" | ...: which loss weights apply (noise.py); "eps" if absent
 
     def training_sigmas(self, u: torch.Tensor) -> torch.Tensor:
         """Uniform u in [0, 1) -> the noise level of a uniformly drawn training timestep."""
@@ -49,8 +54,14 @@ class TrainSettings:
     gradient_accumulation: int = 1
     max_grad_norm: float = 1.0
     mixed_precision: str = "fp32"      # fp32 | bf16 | fp16 (fp16 uses loss scaling)
+    loss_scaling: bool = False         # also scale when the model itself computes in fp16
     seed: int = 0
     weight_decay: float = 1e-2
+    optimizer: str = "AdamW"
+    optimizer_args: dict = field(default_factory=dict)
+    lr_cycles: int = 1
+    noise: NoiseSettings = field(default_factory=NoiseSettings)
+    captions: CaptionAugment = field(default_factory=CaptionAugment)
 
 
 @dataclass
@@ -64,8 +75,8 @@ class StepReport:
 
 
 class NonFiniteLoss(RuntimeError):
-    def __init__(self, step: int, value: float):
-        super().__init__(f"the loss became {value} at step {step}")
+    def __init__(self, step: int, value: float, what: str = "loss"):
+        super().__init__(f"the {what} became {value} at step {step}")
         self.step = step
 
 
@@ -75,6 +86,8 @@ class LoopState:
     step: int
     optimizer: dict | None = None     # None: weights resumed from a plain LoRA file, optimizer starts fresh
     scheduler: dict | None = None
+    scaler: dict | None = None        # fp16 loss scaling
+    rng: dict | None = None           # global torch RNG (adapter dropout)
 
 
 def autocast_for(device: torch.device, mixed_precision: str):
@@ -85,56 +98,66 @@ def autocast_for(device: torch.device, mixed_precision: str):
 
 
 def denoising_loss(denoiser: Denoiser, latents: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor,
-                   u: torch.Tensor) -> torch.Tensor:
+                   u: torch.Tensor, noise_settings: NoiseSettings | None = None) -> torch.Tensor:
     """Mean squared error of the model's output at the timesteps ``u`` (also used to measure learning)."""
     sigma = denoiser.training_sigmas(u)
     noisy = denoiser.noisy_latents(latents, noise, sigma)
     denoised = denoiser.denoise(noisy, sigma, cond)
     scale = denoiser.output_error_scale(sigma).view(-1, *([1] * (latents.ndim - 1)))
-    return ((denoised.float() - latents.float()) / scale.float()).pow(2).mean()
+    squared_error = ((denoised.float() - latents.float()) / scale.float()).pow(2)
+    weights = None
+    if noise_settings is not None and noise_settings.weights_loss:
+        weights = loss_weights(sigma, getattr(denoiser, "prediction_type", "eps"), noise_settings)
+    return weighted_mean(squared_error, weights)
 
 
 def train(denoiser: Denoiser, data: EncodedDataset, parameters: Iterable[torch.nn.Parameter],
           settings: TrainSettings, device: torch.device,
           on_step: Callable[[StepReport], None] | None = None,
-          resume: LoopState | None = None) -> LoopState:
+          resume: LoopState | None = None,
+          encode_caption: Callable[[str], torch.Tensor] | None = None) -> LoopState:
     """Run ``settings.steps`` optimizer steps (counting any resumed ones) and return the loop state.
 
     ``on_step`` runs after every optimizer step; raising from it (Cancel) stops within one step —
-    the caller still holds the adapters and saves what was trained. A NaN/inf loss raises
-    NonFiniteLoss before the bad gradients reach the weights.
+    the caller still holds the adapters and saves what was trained. A NaN/inf loss or gradient
+    raises NonFiniteLoss before it reaches the weights (with loss scaling, the scaler skips such
+    steps itself, as fp16 training expects).
     """
-    parameters = [p for p in parameters if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    scheduler = make_scheduler(optimizer, settings.lr_schedule, settings.steps, settings.warmup_steps)
-    start = 0
+    optimizer = make_optimizer(settings.optimizer, parameters, settings.learning_rate,
+                               **{"weight_decay": settings.weight_decay, **settings.optimizer_args})
+    parameters = trainable_parameters(optimizer.param_groups)
+    scheduler = make_scheduler(optimizer, settings.lr_schedule, settings.steps, settings.warmup_steps,
+                               settings.lr_cycles)
+    captions_vary = varies(settings.captions)
+    if captions_vary and encode_caption is None:
+        raise ValueError("caption dropout/shuffle needs encode_caption: captions are encoded per step")
+    # Frozen text encoder: "" and recurring captions are encoded once. (A trained one: call it directly.)
+    text_for = TextEncodingMemo(lambda caption: encode_caption(caption).detach().to("cpu", torch.float32))
+    scaler = _grad_scaler(device) if settings.mixed_precision == "fp16" or settings.loss_scaling else None
+    start = resume.step if resume is not None else 0
     if resume is not None:
-        start = resume.step
-        if resume.optimizer is not None:
-            optimizer.load_state_dict(resume.optimizer)
-        if resume.scheduler is not None:
-            scheduler.load_state_dict(resume.scheduler)
-        else:
-            for _ in range(start):
-                scheduler.step()
-    use_scaler = settings.mixed_precision == "fp16"
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler) if use_scaler else None
+        _restore(resume, optimizer, scheduler, scaler)
 
     # A private generator for noise, timesteps and batch order: same seed, same run.
     generator = torch.Generator().manual_seed(settings.seed)
     batches = data.batch_plan(settings.batch_size, settings.seed)
     for _ in range(start * settings.gradient_accumulation):  # resume: replay the data order and draws
         indices = next(batches)
-        _draw(generator, (len(indices), *data.examples[indices[0]].latent.shape))
+        draw(generator, (len(indices), *data.examples[indices[0]].latent.shape), settings.noise)
 
     for step in range(start, settings.steps):
         began = time.perf_counter()
         step_loss = 0.0
-        for _ in range(settings.gradient_accumulation):
-            latents, cond = data.collate(next(batches), device)
-            noise, u = _draw(generator, tuple(latents.shape))
+        for micro in range(settings.gradient_accumulation):
+            indices = next(batches)
+            latents, cond = data.collate(indices, device)
+            if captions_vary:
+                captions = augment_batch([data.examples[i].caption for i in indices], settings.captions,
+                                         settings.seed, step, micro)
+                cond = concat_conds([text_for(caption) for caption in captions]).to(device)
+            noise, u = draw(generator, tuple(latents.shape), settings.noise)
             with autocast_for(device, settings.mixed_precision):
-                loss = denoising_loss(denoiser, latents, cond, noise.to(device), u.to(device))
+                loss = denoising_loss(denoiser, latents, cond, noise.to(device), u.to(device), settings.noise)
             if not math.isfinite(loss.item()):
                 optimizer.zero_grad(set_to_none=True)
                 raise NonFiniteLoss(step + 1, loss.item())
@@ -144,8 +167,11 @@ def train(denoiser: Denoiser, data: EncodedDataset, parameters: Iterable[torch.n
 
         if scaler:
             scaler.unscale_(optimizer)
-        if settings.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(parameters, settings.max_grad_norm)
+        max_norm = settings.max_grad_norm if settings.max_grad_norm > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+        if not math.isfinite(grad_norm) and scaler is None:
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLoss(step + 1, grad_norm, what="gradient norm")
         lr = scheduler.get_last_lr()[0]
         if scaler:
             scaler.step(optimizer)
@@ -157,14 +183,40 @@ def train(denoiser: Denoiser, data: EncodedDataset, parameters: Iterable[torch.n
         if on_step:
             done = step + 1
             on_step(StepReport(done, settings.steps, step_loss, lr, time.perf_counter() - began,
-                               snapshot=lambda: LoopState(done, optimizer.state_dict(), scheduler.state_dict())))
-    return LoopState(settings.steps, optimizer.state_dict(), scheduler.state_dict())
+                               snapshot=lambda: _snapshot(done, optimizer, scheduler, scaler)))
+    return _snapshot(settings.steps, optimizer, scheduler, scaler)
 
 
-def _draw(generator: torch.Generator, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    noise = torch.randn(shape, generator=generator)
-    u = torch.rand(shape[0], generator=generator)
-    return noise, u
+def _grad_scaler(device: torch.device):
+    # torch.amp.GradScaler arrived in torch 2.3; ComfyUI installs of early 2024 may have 2.1/2.2.
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler(device.type)
+    return torch.cuda.amp.GradScaler(enabled=device.type == "cuda")
+
+
+def _snapshot(step, optimizer, scheduler, scaler) -> LoopState:
+    # The global RNG drives adapter dropout; keeping it makes a resumed run draw the same masks.
+    rng = {"cpu": torch.random.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return LoopState(step, optimizer.state_dict(), scheduler.state_dict(),
+                     scaler.state_dict() if scaler else None, rng)
+
+
+def _restore(resume: LoopState, optimizer, scheduler, scaler) -> None:
+    if resume.optimizer is not None:
+        optimizer.load_state_dict(resume.optimizer)
+    if resume.scheduler is not None:
+        scheduler.load_state_dict(resume.scheduler)
+    else:
+        for _ in range(resume.step):
+            scheduler.step()
+    if scaler is not None and resume.scaler:
+        scaler.load_state_dict(resume.scaler)
+    if resume.rng:
+        torch.random.set_rng_state(resume.rng["cpu"])
+        if "cuda" in resume.rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(resume.rng["cuda"])
 
 
 @torch.no_grad()
@@ -176,7 +228,7 @@ def measure_loss(denoiser: Denoiser, data: EncodedDataset, device: torch.device,
     for index in range(len(data.examples)):
         for _ in range(draws):
             latents, cond = data.collate([index], device)
-            noise, u = _draw(generator, tuple(latents.shape))
+            noise, u = draw(generator, tuple(latents.shape), NoiseSettings())
             total += denoising_loss(denoiser, latents, cond, noise.to(device), u.to(device)).item()
             count += 1
     return total / max(1, count)

@@ -25,7 +25,7 @@ def loss_curve_image(losses: Sequence[float], width: int = 640, height: int = 36
     left, right, top, bottom = 56, width - 16, 28, height - 32
     draw.rectangle([left, top, right, bottom], outline=(170, 170, 170))
     finite = [v for v in losses if math.isfinite(v)]
-    draw.text((left, 8), f"{title} — {len(losses)} steps", fill=(30, 30, 30))
+    draw.text((left, 8), f"{title} - {len(losses)} steps", fill=(30, 30, 30))
     if not finite:
         draw.text((left + 10, (top + bottom) // 2), "no steps recorded", fill=(120, 120, 120))
         return np.asarray(image, dtype=np.float32) / 255.0

@@ -113,6 +113,8 @@ def parse_optimizer_args(text: str) -> dict[str, Any]:
 
     Pairs are separated by spaces, commas or new lines (commas inside brackets are kept); values are
     Python literals, anything else stays a string. Raises ValueError naming a malformed pair.
+    ``weight_decay`` may be among them; pass them as ``make_optimizer(name, groups, lr,
+    **{"weight_decay": default, **args})`` so they override the default.
     """
     args: dict[str, Any] = {}
     for pair in _split_pairs(text or ""):
@@ -120,6 +122,8 @@ def parse_optimizer_args(text: str) -> dict[str, Any]:
         key, raw = key.strip(), raw.strip()
         if not sep or not key.isidentifier() or not raw:
             raise ValueError(f"optimizer argument {pair!r} is not key=value (e.g. weight_decay=0.01)")
+        if key in ("lr", "params"):
+            raise ValueError(f"optimizer argument {key!r} cannot be set here; use the learning rate inputs")
         try:
             args[key] = ast.literal_eval(raw)
         except (ValueError, SyntaxError):

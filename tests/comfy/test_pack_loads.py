@@ -10,7 +10,8 @@ import random_models
 # Node ids from DESIGN.md that are implemented; workflows and tests depend on them, so they never change.
 EXPECTED_NODES = {
     "LoraLabDatasetFromFolder", "LoraLabDatasetFromImages", "LoraLabDatasetPreview",
-    "LoraLabBlipLoader", "LoraLabCaption", "LoraLabTrainLora",
+    "LoraLabBlipLoader", "LoraLabCaption", "LoraLabTrainLora", "LoraLabTrainingOptions",
+    "LoraLabLoraStack", "LoraLabApplyLoraStack", "LoraLabLoraCompareGrid",
 }
 
 

@@ -181,18 +181,37 @@ def test_saved_file_through_comfyuis_lora_loader_equals_the_trained_adapter(fres
 def test_cancel_saves_the_partial_lora_and_restores_the_model(fresh_unet, sd15_clip, small_vae, make_dataset,
                                                                loras_dir):
     import comfy.model_management
+    import comfy.utils
     dataset = make_dataset(2)
     before = weights_snapshot(fresh_unet)
     flags = [p.requires_grad for p in fresh_unet.model.parameters()]
-    comfy.model_management.interrupt_current_processing(True)   # the user pressed Cancel
+
+    def press_cancel_after_the_first_step(value, total, *_, **__):
+        if total == 50 and value == 1:          # the training bar (the encoding bar counts 2 pictures)
+            comfy.model_management.interrupt_current_processing(True)
+
+    comfy.utils.set_progress_bar_global_hook(press_cancel_after_the_first_step)   # how ComfyUI's server listens
     try:
         with pytest.raises(comfy.model_management.InterruptProcessingException):
             run_train(fresh_unet, sd15_clip, small_vae, dataset, "cancelled", steps=50)
     finally:
+        comfy.utils.set_progress_bar_global_hook(None)
         comfy.model_management.interrupt_current_processing(False)
     assert (loras_dir / "cancelled_step1.safetensors").is_file(), "Cancel must stop within one step and save"
     assert not (loras_dir / "cancelled.safetensors").exists()
+    assert not (loras_dir / "cancelled_step2.safetensors").exists()
     assert_base_untouched(fresh_unet, before, flags)
+
+
+def test_cancel_while_encoding_stops_before_training(fresh_unet, sd15_clip, small_vae, make_dataset, loras_dir):
+    import comfy.model_management
+    comfy.model_management.interrupt_current_processing(True)   # pressed before the first picture is done
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            run_train(fresh_unet, sd15_clip, small_vae, make_dataset(2), "cancel_early", steps=5)
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    assert not list(loras_dir.glob("cancel_early*"))
 
 
 def test_an_error_inside_training_keeps_the_work_and_restores_the_model(fresh_unet, sd15_clip, small_vae,
@@ -286,13 +305,24 @@ def saved_tensors(loras_dir, name):
 
 
 def test_same_seed_same_lora_and_checkpointing_changes_nothing(fresh_unet, sd15_clip, small_vae, make_dataset,
-                                                               loras_dir):
+                                                               loras_dir, monkeypatch):
+    from lora_lab.trainer import checkpointing
+    recomputed = []
+    real_checkpoint = checkpointing.checkpoint
+
+    def counting_checkpoint(function, forward, *args, **kwargs):
+        recomputed.append(type(getattr(forward, "__self__", None)).__name__)
+        return real_checkpoint(function, forward, *args, **kwargs)
+
+    monkeypatch.setattr(checkpointing, "checkpoint", counting_checkpoint)
     dataset = make_dataset(2)
     fp32 = options(save_precision="fp32")
     a = run_train(fresh_unet, sd15_clip, small_vae, dataset, "det_a", steps=3, options=fp32)["result"][2]
     b = run_train(fresh_unet, sd15_clip, small_vae, dataset, "det_b", steps=3, options=fp32)["result"][2]
+    assert not recomputed
     c = run_train(fresh_unet, sd15_clip, small_vae, dataset, "det_c", steps=3,
                   options=options(save_precision="fp32", gradient_checkpointing=True))["result"][2]
+    assert {"BasicTransformerBlock", "ResBlock"} <= set(recomputed), "checkpointing never ran"
     ta, tb, tc = (saved_tensors(loras_dir, n) for n in (a, b, c))
     assert ta.keys() == tb.keys() == tc.keys()
     for key in ta:
@@ -306,7 +336,9 @@ def test_periodic_saves_and_schedules(fresh_unet, sd15_clip, small_vae, make_dat
                        options=options(save_every_n_steps=2, lr_schedule="cosine", warmup_steps=1,
                                        gradient_accumulation=2))
     assert (loras_dir / "periodic_step2.safetensors").is_file()
-    assert (loras_dir / "periodic_step2.loralab-state.pt").is_file()
+    from lora_lab.nodes.training_files import resume_state_path
+    assert resume_state_path(loras_dir / "periodic_step2.safetensors").is_file()
+    assert not list(loras_dir.rglob("*.loralab-state.pt")), "state files must not appear in the LoRA loaders' lists"
     assert result["result"][2] == "periodic.safetensors"
     with safe_open(str(loras_dir / "periodic_step2.safetensors"), "pt") as f:
         assert f.metadata()["ss_steps"] == "2"
@@ -342,3 +374,60 @@ def test_requeue_with_another_learning_rate_reuses_the_latents(fresh_unet, sd15_
     assert len(calls) == 3
     run_train(fresh_unet, sd15_clip, vae, dataset, "cache_b", steps=1, learning_rate=5e-4)
     assert len(calls) == 3, "the second run encoded the pictures again"
+
+
+def test_long_and_short_captions_share_a_batch(fresh_unet, sd15_clip, small_vae, make_dataset):
+    long_caption = "sks, " + ", ".join(f"tag{i}" for i in range(90))   # > 75 tokens: 154-token conditioning
+    result = run_train(fresh_unet, sd15_clip, small_vae, make_dataset(2, captions=["sks, short", long_caption]),
+                       "long_captions", steps=2, batch_size=2)
+    assert all(math.isfinite(v) for v in result["ui"]["loss"])
+
+
+def test_unsupported_model_family_fails_before_any_work(comfy, sd15_clip, small_vae, make_dataset):
+    import comfy.model_patcher
+    import comfy.supported_models
+    config = comfy.supported_models.SDXL(dict(random_models.sd15_unet_config(32), adm_in_channels=2816,
+                                              context_dim=2048, use_linear_in_transformer=True,
+                                              transformer_depth=[0, 0, 1, 1, 0, 0, 0, 0],
+                                              transformer_depth_output=[0] * 12, num_head_channels=64))
+    patcher = comfy.model_patcher.ModelPatcher(config.get_model({}), load_device=torch.device("cpu"),
+                                               offload_device=torch.device("cpu"))
+    with pytest.raises(ValueError) as error:
+        run_train(patcher, sd15_clip, small_vae, make_dataset(1), "sdxl", steps=1)
+    assert "SDXL" in str(error.value) and "model" in str(error.value) and "Fix:" in str(error.value)
+
+
+def test_kohya_options_train_together(fresh_unet, sd15_clip, small_vae, make_dataset, loras_dir):
+    from lora_lab.nodes.training_options import LoraLabTrainingOptions
+    (opts,) = LoraLabTrainingOptions().build(
+        lr_schedule="cosine_with_restarts", warmup_steps=1, gradient_accumulation=1, max_grad_norm=1.0,
+        gradient_checkpointing=False, precision="auto", dropout=0.1, save_every_n_steps=0, save_precision="fp16",
+        overwrite_existing=False, resume_from="", optimizer="Adafactor", optimizer_args="", weight_decay=0.0,
+        lr_cycles=2, noise_offset=0.1, min_timestep=100, max_timestep=900, min_snr_gamma=5.0,
+        scale_v_pred_loss=False, caption_dropout=0.3, shuffle_tags=True, keep_tokens=1, tag_dropout=0.1,
+        latent_disk_cache=False)
+    result = run_train(fresh_unet, sd15_clip, small_vae, make_dataset(3), "kohya_opts", steps=4, options=opts)
+    assert len(result["ui"]["loss"]) == 4 and all(math.isfinite(v) for v in result["ui"]["loss"])
+    assert "latent disk cache: off" in result["ui"]["text"][0]
+
+
+def test_latent_disk_cache_is_warm_on_a_second_run(comfy, fresh_unet, sd15_clip, make_dataset):
+    dataset = make_dataset(2, captions=["sks, disk cache"])
+    cold = run_train(fresh_unet, sd15_clip, random_models.small_vae(seed=21), dataset, "disk_a", steps=1,
+                     options=options(latent_disk_cache=True))
+    # Another VAE object with the same weights (a new session, say): memory is cold, the disk is warm.
+    warm = run_train(fresh_unet, sd15_clip, random_models.small_vae(seed=21), dataset, "disk_b", steps=1,
+                     options=options(latent_disk_cache=True))
+    assert "0 hit(s), 2 miss(es), 2 written" in cold["ui"]["text"][0]
+    assert "2 hit(s), 0 miss(es)" in warm["ui"]["text"][0]
+
+
+def test_options_node_refuses_a_missing_optimizer_package_at_validation(pack):
+    from lora_lab.nodes.training_options import LoraLabTrainingOptions
+    import importlib.util
+    message = LoraLabTrainingOptions.VALIDATE_INPUTS(optimizer="Prodigy")
+    if importlib.util.find_spec("prodigyopt") is None:
+        assert "prodigyopt" in message and "Training Options" in message
+    else:
+        assert message is True
+    assert "optimizer" in LoraLabTrainingOptions.VALIDATE_INPUTS(optimizer="SGD-made-up")

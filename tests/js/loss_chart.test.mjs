@@ -1,7 +1,7 @@
 // Unit tests of the chart's pure logic, run with `node --test` (tests/comfy/test_js.py runs them).
 import test from "node:test";
 import assert from "node:assert/strict";
-import { chartScale, eventIsForNode, formatSeconds, smooth, statusLine } from "../../js/loss_chart.js";
+import { appendPoint, chartScale, formatSeconds, resolveNode, smooth, statusLine } from "../../js/loss_chart.js";
 
 test("smoothing is debiased: a constant series stays constant", () => {
   assert.deepEqual(smooth([2, 2, 2]).map((v) => +v.toFixed(9)), [2, 2, 2]);
@@ -32,11 +32,31 @@ test("seconds read like an ETA", () => {
   assert.equal(formatSeconds(NaN), "–");
 });
 
-test("events match plain and subgraph node ids", () => {
-  assert.ok(eventIsForNode("7", { id: 7 }));
-  assert.ok(eventIsForNode("12:7", { id: 7 }));
-  assert.ok(!eventIsForNode("71", { id: 7 }));
-  assert.ok(!eventIsForNode(null, { id: 7 }));
+function graph(nodes) {
+  return { getNodeById: (id) => nodes.find((n) => n.id === id) ?? null };
+}
+
+test("execution ids resolve through subgraphs, never to a root node with the same last id", () => {
+  const inner = { id: 7, name: "inner" };
+  const root7 = { id: 7, name: "root" };
+  const wrapper = { id: 12, subgraph: graph([inner]) };
+  const root = graph([root7, wrapper]);
+  assert.equal(resolveNode(root, "7"), root7);
+  assert.equal(resolveNode(root, "12:7"), inner);
+  assert.equal(resolveNode(root, "13:7"), null);
+  assert.equal(resolveNode(root, null), null);
+});
+
+test("a run that starts again, or resumes, starts a new curve", () => {
+  let curve = [];
+  curve = appendPoint(curve, { step: 1, loss: 0.5 });
+  curve = appendPoint(curve, { step: 2, loss: 0.4 });
+  assert.deepEqual(Array.from(curve), [0.5, 0.4]);
+  curve = appendPoint(curve, { step: 1, loss: 0.9 });
+  assert.deepEqual(Array.from(curve), [0.9]);
+  curve = appendPoint(curve, { step: 2, loss: 0.8 });
+  const resumed = appendPoint(curve, { step: 2, loss: 0.7 });
+  assert.deepEqual(Array.from(resumed), [0.7]);
 });
 
 test("status line names step, loss, speed and ETA", () => {

@@ -13,7 +13,7 @@ def test_loss_chart_logic():
     result = subprocess.run(["node", "--test", str(REPO / "tests" / "js")], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "# pass 7" in result.stdout, result.stdout
+    assert "# pass 8" in result.stdout, result.stdout
 
 
 def test_every_script_is_an_es_module_with_relative_imports():

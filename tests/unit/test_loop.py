@@ -7,7 +7,6 @@ import torch
 from lora_lab.trainer.examples import EncodedDataset, Example
 from lora_lab.trainer.loop import (LoopState, NonFiniteLoss, TrainSettings, denoising_loss, measure_loss,
                                    train)
-from lora_lab.trainer.schedules import lr_multiplier
 
 
 class TinyEpsDenoiser(torch.nn.Module):
@@ -157,17 +156,3 @@ def test_loss_is_measured_in_the_models_own_output_space():
         model.noisy_latents(latents, noise, sigma), sigma, torch.zeros(2, 7, 16))) / sigma.view(-1, 1, 1, 1)
     expected = (eps - noise).pow(2).mean()
     assert torch.allclose(denoising_loss(model, latents, torch.zeros(2, 7, 16), noise, u), expected, rtol=1e-4)
-
-
-@pytest.mark.parametrize("schedule", ["constant", "constant_with_warmup", "cosine"])
-def test_schedules(schedule):
-    values = [lr_multiplier(schedule, s, 100, warmup_steps=10) for s in range(100)]
-    assert all(0 <= v <= 1 for v in values)
-    if schedule == "constant":
-        assert set(values) == {1.0}
-    else:
-        assert values[0] < values[9] <= 1.0          # warm-up rises
-    if schedule == "cosine":
-        assert values[-1] < 0.01 and values[50] < values[20]
-    with pytest.raises(ValueError):
-        lr_multiplier("bogus", 0, 10)
