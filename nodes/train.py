@@ -11,7 +11,6 @@ import torch
 
 import comfy.model_management
 import comfy.utils
-import folder_paths
 
 from ..trainer.examples import encode_dataset
 from ..trainer.latent_disk_cache import EncodeDatasetCache, LatentDiskCache, describe as describe_cache

@@ -18,7 +18,7 @@ import safetensors.torch
 
 SUFFIX = ".safetensors"
 MAX_NAME_CHARS = 200
-_PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
 _WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$",
                      *(f"COM{i}" for i in range(10)), *(f"LPT{i}" for i in range(10))}
 _WINDOWS_FORBIDDEN = re.compile(r'[<>:"|?*\x00-\x1f]')
@@ -147,7 +147,7 @@ def load_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
     """
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix in _PICKLE_SUFFIXES:
+    if suffix in PICKLE_SUFFIXES:
         raise ValueError(f"{path.name}: {suffix} files are Python pickles, which can run code when loaded; "
                          "LoRA Lab only reads .safetensors (convert the file first)")
     if suffix != SUFFIX:

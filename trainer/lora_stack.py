@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 import torch
 
 from .lora_file import SUFFIX, load_lora_file
-from .lora_file import _PICKLE_SUFFIXES as PICKLE_SUFFIXES
+from .lora_file import PICKLE_SUFFIXES
 
 NONE_NAME = "None"          # what Comfyroll, Efficiency and our pedal put in a slot without a LoRA
 TRIGGER_TAGS_FROM_FREQUENCY = 3
