@@ -1,0 +1,199 @@
+"""The bundled workflows: well-formed, current with the nodes, and each one runs in a real server.
+
+Each workflow is converted to API format from the server's /object_info (tools/workflow_api.py; the
+browser tests check that conversion against the front end's own graphToPrompt), given the random
+checkpoint and tiny BLIP, shrunk to a few steps at 64 px, and executed.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from safetensors import safe_open
+
+import demo_data
+import random_models
+import workflow_api
+from build_workflows import CHECKPOINT, DATASET, TRAINED, TRIGGER, WORKFLOWS
+
+pytestmark = pytest.mark.server
+
+REPO = Path(__file__).resolve().parents[2]
+FOLDER = REPO / "workflows"
+TINY_BLIP = "tiny-test-blip"
+
+
+def bundled() -> list[Path]:
+    return sorted(FOLDER.glob("*.json"))
+
+
+def load(name: str) -> dict:
+    return json.loads((FOLDER / f"{name}.json").read_text())
+
+
+def test_four_workflows_each_with_a_thumbnail():
+    assert [p.stem for p in bundled()] == sorted(WORKFLOWS)
+    for path in bundled():
+        thumbnail = path.with_suffix(".jpg")
+        assert thumbnail.is_file(), f"{path.name} has no thumbnail"
+        with Image.open(thumbnail) as image:
+            assert image.format == "JPEG" and min(image.size) >= 100
+
+
+def test_notes_say_what_to_set():
+    for path in bundled():
+        notes = [n for n in load(path.stem)["nodes"] if n["type"] == "Note"]
+        assert notes, f"{path.name} has no Note"
+        text = " ".join(str(v) for n in notes for v in n["widgets_values"]).lower()
+        kinds = {n["type"] for n in load(path.stem)["nodes"]}
+        if "LoraLabDatasetFromFolder" in kinds:
+            assert DATASET in text and "folder" in text
+        if "CheckpointLoaderSimple" in kinds and "LoraLabTrainLora" in kinds:
+            assert "checkpoint" in text
+        if "LoraLabCaption" in kinds:
+            assert "trigger word" in text
+
+
+@pytest.fixture(scope="module")
+def object_info(server) -> dict:
+    return server.get_json("/object_info")
+
+
+def test_only_core_nodes_and_ours(object_info):
+    # The test server has no custom nodes but this pack: whatever else it knows is core ComfyUI.
+    for path in bundled():
+        for node in load(path.stem)["nodes"]:
+            assert node["type"] in object_info or node["type"] in workflow_api.FRONTEND_ONLY, (path.name, node["type"])
+
+
+def test_saved_widget_values_match_the_nodes_inputs(object_info):
+    """A node that gained or lost a widget makes the saved values shift: rebuild the workflows then."""
+    for path in bundled():
+        for node in load(path.stem)["nodes"]:
+            if node["type"] in workflow_api.FRONTEND_ONLY:
+                continue
+            expected = workflow_api.count_widget_values(object_info[node["type"]], node)
+            saved = [v for v in node.get("widgets_values", [])]
+            # The front end also saves values of display-only DOM widgets (null) after the inputs.
+            assert len(saved) >= expected and all(v is None for v in saved[expected:]), (
+                f"{path.name}: {node['type']} saved {len(saved)} widget values, the node has {expected} — "
+                "run tools/build_workflows.py")
+
+
+def test_defaults_suit_sd15_on_an_8gb_gpu(object_info):
+    prompt = workflow_api.ui_to_api(load("2_caption_train_sample"), object_info)
+    [train] = [n["inputs"] for n in prompt.values() if n["class_type"] == "LoraLabTrainLora"]
+    assert train["batch_size"] == 1 and train["rank"] <= 32 and train["resolution"] in (0, 512)
+    [checkpoint] = [n["inputs"] for n in prompt.values() if n["class_type"] == "CheckpointLoaderSimple"]
+    assert checkpoint["ckpt_name"] == CHECKPOINT
+    [sample] = [n["inputs"] for n in prompt.values() if n["class_type"] == "CLIPTextEncode"
+                and n["inputs"]["text"].startswith(TRIGGER)]
+    assert sample
+
+
+# --- running them ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def workflow_server(server):
+    """The shared server, with the dataset folder the workflows name and the tiny BLIP in place."""
+    dataset = server.overlay / "input" / DATASET
+    if dataset.exists():
+        shutil.rmtree(dataset)
+    demo_data.write_demo_dataset(dataset, count=3, repeats=2, size=64, concept=TRIGGER)
+    for caption in sorted(dataset.rglob("*.txt"))[1:]:
+        caption.unlink()            # two pictures for BLIP to caption
+    blip = server.overlay / "models" / "blip" / TINY_BLIP
+    if not blip.exists():
+        random_models.tiny_blip(blip)
+    for name in (TRAINED, f"{TRAINED}_resumed", "style", "detail"):
+        (server.overlay / "models" / "loras" / f"{name}.safetensors").unlink(missing_ok=True)
+    return server
+
+
+def run_bundled(server, object_info, name: str, values: dict | None = None) -> tuple[dict, dict]:
+    prompt = workflow_api.ui_to_api(load(name), object_info)
+    quick = dict(workflow_api.QUICK_RUN_VALUES)
+    quick[("CheckpointLoaderSimple", "ckpt_name")] = random_models.CHECKPOINT_NAME
+    quick[("LoraLabBlipLoader", "model")] = TINY_BLIP
+    quick.update(values or {})
+    prompt = workflow_api.with_values(prompt, quick)
+    return prompt, server.run(prompt, timeout=1800)
+
+
+def node_id(prompt: dict, class_type: str) -> str:
+    [found] = [key for key, node in prompt.items() if node["class_type"] == class_type]
+    return found
+
+
+def saved_image(server, history: dict, node: str) -> Image.Image:
+    """The node's first picture, fetched the way the front end shows it (/view)."""
+    import io
+    import urllib.parse
+    import urllib.request
+    info = history["outputs"][node]["images"][0]
+    query = urllib.parse.urlencode({k: info.get(k, "") for k in ("filename", "subfolder", "type")})
+    with urllib.request.urlopen(f"{server.url}/view?{query}", timeout=30) as response:
+        return Image.open(io.BytesIO(response.read()))
+
+
+def test_workflow_1_captions_the_folder(workflow_server, object_info):
+    prompt, history = run_bundled(workflow_server, object_info, "1_caption_dataset")
+    captions = sorted((workflow_server.overlay / "input" / DATASET).rglob("*.txt"))
+    assert len(captions) == 3
+    assert sum(c.read_text(encoding="utf-8").startswith(f"{TRIGGER}, ") for c in captions) >= 2
+    assert "images" in history["outputs"][node_id(prompt, "LoraLabDatasetPreview")]
+
+
+@pytest.fixture(scope="module")
+def trained(workflow_server, object_info):
+    return run_bundled(workflow_server, object_info, "2_caption_train_sample")
+
+
+def test_workflow_2_trains_and_samples(workflow_server, trained):
+    prompt, history = trained
+    lora = workflow_server.overlay / "models" / "loras" / f"{TRAINED}.safetensors"
+    with safe_open(str(lora), "pt") as f:
+        assert f.metadata()["ss_output_name"] == TRAINED and f.metadata()["ss_steps"] == "2"
+    assert saved_image(workflow_server, history, node_id(prompt, "SaveImage")).size == (64, 64)
+    assert history["outputs"][node_id(prompt, "LoraLabTrainLora")]["loss"]
+    assert saved_image(workflow_server, history, node_id(prompt, "PreviewImage")).size[0] > 64  # the loss curve
+
+
+def test_workflow_3_stacks_pedals_and_draws_a_grid(workflow_server, object_info, trained):
+    loras = workflow_server.overlay / "models" / "loras"
+    for other in ("style", "detail"):      # the two "other" LoRAs the workflow names
+        shutil.copy(loras / f"{TRAINED}.safetensors", loras / f"{other}.safetensors")
+    prompt, history = run_bundled(workflow_server, object_info, "3_pedals_and_grid")
+    applied = history["outputs"][node_id(prompt, "LoraLabApplyLoraStack")]["text"][0]
+    assert all(name in applied for name in (TRAINED, "style", "detail"))
+    grid_save = [key for key, node in prompt.items() if node["class_type"] == "SaveImage"
+                 and node["inputs"]["images"][0] == node_id(prompt, "LoraLabLoraCompareGrid")]
+    grid = saved_image(workflow_server, history, grid_save[0])
+    # 2 prompts x (base + 3 pedals alone + whole stack) cells of 64 px, plus labels.
+    assert grid.size[0] >= 5 * 64 and grid.size[1] >= 2 * 64
+    assert "lora key not loaded" not in workflow_server.log_text().lower()
+
+
+def test_workflow_4_resumes_the_trained_lora(workflow_server, object_info, trained):
+    prompt, history = run_bundled(workflow_server, object_info, "4_resume_training",
+                                  {("LoraLabTrainLora", "steps"): 4})
+    lora = workflow_server.overlay / "models" / "loras" / f"{TRAINED}_resumed.safetensors"
+    with safe_open(str(lora), "pt") as f:
+        assert f.metadata()["ss_steps"] == "4"
+    report = history["outputs"][node_id(prompt, "LoraLabTrainLora")]["text"][0]
+    assert "resum" in report.lower()
+
+
+def test_templates_browser_lists_them(workflow_server):
+    """ComfyUI 2025-10 serves a pack's workflows/ to its templates browser (2024-03 has no such route)."""
+    import urllib.error
+    try:
+        listed = workflow_server.get_json("/api/workflow_templates")
+    except urllib.error.HTTPError as missing:
+        assert missing.code == 404
+        pytest.skip("this ComfyUI has no templates browser (2024-03)")
+    assert sorted(listed["comfyui-lora-lab"]) == sorted(WORKFLOWS)
+    served = workflow_server.get_json("/api/workflow_templates/comfyui-lora-lab/2_caption_train_sample.json")
+    assert served == load("2_caption_train_sample")

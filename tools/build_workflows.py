@@ -1,0 +1,275 @@
+"""Build the bundled example workflows (workflows/*.json + same-named .jpg thumbnails).
+
+The graphs are described below in a few lines each; the front end itself builds them in headless
+Chromium (LiteGraph.createNode, connect, widget values) and saves them with ``app.graph.serialize()``,
+so every file is exactly what ComfyUI's own "Save" writes. Thumbnails are screenshots of the
+loaded graph. Run after changing a node's inputs (tests/comfy/test_workflows.py says when):
+
+    .venv/bin/python tools/build_workflows.py            # against ComfyUI 2024-03 (legacy front end)
+
+Files written by the legacy front end load in the newer one as well (the browser tests load them in both).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+
+import comfyui_home  # noqa: E402
+from comfy_browser import ComfyPage  # noqa: E402
+from comfyui_server import ComfyServer  # noqa: E402
+
+CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+DATASET = "my_dataset"
+TRIGGER = "myconcept"
+TRAINED = "my_first_lora"
+POSITIVE = f"{TRIGGER}, a portrait, detailed, best quality"
+NEGATIVE = "blurry, lowres, watermark, text"
+
+
+def node(key, kind, column, widgets=None, inputs=None, title=None, width=None):
+    """One node: its column in the layout, widget values by name, inputs as {name: (node_key, output_slot)}."""
+    return {"key": key, "type": kind, "column": column, "widgets": widgets or {}, "inputs": inputs or {},
+            "title": title, "width": width}
+
+
+def note(key, column, text, width=420):
+    return node(key, "Note", column, {"text": text}, title="Read me", width=width)
+
+
+def sampling(column, model, clip, vae, prefix):
+    """Prompt -> KSampler -> VAEDecode -> SaveImage, sampling with the MODEL/CLIP given."""
+    return [
+        node("positive", "CLIPTextEncode", column, {"text": POSITIVE}, {"clip": clip}, title="Prompt (trigger word first)"),
+        node("negative", "CLIPTextEncode", column, {"text": NEGATIVE}, {"clip": clip}, title="Negative prompt"),
+        node("latent", "EmptyLatentImage", column, {"width": 512, "height": 512, "batch_size": 1}),
+        node("sampler", "KSampler", column + 1,
+             {"seed": 42, "control_after_generate": "fixed", "steps": 25, "cfg": 7.0, "sampler_name": "euler_ancestral",
+              "scheduler": "normal", "denoise": 1.0},
+             {"model": model, "positive": ("positive", 0), "negative": ("negative", 0), "latent_image": ("latent", 0)}),
+        node("decode", "VAEDecode", column + 2, {}, {"samples": ("sampler", 0), "vae": vae}),
+        node("save", "SaveImage", column + 2, {"filename_prefix": prefix}, {"images": ("decode", 0)}),
+    ]
+
+
+TRAIN_WIDGETS = {"output_name": TRAINED, "resolution": 0, "steps": 1500, "epochs": 0, "batch_size": 1,
+                 "learning_rate": 1e-4, "rank": 16, "alpha": 8.0, "seed": 0, "control_after_generate": "fixed",
+                 "trigger_word": ""}
+
+WORKFLOWS = {
+    "1_caption_dataset": [
+        note("readme", 0,
+             "CAPTION A DATASET WITH BLIP\n\n"
+             f"1. Put 10-500 pictures in ComfyUI/input/{DATASET}/ (kohya layout works too: "
+             f"{DATASET}/10_{TRIGGER}/...). Type that folder name in 'folder'.\n"
+             f"2. Set the trigger word ('trigger_word') to a rare word for your concept ({TRIGGER} here); it goes "
+             "first in every caption.\n"
+             "3. Queue. Pictures that already have a .txt caption keep it (mode fill-missing); "
+             "the others get a BLIP caption, written next to the picture (write_sidecars).\n\n"
+             "BLIP base (about 1 GB) downloads from the Hugging Face hub on first use. Offline, put the "
+             "Salesforce/blip-image-captioning-base files in ComfyUI/models/blip/blip-base/."),
+        node("dataset", "LoraLabDatasetFromFolder", 1,
+             {"folder": DATASET, "caption_extension": ".txt", "default_repeats": 10, "batch_size": 1,
+              "target_steps": 1500}),
+        node("blip", "LoraLabBlipLoader", 1, {"model": "blip-base", "device": "auto", "precision": "auto"}),
+        node("caption", "LoraLabCaption", 2,
+             {"mode": "fill-missing", "trigger_word": TRIGGER, "prompt": "", "min_length": 5, "max_length": 30,
+              "num_beams": 3, "batch_size": 8, "find": "", "replace": "", "remove_tags": "", "write_sidecars": True},
+             {"dataset": ("dataset", 0), "blip": ("blip", 0)}, width=380),
+        node("preview", "LoraLabDatasetPreview", 3,
+             {"resolution": 512, "thumbnail_size": 192, "max_images": 64}, {"dataset": ("caption", 0)},
+             title="Dataset preview (buckets + captions)"),
+    ],
+    "2_caption_train_sample": [
+        note("readme", 0,
+             "DATASET -> CAPTION -> TRAIN -> SAMPLE, IN ONE GRAPH\n\n"
+             f"1. Checkpoint: pick your SD1.5 model (e.g. {CHECKPOINT}).\n"
+             f"2. Dataset: pictures in ComfyUI/input/{DATASET}/; type its name in 'folder'.\n"
+             f"3. Trigger word: set it on the Caption node ({TRIGGER} here) and start the sample prompt with it.\n"
+             "4. Queue. Watch the loss chart on Train LoRA; the LoRA is saved in models/loras as "
+             f"'{TRAINED}.safetensors' and the sampler after it already uses it.\n\n"
+             "Defaults suit SD1.5 on an 8 GB GPU: 512 px, batch 1, rank 16, alpha 8, lr 1e-4, 1500 steps "
+             "(about 20 pictures x 10 repeats x 7-8 epochs). Cancel keeps what was trained as "
+             f"{TRAINED}_stepN. Re-queueing an unchanged graph does not retrain."),
+        node("checkpoint", "CheckpointLoaderSimple", 1, {"ckpt_name": CHECKPOINT}),
+        node("dataset", "LoraLabDatasetFromFolder", 1,
+             {"folder": DATASET, "caption_extension": ".txt", "default_repeats": 10, "batch_size": 1,
+              "target_steps": 1500}),
+        node("blip", "LoraLabBlipLoader", 1, {"model": "blip-base", "device": "auto", "precision": "auto"}),
+        node("caption", "LoraLabCaption", 2,
+             {"mode": "fill-missing", "trigger_word": TRIGGER, "prompt": "", "min_length": 5, "max_length": 30,
+              "num_beams": 3, "batch_size": 8, "find": "", "replace": "", "remove_tags": "", "write_sidecars": True},
+             {"dataset": ("dataset", 0), "blip": ("blip", 0)}, width=380),
+        node("train", "LoraLabTrainLora", 3, TRAIN_WIDGETS,
+             {"model": ("checkpoint", 0), "clip": ("checkpoint", 1), "vae": ("checkpoint", 2),
+              "dataset": ("caption", 0)}, width=420),
+        node("loss", "PreviewImage", 3, {}, {"images": ("train", 3)}, title="Loss curve"),
+        *sampling(4, ("train", 0), ("train", 1), ("checkpoint", 2), "lora_lab/sample"),
+    ],
+    "3_pedals_and_grid": [
+        note("readme", 0,
+             "STACK LORAS LIKE GUITAR PEDALS, AND COMPARE THEM\n\n"
+             f"Pedal 1 is the LoRA trained by workflow 2 ({TRAINED}.safetensors); pedals 2 and 3 take any "
+             "other LoRAs from models/loras (pick them in the list). Each pedal has its own model/clip "
+             "strength and an on/off switch; a switched-off or zero-strength pedal passes the stack through.\n\n"
+             "Apply LoRA Stack loads them the same way ComfyUI's LoraLoader does and outputs their trigger "
+             "words. The comparison grid renders each prompt with the base model, each pedal alone and "
+             "the whole stack, at the same seed; set sweep_index to a pedal's position (0 = first) to also "
+             "sweep its strength."),
+        node("checkpoint", "CheckpointLoaderSimple", 1, {"ckpt_name": CHECKPOINT}),
+        node("pedal1", "LoraLabLoraStack", 1,
+             {"lora_name": f"{TRAINED}.safetensors", "strength_model": 1.0, "strength_clip": 1.0, "enabled": True},
+             title="Pedal 1: the LoRA you trained"),
+        node("pedal2", "LoraLabLoraStack", 1,
+             {"lora_name": "style.safetensors", "strength_model": 0.6, "strength_clip": 0.6, "enabled": True},
+             {"lora_stack": ("pedal1", 0)}, title="Pedal 2: a style LoRA"),
+        node("pedal3", "LoraLabLoraStack", 1,
+             {"lora_name": "detail.safetensors", "strength_model": 0.4, "strength_clip": 0.4, "enabled": True},
+             {"lora_stack": ("pedal2", 0)}, title="Pedal 3: a detail LoRA"),
+        node("apply", "LoraLabApplyLoraStack", 2, {},
+             {"model": ("checkpoint", 0), "clip": ("checkpoint", 1), "lora_stack": ("pedal3", 0)}),
+        node("grid", "LoraLabLoraCompareGrid", 2,
+             {"prompts": f"{TRIGGER}, a portrait\n{TRIGGER}, a city street at night", "seed": 42,
+              "control_after_generate": "fixed", "steps": 20, "cfg": 7.0, "sampler_name": "euler_ancestral",
+              "scheduler": "normal", "width": 512, "height": 512, "negative_prompt": NEGATIVE,
+              "sweep_index": -1, "sweep_strengths": "0, 0.5, 1"},
+             {"model": ("checkpoint", 0), "clip": ("checkpoint", 1), "vae": ("checkpoint", 2),
+              "lora_stack": ("pedal3", 0)}, width=380),
+        node("grid_save", "SaveImage", 5, {"filename_prefix": "lora_lab/grid"}, {"images": ("grid", 0)},
+             title="Comparison grid"),
+        *sampling(3, ("apply", 0), ("apply", 1), ("checkpoint", 2), "lora_lab/stacked"),
+    ],
+    "4_resume_training": [
+        note("readme", 0,
+             "RESUME TRAINING A LORA\n\n"
+             f"'resume_from' names a LoRA in models/loras ({TRAINED}.safetensors, from workflow 2). A LoRA Lab "
+             "save continues exactly where it stopped (weights, optimizer, schedule, step count); a LoRA "
+             "from elsewhere continues its weights with a fresh optimizer.\n\n"
+             "'steps' is the total: 3000 here continues a 1500-step LoRA for 1500 more. Use the same "
+             f"checkpoint, dataset folder (ComfyUI/input/{DATASET}), rank and alpha as the first run. "
+             "The result is saved under the new output_name; "
+             "save_every_n_steps keeps intermediate saves to compare."),
+        node("checkpoint", "CheckpointLoaderSimple", 1, {"ckpt_name": CHECKPOINT}),
+        node("dataset", "LoraLabDatasetFromFolder", 1,
+             {"folder": DATASET, "caption_extension": ".txt", "default_repeats": 10, "batch_size": 1,
+              "target_steps": 3000}),
+        node("options", "LoraLabTrainingOptions", 2,
+             {"resume_from": f"{TRAINED}.safetensors", "save_every_n_steps": 500}, width=400),
+        node("train", "LoraLabTrainLora", 3, dict(TRAIN_WIDGETS, output_name=f"{TRAINED}_resumed", steps=3000),
+             {"model": ("checkpoint", 0), "clip": ("checkpoint", 1), "vae": ("checkpoint", 2),
+              "dataset": ("dataset", 0), "options": ("options", 0)}, width=420),
+        node("loss", "PreviewImage", 3, {}, {"images": ("train", 3)}, title="Loss curve"),
+        *sampling(4, ("train", 0), ("train", 1), ("checkpoint", 2), "lora_lab/resumed"),
+    ],
+}
+
+BUILD_GRAPH_JS = """
+(spec) => {
+  app.graph.clear();
+  const made = {};
+  for (const item of spec) {
+    const created = LiteGraph.createNode(item.type);
+    if (!created) throw new Error(`unknown node type ${item.type}`);
+    if (item.title) created.title = item.title;
+    app.graph.add(created);
+    made[item.key] = created;
+    for (const [name, value] of Object.entries(item.widgets)) {
+      // A Note's one widget is named "" in the legacy front end and "text" in the newer one.
+      const widget = created.widgets?.find((w) => w.name === name) ||
+                     (item.type === "Note" ? created.widgets?.[0] : undefined);
+      if (!widget) throw new Error(`${item.type} has no widget ${name}`);
+      widget.value = value;
+    }
+    const size = created.computeSize();
+    created.size = [Math.max(item.width || 0, size[0], created.size[0]),
+                    Math.max(size[1], created.size[1], item.type === "Note" ? 360 : 0)];
+  }
+  for (const item of spec) {
+    for (const [name, [fromKey, slot]] of Object.entries(item.inputs)) {
+      const target = made[item.key];
+      const targetSlot = target.findInputSlot(name);
+      if (targetSlot < 0) throw new Error(`${item.type} has no input ${name}`);
+      made[fromKey].connect(slot, target, targetSlot);
+    }
+  }
+  // Columns left to right, nodes top to bottom.
+  const columns = [];
+  for (const item of spec) (columns[item.column] ||= []).push(made[item.key]);
+  let x = 40;
+  for (const column of columns) {
+    if (!column) continue;
+    let y = 60;
+    for (const n of column) { n.pos = [x, y]; y += n.size[1] + 70; }
+    x += Math.max(...column.map((n) => n.size[0])) + 50;
+  }
+  app.graph.setDirtyCanvas(true, true);
+  return app.graph._nodes.length;
+}
+"""
+
+FIT_VIEW_JS = """
+() => {
+  const nodes = app.graph._nodes;
+  const x0 = Math.min(...nodes.map((n) => n.pos[0])) - 20, y0 = Math.min(...nodes.map((n) => n.pos[1])) - 50;
+  const x1 = Math.max(...nodes.map((n) => n.pos[0] + n.size[0])) + 20;
+  const y1 = Math.max(...nodes.map((n) => n.pos[1] + n.size[1])) + 20;
+  const canvas = app.canvas.canvas;
+  const scale = Math.min(canvas.width / (x1 - x0), canvas.height / (y1 - y0));
+  app.canvas.ds.scale = scale;
+  app.canvas.ds.offset = [-x0, -y0];
+  app.canvas.setDirty(true, true);
+  app.canvas.draw(true, true);
+  return [Math.ceil((x1 - x0) * scale), Math.ceil((y1 - y0) * scale)];
+}
+"""
+
+
+def build(page: ComfyPage, name: str, spec: list[dict], out_dir: Path) -> Path:
+    page.page.evaluate(BUILD_GRAPH_JS, spec)
+    workflow = page.serialize_graph()
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(workflow, indent=2) + "\n")
+    write_thumbnail(page, out_dir / f"{name}.jpg")
+    return path
+
+
+def write_thumbnail(page: ComfyPage, path: Path) -> None:
+    from PIL import Image
+    import time
+    width, height = page.page.evaluate(FIT_VIEW_JS)
+    time.sleep(1.0)   # DOM widgets follow the canvas transform on the next frame
+    box = page.page.locator("canvas").first.bounding_box()
+    png = page.page.screenshot(clip={"x": box["x"], "y": box["y"], "width": min(width, box["width"]),
+                                     "height": min(height, box["height"])})
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    image.thumbnail((768, 768))
+    image.save(path, "JPEG", quality=85)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=REPO / "workflows")
+    parser.add_argument("--only", nargs="*", help="names of workflows to build (default: all)")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    overlay = comfyui_home.build_overlay(Path(tempfile.mkdtemp()) / "root", comfyui_home.find_comfyui_root())
+    server = ComfyServer(overlay).start()
+    try:
+        with ComfyPage(server.url, viewport=(1800, 1000)) as page:
+            page.open()
+            for name, spec in WORKFLOWS.items():
+                if args.only and name not in args.only:
+                    continue
+                print("wrote", build(page, name, spec, args.out))
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
