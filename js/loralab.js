@@ -5,6 +5,9 @@ import { api } from "../../scripts/api.js";
 import { appendPoint, chartScale, resolveNode, smooth, statusLine } from "./loss_chart.js";
 
 const REPORT_NODES = new Set(["LoraLabDatasetFromFolder", "LoraLabCaption", "LoraLabTrainLora"]);
+// Both front ends give an INT named "seed" a control widget that defaults to "randomize": a re-queued,
+// unchanged graph would then retrain (or re-render the grid) every time. These start "fixed".
+const FIXED_SEED_NODES = new Set(["LoraLabTrainLora", "LoraLabLoraCompareGrid"]);
 const TRAIN_NODE = "LoraLabTrainLora";
 const PROGRESS_EVENT = "loralab.train.progress";
 const STOPPED_EVENT = "loralab.train.stopped";
@@ -66,9 +69,21 @@ function drawChart(canvas, status, losses, lastPoint) {
   ctx.fillText(scale.low.toPrecision(3), 4, height - 4);
 }
 
+function startSeedFixed(nodeType) {
+  // onNodeCreated runs before a saved workflow's values are applied, so saved choices still win.
+  const onNodeCreated = nodeType.prototype.onNodeCreated;
+  nodeType.prototype.onNodeCreated = function () {
+    const result = onNodeCreated?.apply(this, arguments);
+    const control = this.widgets?.find((w) => w.name === "control_after_generate");
+    if (control) control.value = "fixed";
+    return result;
+  };
+}
+
 app.registerExtension({
   name: "LoRALab.nodes",
   async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (FIXED_SEED_NODES.has(nodeData.name)) startSeedFixed(nodeType);
     if (!REPORT_NODES.has(nodeData.name)) return;
     const onNodeCreated = nodeType.prototype.onNodeCreated;
     nodeType.prototype.onNodeCreated = function () {

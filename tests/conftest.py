@@ -128,3 +128,40 @@ def server(tmp_path_factory, comfyui_root, full_checkpoint):
     instance = ComfyServer(overlay, log_path=ARTIFACTS / "server.log").start()
     yield instance
     instance.stop()
+
+
+# --- a real front end in Debian's headless Chromium (Playwright), on the shared server ----------
+
+
+def _browser_missing() -> str | None:
+    from comfy_browser import chromium_path
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "playwright is not installed (pip install playwright)"
+    if chromium_path() is None:
+        return "Chromium is not installed (apt-get install -y chromium)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def browser_ready():
+    missing = _browser_missing()
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"browser tests must run in CI: {missing}")   # .ci/run installs both
+        pytest.skip(missing)
+
+
+@pytest.fixture
+def page(browser_ready, server, request):
+    """A fresh tab on the server's front end; its screenshot and console are kept as artifacts."""
+    from comfy_browser import ComfyPage
+    folder = ARTIFACTS / "browser"
+    folder.mkdir(parents=True, exist_ok=True)
+    with ComfyPage(server.url) as tab:
+        tab.open()
+        yield tab
+        name = request.node.name.replace("/", "_").replace("[", "_").replace("]", "")
+        tab.screenshot(folder / f"{name}.png")
+        (folder / f"{name}.console.txt").write_text("\n".join(tab.console))

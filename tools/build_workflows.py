@@ -171,6 +171,7 @@ WORKFLOWS = {
 
 BUILD_GRAPH_JS = """
 (spec) => {
+  const REPORT_NODES = ["LoraLabDatasetFromFolder", "LoraLabCaption", "LoraLabTrainLora"];
   app.graph.clear();
   const made = {};
   for (const item of spec) {
@@ -205,30 +206,14 @@ BUILD_GRAPH_JS = """
   for (const column of columns) {
     if (!column) continue;
     let y = 60;
-    for (const n of column) { n.pos = [x, y]; y += n.size[1] + 70; }
+    // Nodes that show a report after a run grow by about 130 px: leave the room now.
+    for (const n of column) { n.pos = [x, y]; y += n.size[1] + 70 + (REPORT_NODES.includes(n.type) ? 130 : 0); }
     x += Math.max(...column.map((n) => n.size[0])) + 50;
   }
   app.graph.setDirtyCanvas(true, true);
   return app.graph._nodes.length;
 }
 """
-
-FIT_VIEW_JS = """
-() => {
-  const nodes = app.graph._nodes;
-  const x0 = Math.min(...nodes.map((n) => n.pos[0])) - 20, y0 = Math.min(...nodes.map((n) => n.pos[1])) - 50;
-  const x1 = Math.max(...nodes.map((n) => n.pos[0] + n.size[0])) + 20;
-  const y1 = Math.max(...nodes.map((n) => n.pos[1] + n.size[1])) + 20;
-  const canvas = app.canvas.canvas;
-  const scale = Math.min(canvas.width / (x1 - x0), canvas.height / (y1 - y0));
-  app.canvas.ds.scale = scale;
-  app.canvas.ds.offset = [-x0, -y0];
-  app.canvas.setDirty(true, true);
-  app.canvas.draw(true, true);
-  return [Math.ceil((x1 - x0) * scale), Math.ceil((y1 - y0) * scale)];
-}
-"""
-
 
 def build(page: ComfyPage, name: str, spec: list[dict], out_dir: Path) -> Path:
     page.page.evaluate(BUILD_GRAPH_JS, spec)
@@ -242,7 +227,7 @@ def build(page: ComfyPage, name: str, spec: list[dict], out_dir: Path) -> Path:
 def write_thumbnail(page: ComfyPage, path: Path) -> None:
     from PIL import Image
     import time
-    width, height = page.page.evaluate(FIT_VIEW_JS)
+    width, height = page.fit_view()
     time.sleep(1.0)   # DOM widgets follow the canvas transform on the next frame
     box = page.page.locator("canvas").first.bounding_box()
     png = page.page.screenshot(clip={"x": box["x"], "y": box["y"], "width": min(width, box["width"]),

@@ -25,6 +25,24 @@ def chromium_path() -> str | None:
     return None
 
 
+# The whole graph in view: the legacy front end only draws (and loads the images of) visible nodes.
+FIT_VIEW_JS = """
+() => {
+  const nodes = app.graph._nodes;
+  const x0 = Math.min(...nodes.map((n) => n.pos[0])) - 20, y0 = Math.min(...nodes.map((n) => n.pos[1])) - 50;
+  const x1 = Math.max(...nodes.map((n) => n.pos[0] + n.size[0])) + 20;
+  const y1 = Math.max(...nodes.map((n) => n.pos[1] + n.size[1])) + 20;
+  const canvas = app.canvas.canvas;
+  const scale = Math.min(canvas.width / (x1 - x0), canvas.height / (y1 - y0));
+  app.canvas.ds.scale = scale;
+  app.canvas.ds.offset = [-x0, -y0];
+  app.canvas.setDirty(true, true);
+  app.canvas.draw(true, true);
+  return [Math.ceil((x1 - x0) * scale), Math.ceil((y1 - y0) * scale)];
+}
+"""
+
+
 class ComfyPage:
     """One browser tab on one ComfyUI server. Use as a context manager."""
 
@@ -137,6 +155,10 @@ class ComfyPage:
                  (e.type === 'executing' && e.data && e.data.node === null) ||
                  e.type === 'execution_success' || e.type === 'execution_error')""",
             timeout=timeout * 1000)
+
+    def fit_view(self) -> tuple[int, int]:
+        """Zoom so the whole graph fits the canvas; returns the graph's size on screen in pixels."""
+        return tuple(self.page.evaluate(FIT_VIEW_JS))
 
     def screenshot(self, path: Path, full_page: bool = False) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)

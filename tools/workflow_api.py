@@ -74,7 +74,8 @@ def widget_values_by_name(node: dict, node_info: dict) -> dict:
         if position >= len(values):
             raise WorkflowError(f"node {node['id']} ({node['type']}): no saved value for widget '{name}' — "
                                 "the workflow is older than the node; re-save it")
-        by_name[name] = values[position]
+        if not options.get("forceInput"):   # a socket with no link is simply not an input
+            by_name[name] = values[position]
         position += 1
         if has_control_widget(name, kind, options) and position < len(values) and values[position] in CONTROL_VALUES:
             position += 1
