@@ -1,10 +1,13 @@
 """ComfyUI adapters. Each module registers its own nodes; this file only merges the tables."""
-from . import dataset, caption, train, training_options, stack
+from . import dataset, caption, train, training_options, stack, pedalboard, routes
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}
-for _module in (dataset, caption, train, training_options, stack):
+for _module in (dataset, caption, train, training_options, stack, pedalboard):
     NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
     NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
+
+# The pedalboard's row editor asks the server for LoRA names and headers (a no-op without a server).
+routes.register_with_server()
 
 CATEGORY_ROOT = "LoRA Lab"

@@ -66,9 +66,34 @@ def _checked(node: str, input_name: str, function, *args):
         raise user_error(node, input_name, error.problem, error.fix) from None
 
 
+def resolve_name(name: str) -> stacks.ResolvedLora:
+    """The file a LoRA name means, or LoraStackError (LoraNotFoundError when it simply is not there)."""
+    return stacks.resolve_lora(name, folder_paths.get_filename_list("loras"), loras_folders(),
+                               lambda listed: folder_paths.get_full_path("loras", listed))
+
+
 def resolve(name: str, node: str, input_name: str) -> stacks.ResolvedLora:
-    return _checked(node, input_name, stacks.resolve_lora, name, folder_paths.get_filename_list("loras"),
-                    loras_folders(), lambda listed: folder_paths.get_full_path("loras", listed))
+    return _checked(node, input_name, resolve_name, name)
+
+
+def file_signature(name) -> str:
+    """Modification time and size of the file a name means ("" when there is none), for IS_CHANGED:
+    a file replaced under the same name (retrained with overwrite) reruns the node and what follows."""
+    if not isinstance(name, str) or name.strip() in ("", stacks.NONE_NAME):
+        return ""
+    try:
+        stat = os.stat(resolve_name(name).path)
+        return f"{stat.st_mtime_ns}:{stat.st_size}"
+    except (OSError, ValueError):
+        return ""
+
+
+def strength_out_of_range(value) -> tuple[str, str] | None:
+    """(problem, fix) for a strength outside -STRENGTH_LIMIT..STRENGTH_LIMIT, or None when it is inside."""
+    if -STRENGTH_LIMIT <= value <= STRENGTH_LIMIT:
+        return None
+    return (f"{value:g} is outside -{STRENGTH_LIMIT:g}..{STRENGTH_LIMIT:g}.",
+            f"use a strength between -{STRENGTH_LIMIT:g} and {STRENGTH_LIMIT:g} (1 is the LoRA as trained).")
 
 
 # --- the pedal ------------------------------------------------------------------------------------------
@@ -107,8 +132,8 @@ class LoraLabLoraStack:
         # choice while lora_name_override is connected, must not reject the prompt. Linked inputs arrive
         # as None; an unconnected override keeps its default "".
         for input_name, value in (("strength_model", strength_model), ("strength_clip", strength_clip)):
-            if isinstance(value, (int, float)) and not -STRENGTH_LIMIT <= value <= STRENGTH_LIMIT:
-                return validation_message(NODE_PEDAL, input_name, *_strength_out_of_range(value))
+            if isinstance(value, (int, float)) and strength_out_of_range(value):
+                return validation_message(NODE_PEDAL, input_name, *strength_out_of_range(value))
         name_decides = enabled is not False and lora_name_override == "" and isinstance(lora_name, str)
         if name_decides and lora_name != stacks.NONE_NAME:
             try:
@@ -119,15 +144,7 @@ class LoraLabLoraStack:
 
     @classmethod
     def IS_CHANGED(cls, lora_name=None, enabled=True, lora_name_override=None, **_):
-        # A file replaced under the same name (retrained with overwrite) reruns the pedal and what follows.
-        name = lora_name_override or lora_name
-        if not enabled or not isinstance(name, str) or name == stacks.NONE_NAME:
-            return ""
-        try:
-            stat = os.stat(resolve(name, NODE_PEDAL, "lora_name").path)
-            return f"{stat.st_mtime_ns}:{stat.st_size}"
-        except (OSError, ValueError):
-            return ""
+        return file_signature(lora_name_override or lora_name) if enabled else ""
 
     def stack(self, lora_name, strength_model, strength_clip, enabled, lora_stack=None, lora_name_override=None):
         incoming = [] if lora_stack is None else lora_stack
@@ -136,15 +153,10 @@ class LoraLabLoraStack:
         if not enabled or name == stacks.NONE_NAME or (strength_model == 0 and strength_clip == 0):
             return (incoming,)
         for input_name, value in (("strength_model", strength_model), ("strength_clip", strength_clip)):
-            if not -STRENGTH_LIMIT <= value <= STRENGTH_LIMIT:
-                raise user_error(NODE_PEDAL, input_name, *_strength_out_of_range(value))
+            if strength_out_of_range(value):
+                raise user_error(NODE_PEDAL, input_name, *strength_out_of_range(value))
         resolved = resolve(name, NODE_PEDAL, "lora_name_override" if overridden else "lora_name")
         return (list(incoming) + [(resolved.name, float(strength_model), float(strength_clip))],)
-
-
-def _strength_out_of_range(value) -> tuple[str, str]:
-    return (f"{value:g} is outside -{STRENGTH_LIMIT:g}..{STRENGTH_LIMIT:g}.",
-            f"use a strength between -{STRENGTH_LIMIT:g} and {STRENGTH_LIMIT:g} (1 is the LoRA as trained).")
 
 
 # --- applying a stack -----------------------------------------------------------------------------------

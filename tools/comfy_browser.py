@@ -96,6 +96,9 @@ class ComfyPage:
         self.page.wait_for_function(
             "([n, before]) => app.graph._nodes.length === n", arg=[_node_count(path), before], timeout=30_000)
         time.sleep(0.5)
+        refused = self.page.evaluate("() => document.body.innerText.match(/Invalid workflow[^\\n]*/)?.[0]")
+        if refused:
+            raise AssertionError(f"the front end flagged {Path(path).name}: {refused}")
         self.dismiss_dialogs()
 
     def graph_to_prompt(self) -> dict:
@@ -103,7 +106,9 @@ class ComfyPage:
         return self.page.evaluate("async () => (await app.graphToPrompt()).output")
 
     def serialize_graph(self) -> dict:
-        return self.page.evaluate("() => app.graph.serialize()")
+        """The workflow as the front end's Save writes it (JSON.stringify drops undefined fields,
+        which Playwright would hand over as nulls the newer front end's schema check rejects)."""
+        return json.loads(self.page.evaluate("async () => JSON.stringify((await app.graphToPrompt()).workflow)"))
 
     def nodes(self) -> list[dict]:
         return self.page.evaluate(

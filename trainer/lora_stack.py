@@ -34,6 +34,10 @@ class LoraStackError(ValueError):
         self.fix = fix
 
 
+class LoraNotFoundError(LoraStackError):
+    """The name is acceptable but no such file exists (an HTTP caller answers 404, not 400)."""
+
+
 # --- stacks from anywhere ---------------------------------------------------------------------------
 def normalize_stack(stack) -> list[Entry]:
     """Plain ``(name, float, float)`` tuples from our stack or Comfyroll's/Efficiency's (tuples or lists).
@@ -126,7 +130,7 @@ def resolve_lora(name: str, listed: Iterable[str], folders: list[str],
     else:
         resolved = _resolve_relative(text, listed, full_path)
         if resolved is None:
-            raise LoraStackError(f"The LoRA file '{text}' was not found in the loras folders ({where}).",
+            raise LoraNotFoundError(f"The LoRA file '{text}' was not found in the loras folders ({where}).",
                                  "put the file into one of those folders (subfolders are fine) and press R "
                                  "to refresh, or pick another LoRA.")
     _check_suffix(resolved.name)
@@ -167,7 +171,7 @@ def _resolve_absolute(text: str, listed: list[str], folders: list[str], where: s
         for candidate, base in ((path, folder_abs), (real, folder_real)):
             if is_inside(candidate, base) and candidate != base:
                 if not os.path.isfile(path):
-                    raise LoraStackError(f"The LoRA file '{text}' does not exist.",
+                    raise LoraNotFoundError(f"The LoRA file '{text}' does not exist.",
                                          f"check the path, or pick a LoRA from the list ({where}).")
                 relative = os.path.relpath(candidate, base)
                 listed_name = {name_key(entry): entry for entry in listed}.get(name_key(relative), relative)
@@ -243,6 +247,55 @@ class LoraFileCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+MAX_HEADER_BYTES = 100_000_000    # safetensors' own limit; a LoRA's header is a few KB to a few MB
+
+
+def read_header(path: str) -> dict:
+    """The JSON header of a ``.safetensors`` file (tensor index plus ``__metadata__``), tensors unread.
+
+    Only the 8-byte little-endian length and the JSON after it are read, so asking about a LoRA (its
+    trigger words, base model, rank) costs a few KB however large the file, and nothing is unpickled.
+    """
+    try:
+        with open(path, "rb") as opened:
+            size = os.fstat(opened.fileno()).st_size
+            prefix = opened.read(8)
+            length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+            if not 2 <= length <= min(MAX_HEADER_BYTES, size - 8):
+                raise ValueError(f"its header length ({length}) does not fit a {size}-byte safetensors file")
+            header = json.loads(opened.read(length).decode("utf-8"))
+    except OSError as error:
+        raise LoraStackError(f"The LoRA file {path} cannot be read ({error.strerror}).",
+                             "check that the file exists and is readable.") from None
+    except (ValueError, UnicodeDecodeError) as error:     # json.JSONDecodeError is a ValueError
+        raise LoraStackError(f"The LoRA file {path} is damaged or not a safetensors file: {error}.",
+                             "download or train the file again.") from None
+    if not isinstance(header, dict):
+        raise LoraStackError(f"The LoRA file {path} is damaged: its header is not a JSON object.",
+                             "download or train the file again.")
+    # The tensors end where the file ends: a download cut short shows here without reading them.
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"
+            and isinstance(entry, dict) and isinstance(entry.get("data_offsets"), list) and entry["data_offsets"]]
+    if any(not isinstance(end, int) for end in ends) or 8 + length + max(ends, default=0) != size:
+        raise LoraStackError(f"The LoRA file {path} is damaged: its size ({size} bytes) does not match its "
+                             "header (a download or copy cut short looks like this).",
+                             "download or train the file again.")
+    return header
+
+
+def header_metadata(header: dict) -> dict[str, str]:
+    """The ``__metadata__`` of a header from :func:`read_header`, str values only (the format's rule)."""
+    metadata = header.get("__metadata__")
+    if not isinstance(metadata, dict):
+        return {}
+    return {str(key): value for key, value in metadata.items() if isinstance(value, str)}
+
+
+def read_metadata(path: str) -> dict[str, str]:
+    """A ``.safetensors`` file's ``__metadata__``, read from the header only."""
+    return header_metadata(read_header(path))
 
 
 def describe_mismatch(path: str, tensors: dict[str, torch.Tensor]) -> LoraStackError:

@@ -1,0 +1,311 @@
+// LoRA Pedalboard rows editor: a DOM widget (canvas-drawn widgets break in ComfyUI's Vue renderer).
+// The node's `pedals` STRING widget stays the single source of truth: it is hidden, every edit writes
+// its JSON back, and whatever sets it (loading a workflow, an API prompt, undo, paste) re-renders the rows.
+// So saving, reloading and API export carry the rows with no help from this file.
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+import { STRENGTH_LIMIT, STRENGTH_STEP, addRow, loraOptions, moveRow, parseRows, removeRow, rowIsActive, serializeRows, setRowField, triggerText } from "./pedal_rows.js";
+
+const NODE = "LoraLabPedalboard";
+const VALUE_WIDGET = "pedals";
+const BOARD_WIDGET = "loralab_pedalboard";
+const ROW_HEIGHT = 46;          // controls line + trigger-words line
+const CHROME_HEIGHT = 64;       // column labels, buttons, status line
+
+// --- server lookups, shared by every pedalboard on the page -------------------------------------------
+let loraNames = null;           // Promise<string[]>
+const loraInfo = new Map();     // name -> Promise<info>
+
+function fetchLoraNames(refresh = false) {
+  if (refresh || !loraNames) {
+    if (refresh) loraInfo.clear();
+    loraNames = api.fetchApi("/loralab/loras", { cache: "no-store" })
+      .then((response) => (response.ok ? response.json() : Promise.reject(new Error(`HTTP ${response.status}`))))
+      .catch((error) => {
+        loraNames = null;       // try again next time instead of remembering the failure
+        throw error;
+      });
+  }
+  return loraNames;
+}
+
+function fetchLoraInfo(name) {
+  if (!loraInfo.has(name)) {
+    const request = api.fetchApi(`/loralab/lora_info?name=${encodeURIComponent(name)}`, { cache: "no-store" })
+      .then((response) => response.json().catch(() => ({ error: `HTTP ${response.status}` })))
+      .catch((error) => ({ error: String(error) }));
+    loraInfo.set(name, request);
+  }
+  return loraInfo.get(name);
+}
+
+// --- the hidden value widget ---------------------------------------------------------------------------
+function hideWidget(widget) {
+  // New front ends (litegraph class widgets, Vue nodes) honour `hidden` / `options.hidden`; the 2024
+  // front end draws by type, so there the widget becomes an undrawn, zero-height "hidden" one.
+  widget.hidden = true;
+  widget.options ??= {};
+  widget.options.hidden = true;
+  if (typeof LGraphNode !== "undefined" && typeof LGraphNode.prototype.isWidgetVisible !== "function") {
+    widget.type = "hidden";
+  }
+  widget.computeSize = () => [0, -4];
+}
+
+function watchValue(widget, onExternalChange) {
+  // Re-render when anything but the editor sets the value. The widget's own accessor (if any) keeps
+  // doing the storing; this only wraps it.
+  let descriptor = null;
+  for (let o = widget; o && !descriptor; o = Object.getPrototypeOf(o)) {
+    descriptor = Object.getOwnPropertyDescriptor(o, "value");
+  }
+  let stored = widget.value;
+  try {
+    Object.defineProperty(widget, "value", {
+      configurable: true,
+      enumerable: true,
+      get() { return descriptor?.get ? descriptor.get.call(this) : stored; },
+      set(v) {
+        if (descriptor?.set) descriptor.set.call(this, v);
+        else stored = v;
+        onExternalChange(v);
+      },
+    });
+  } catch (error) {
+    console.warn("LoRA Lab: pedalboard cannot watch its value; reload re-renders it", error);
+  }
+}
+
+// --- the board ----------------------------------------------------------------------------------------
+function element(tag, attributes = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [key, value] of Object.entries(attributes)) {
+    if (key === "style") el.style.cssText = value;
+    else if (key === "dataset") Object.assign(el.dataset, value);
+    else el[key] = value;
+  }
+  el.append(...children);
+  return el;
+}
+
+function strengthInput(value, field, title) {
+  return element("input", {
+    type: "number", min: -STRENGTH_LIMIT, max: STRENGTH_LIMIT, step: STRENGTH_STEP, value: String(value), title,
+    className: "loralab-pedal-strength", dataset: { field },
+    style: "width:58px;background:#222;color:#ddd;border:1px solid #555;border-radius:3px;padding:1px 2px;",
+  });
+}
+
+function button(text, action, title) {
+  return element("button", {
+    textContent: text, title, className: "loralab-pedal-button", dataset: { action },
+    style: "background:#333;color:#ddd;border:1px solid #555;border-radius:3px;padding:0 5px;cursor:pointer;",
+  });
+}
+
+class Pedalboard {
+  constructor(node, valueWidget) {
+    this.node = node;
+    this.valueWidget = valueWidget;
+    this.rows = [];
+    this.error = null;
+    this.names = [];
+    this.written = null;        // the last JSON this editor wrote, to tell our writes from others'
+    this.report = "";
+
+    this.list = element("div", { className: "loralab-pedal-rows", style: "display:flex;flex-direction:column;gap:2px;" });
+    this.status = element("div", {
+      className: "loralab-pedal-status",
+      style: "font:11px monospace;color:#aaa;white-space:pre-wrap;overflow:hidden;max-height:28px;",
+    });
+    const header = element("div", { style: "display:flex;gap:4px;font:10px sans-serif;color:#999;padding-left:20px;" },
+      element("span", { textContent: "LoRA", style: "flex:1;" }),
+      element("span", { textContent: "model", style: "width:62px;" }),
+      element("span", { textContent: "clip", style: "width:62px;" }),
+      element("span", { textContent: "", style: "width:78px;" }));
+    const footer = element("div", { style: "display:flex;gap:4px;" },
+      button("+ Add LoRA", "add", "Add a row at the bottom"),
+      button("⟳", "refresh", "Reload the list of LoRA files from the server"));
+    this.root = element("div", {
+      className: "loralab-pedalboard",
+      style: "display:flex;flex-direction:column;gap:3px;width:100%;height:100%;overflow-y:auto;font:12px sans-serif;color:#ddd;",
+    }, header, this.list, footer, this.status);
+
+    this.root.addEventListener("change", (event) => this.onChange(event));
+    this.root.addEventListener("click", (event) => this.onClick(event));
+    // Keys typed into the board are for its inputs, not for the canvas's shortcuts (Delete removes nodes).
+    this.root.addEventListener("keydown", (event) => {
+      if (["INPUT", "SELECT"].includes(event.target?.tagName)) event.stopPropagation();
+    });
+
+    // Sized through the options both front ends read for DOM widgets (a computeSize would pin the
+    // 2024 front end's element to its 50px default).
+    this.widget = node.addDOMWidget(BOARD_WIDGET, BOARD_WIDGET, this.root, {
+      getValue: () => undefined, setValue: () => {}, serialize: false,
+      getMinHeight: () => this.height(), getHeight: () => this.height(), getMaxHeight: () => this.height() + 400,
+    });
+    this.widget.serialize = false;      // the rows travel in `pedals`, never twice
+    this.widget.loralab_board = this;
+
+    watchValue(valueWidget, (value) => {
+      if (value !== this.written) queueMicrotask(() => this.load());
+    });
+    this.load();
+    this.refreshNames(false);
+  }
+
+  height() {
+    return CHROME_HEIGHT + Math.max(1, this.rows.length) * ROW_HEIGHT;
+  }
+
+  load() {
+    const { rows, error } = parseRows(this.valueWidget.value);
+    this.rows = rows;
+    this.error = error;
+    this.render();
+  }
+
+  commit(rows, rerender = true) {
+    this.rows = rows;
+    this.error = null;
+    this.written = serializeRows(rows);
+    this.valueWidget.value = this.written;
+    this.valueWidget.callback?.(this.written);
+    if (rerender) this.render();
+    this.node.graph?.change?.();            // marks the workflow modified (and undoable in new front ends)
+  }
+
+  async refreshNames(refresh) {
+    try {
+      this.names = await fetchLoraNames(refresh);
+      this.namesError = null;
+    } catch (error) {
+      this.namesError = `could not list LoRAs (${error.message})`;
+    }
+    this.render();
+  }
+
+  onChange(event) {
+    const control = event.target;
+    const index = Number(control.closest("[data-index]")?.dataset.index);
+    const field = control.dataset?.field;
+    if (!field || !Number.isInteger(index)) return;
+    const value = field === "on" ? control.checked : control.value;
+    const rows = setRowField(this.rows, index, field, value);
+    if (field === "lora") {
+      this.commit(rows);                    // a new LoRA needs its trigger words: redraw the rows
+      return;
+    }
+    // Switches and strengths redraw only their row's look, so focus and the spinner stay under the mouse.
+    this.commit(rows, false);
+    if (field !== "on") control.value = String(rows[index][field]);     // shows the clamped value
+    const rowElement = control.closest("[data-index]");
+    if (rowElement) rowElement.style.opacity = rowIsActive(rows[index]) ? "1" : "0.55";
+  }
+
+  onClick(event) {
+    const action = event.target?.closest?.("[data-action]")?.dataset.action;
+    if (!action) return;
+    event.preventDefault();
+    const index = Number(event.target.closest("[data-index]")?.dataset.index);
+    if (action === "add") this.commit(addRow(this.rows));
+    else if (action === "refresh") this.refreshNames(true);
+    else if (action === "remove") this.commit(removeRow(this.rows, index));
+    else if (action === "up") this.commit(moveRow(this.rows, index, -1));
+    else if (action === "down") this.commit(moveRow(this.rows, index, +1));
+  }
+
+  renderRow(row, index) {
+    const select = element("select", {
+      className: "loralab-pedal-lora", dataset: { field: "lora" }, title: row.lora,
+      style: "flex:1;min-width:60px;background:#222;color:#ddd;border:1px solid #555;border-radius:3px;",
+    });
+    for (const option of loraOptions(this.names, row.lora)) {
+      select.append(element("option", { value: option.value, textContent: option.label, selected: option.value === row.lora }));
+    }
+    select.value = row.lora;
+    const words = element("div", {
+      className: "loralab-pedal-trigger",
+      style: "font:10px monospace;color:#8a8;padding-left:20px;white-space:nowrap;overflow:hidden;text-overflow:ellipsis;",
+    });
+    if (row.lora) {
+      fetchLoraInfo(row.lora).then((info) => { words.textContent = triggerText(info); words.title = words.textContent; });
+    }
+    const controls = element("div", { style: "display:flex;gap:4px;align-items:center;" },
+      element("input", { type: "checkbox", checked: row.on, title: "On / off", className: "loralab-pedal-on", dataset: { field: "on" } }),
+      select,
+      strengthInput(row.strength_model, "strength_model", "Model strength (-10…10)"),
+      strengthInput(row.strength_clip, "strength_clip", "CLIP strength (-10…10)"),
+      button("▲", "up", "Move up"), button("▼", "down", "Move down"), button("✕", "remove", "Remove this row"));
+    return element("div", {
+      className: "loralab-pedal-row", dataset: { index: String(index) },
+      style: `display:flex;flex-direction:column;gap:1px;opacity:${rowIsActive(row) ? 1 : 0.55};`,
+    }, controls, words);
+  }
+
+  render() {
+    this.list.replaceChildren(...this.rows.map((row, index) => this.renderRow(row, index)));
+    if (!this.rows.length) {
+      this.list.append(element("div", { textContent: "No LoRA yet: press + Add LoRA.", style: "color:#888;padding:8px 20px;" }));
+    }
+    const problems = [this.error && `${this.error}; the saved value is kept until you edit the rows`, this.namesError];
+    this.status.textContent = problems.filter(Boolean).join("\n") || this.report;
+    this.status.style.color = problems.some(Boolean) ? "#e88" : "#aaa";
+    this.resize();
+  }
+
+  resize() {
+    // Grow the node when rows are added (never shrink what the user sized). Before the first draw the
+    // board's top is unknown: estimate it from the slots and the two trained-strength widgets.
+    const node = this.node;
+    const slots = Math.max(node.inputs?.length ?? 0, node.outputs?.length ?? 0);
+    const top = this.widget.last_y || this.widget.y || slots * 20 + 2 * 24 + 10;
+    const needed = top + this.height() + 16;
+    if (node.size && node.size[1] < needed) node.setSize?.([node.size[0], needed]);
+    node.setDirtyCanvas?.(true, true);
+  }
+
+  showReport(text) {
+    this.report = text;
+    this.render();
+  }
+}
+
+function boardOf(node) {
+  const existing = node.widgets?.find((w) => w.name === BOARD_WIDGET);
+  if (existing) return existing.loralab_board;
+  const valueWidget = node.widgets?.find((w) => w.name === VALUE_WIDGET);
+  if (!valueWidget) return null;         // pedals converted to an input: the rows come from elsewhere
+  hideWidget(valueWidget);
+  return new Pedalboard(node, valueWidget);
+}
+
+app.registerExtension({
+  name: "LoRALab.pedalboard",
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData.name !== NODE) return;
+    const onNodeCreated = nodeType.prototype.onNodeCreated;
+    nodeType.prototype.onNodeCreated = function () {
+      const result = onNodeCreated?.apply(this, arguments);
+      const board = boardOf(this);
+      if (board && this.size) {
+        this.setSize?.([Math.max(this.size[0], 440), this.size[1]]);
+        board.resize();
+      }
+      return result;
+    };
+    const onConfigure = nodeType.prototype.onConfigure;
+    nodeType.prototype.onConfigure = function () {
+      const result = onConfigure?.apply(this, arguments);
+      boardOf(this)?.load();     // a loaded workflow's rows, even if the value was set before the watch
+      return result;
+    };
+    const onExecuted = nodeType.prototype.onExecuted;
+    nodeType.prototype.onExecuted = function (message) {
+      const result = onExecuted?.apply(this, arguments);
+      const text = message?.text;
+      if (text?.length) boardOf(this)?.showReport(Array.isArray(text) ? text.join("\n") : String(text));
+      return result;
+    };
+  },
+});

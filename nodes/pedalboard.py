@@ -1,0 +1,271 @@
+"""The pedalboard: any number of LoRA rows on one node, each switchable, with its own strengths.
+
+The rows live in one STRING input, ``pedals``, holding JSON::
+
+    [{"on": true, "lora": "style.safetensors", "strength_model": 0.8, "strength_clip": 1.0}, ...]
+
+A plain widget value survives saving, reloading and API-format export without any front-end code on
+the server side; js/pedalboard.js only draws the rows and writes this JSON back. Everything else --
+names, files, applying, trigger words -- is the pedal's and Apply LoRA Stack's code in stack.py.
+
+Order of the output stack: the incoming ``lora_stack`` first (as everywhere in LORA_STACK land), then
+the board's rows top to bottom, then the LoRA on the ``trained_lora`` input last, like a pedal added
+at the end of the board.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+from ..trainer import lora_stack as stacks
+from ..trainer.lora_stack import LoraStackError
+from . import stack
+from .messages import user_error, validation_message
+
+NODE_BOARD = "LoRA Pedalboard"
+DEFAULT_STRENGTH = 1.0
+ROW_EXAMPLE = '[{"on": true, "lora": "style.safetensors", "strength_model": 1.0, "strength_clip": 1.0}]'
+
+
+@dataclass(frozen=True)
+class Pedal:
+    number: int          # 1-based row number, as the user sees it
+    on: bool
+    lora: str
+    strength_model: float
+    strength_clip: float
+
+    @property
+    def active(self) -> bool:
+        """Disabled, empty and both-zero rows change nothing, so they are left out of the stack."""
+        return self.on and self.lora.strip() not in ("", stacks.NONE_NAME) and \
+            (self.strength_model != 0 or self.strength_clip != 0)
+
+
+def parse_pedals(text) -> list[Pedal]:
+    """The rows of a ``pedals`` value; LoraStackError naming the row for anything malformed.
+
+    Missing keys take defaults (on, strengths 1.0) so hand-written API prompts stay short; unknown keys
+    are ignored so a newer front end can store more per row.
+    """
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return []
+    if not isinstance(text, str):
+        raise LoraStackError(f"pedals is a {type(text).__name__}, not a JSON string.",
+                             f"send the rows as a JSON text, e.g. {ROW_EXAMPLE}.")
+    try:
+        rows = json.loads(text)
+    except ValueError as error:
+        raise LoraStackError(f"pedals is not valid JSON ({error}).",
+                             f"write the rows as a JSON list, e.g. {ROW_EXAMPLE}, or rebuild them in the "
+                             "node's rows (a hand edit may have cut the text).") from None
+    if not isinstance(rows, list):
+        raise LoraStackError(f"pedals holds a JSON {type(rows).__name__}, not a list of rows.",
+                             f"wrap the rows in [...], e.g. {ROW_EXAMPLE}.")
+    return [_pedal(number, row) for number, row in enumerate(rows, start=1)]
+
+
+def _pedal(number: int, row) -> Pedal:
+    if not isinstance(row, dict):
+        raise LoraStackError(f"Row {number} of pedals is {row!r}, not an object.",
+                             f"write each row as an object, e.g. {ROW_EXAMPLE[1:-1]}.")
+    on = row.get("on", True)
+    if not isinstance(on, bool):
+        raise LoraStackError(f"Row {number} of pedals has \"on\": {on!r}; it must be true or false.",
+                             "set \"on\" to true or false.")
+    lora = row.get("lora", "")
+    if lora is None:
+        lora = ""
+    if not isinstance(lora, str):
+        raise LoraStackError(f"Row {number} of pedals has \"lora\": {lora!r}; it must be a LoRA file name.",
+                             "set \"lora\" to a name from the loras folder, e.g. \"style.safetensors\".")
+    strengths = []
+    for key in ("strength_model", "strength_clip"):
+        value = row.get(key, DEFAULT_STRENGTH)
+        # bool is an int in Python, but true/false as a strength is a mistake worth naming
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise LoraStackError(f"Row {number} of pedals has \"{key}\": {value!r}; it must be a number.",
+                                 f"set \"{key}\" to a number such as 1.0.")
+        strengths.append(float(value))
+    return Pedal(number, on, lora, *strengths)
+
+
+def _board_problem(text) -> tuple[str, str] | None:
+    """(problem, fix) for what VALIDATE_INPUTS and the run both refuse: bad rows, bad strengths, names."""
+    try:
+        pedals = parse_pedals(text)
+    except LoraStackError as error:
+        return error.problem, error.fix
+    for pedal in pedals:
+        for key in ("strength_model", "strength_clip"):
+            problem = stack.strength_out_of_range(getattr(pedal, key))
+            if problem:
+                return f"Row {pedal.number} ({pedal.lora or 'no LoRA'}) {key} {problem[0]}", problem[1]
+    for pedal in pedals:
+        if pedal.active:
+            try:
+                stack.resolve_name(pedal.lora)
+            except LoraStackError as error:
+                return f"Row {pedal.number}: {error.problem}", error.fix
+    return None
+
+
+def _words_from_headers(entries, strict: bool, input_name: str) -> list[str]:
+    """Trigger words without applying anything: each file's header only, never its tensors."""
+    words = []
+    for name, *_ in entries:
+        try:
+            words += stacks.trigger_words(stacks.read_metadata(stack.resolve_name(name).path))
+        except LoraStackError as error:
+            if strict:
+                raise user_error(NODE_BOARD, input_name, error.problem, error.fix) from None
+    return words
+
+
+def _outputs_in_use(prompt, unique_id) -> set[int]:
+    """Which of this node's outputs the queued prompt connects to something (indexes)."""
+    used = set()
+    if not isinstance(prompt, dict) or unique_id is None:
+        return used
+    for node in prompt.values():
+        for value in ((node or {}).get("inputs") or {}).values():
+            if isinstance(value, list) and len(value) == 2 and str(value[0]) == str(unique_id):
+                used.add(value[1])
+    return used
+
+
+class LoraLabPedalboard:
+    TITLE = NODE_BOARD
+    DESCRIPTION = ("A whole pedalboard of LoRAs on one node: add rows, switch each on or off, set its model and "
+                   "clip strengths, reorder them. Outputs the LORA_STACK (incoming entries first, the trained_lora "
+                   "input last) and, when MODEL is connected, MODEL and CLIP wearing the LoRAs, exactly like a "
+                   "chain of Load LoRA nodes.")
+    CATEGORY = stack.CATEGORY
+    FUNCTION = "play"
+    RETURN_TYPES = (stack.STACK_TYPE, "MODEL", "CLIP", "STRING")
+    RETURN_NAMES = ("lora_stack", "model", "clip", "trigger_words")
+    OUTPUT_TOOLTIPS = ("The incoming stack, then the active rows, then trained_lora; for Apply LoRA Stack or "
+                       "any LORA_STACK node.",
+                       "The model wearing the whole stack; connect the MODEL input to use it.",
+                       "The CLIP wearing the whole stack; without a CLIP input it is None.",
+                       "Trigger words of every LoRA in the stack, comma-separated (stored trigger word, else "
+                       f"the {stacks.TRIGGER_TAGS_FROM_FREQUENCY} most frequent training tags).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "pedals": ("STRING", {"default": "[]", "multiline": False, "tooltip":
+                           "The rows as JSON (the node's row editor writes it): a list of "
+                           '{"on", "lora", "strength_model", "strength_clip"}. Off, empty and both-zero rows '
+                           "are skipped."}),
+            },
+            "optional": {
+                "lora_stack": (stack.STACK_TYPE, {"tooltip": "Entries from earlier pedals; they stay first."}),
+                "model": ("MODEL", {"tooltip": "Connect to get the MODEL output wearing the stack."}),
+                "clip": ("CLIP", {"tooltip": "Connect (with MODEL) to apply the LoRAs to the text encoder too."}),
+                "trained_lora": ("STRING", {"forceInput": True, "tooltip":
+                                 "A LoRA name from another node (Train LoRA's lora_name): added as the last "
+                                 "row, at the trained strengths below."}),
+                "trained_strength_model": stack.strength_input("diffusion model (trained_lora row)"),
+                "trained_strength_clip": stack.strength_input("text encoder (trained_lora row)"),
+            },
+            "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"},
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, pedals=None, trained_strength_model=None, trained_strength_clip=None):
+        # Linked inputs arrive as None; trained_lora is never listed here so a freshly trained name
+        # (unknown until Train LoRA runs) cannot reject the prompt.
+        for input_name, value in (("trained_strength_model", trained_strength_model),
+                                  ("trained_strength_clip", trained_strength_clip)):
+            if isinstance(value, (int, float)) and stack.strength_out_of_range(value):
+                return validation_message(NODE_BOARD, input_name, *stack.strength_out_of_range(value))
+        if pedals is None:
+            return True
+        problem = _board_problem(pedals)
+        return validation_message(NODE_BOARD, "pedals", *problem) if problem else True
+
+    @classmethod
+    def IS_CHANGED(cls, pedals=None, trained_lora=None, **_):
+        try:
+            names = [pedal.lora for pedal in parse_pedals(pedals) if pedal.active]
+        except LoraStackError:
+            return ""
+        if isinstance(trained_lora, str):
+            names.append(trained_lora)
+        return "|".join(stack.file_signature(name) for name in names)
+
+    def play(self, pedals, lora_stack=None, model=None, clip=None, trained_lora=None,
+             trained_strength_model=DEFAULT_STRENGTH, trained_strength_clip=DEFAULT_STRENGTH,
+             prompt=None, unique_id=None):
+        problem = _board_problem(pedals)
+        if problem:
+            raise user_error(NODE_BOARD, "pedals", *problem)
+        board = [(stack.resolve(pedal.lora, NODE_BOARD, "pedals").name, pedal.strength_model, pedal.strength_clip)
+                 for pedal in parse_pedals(pedals) if pedal.active]
+        trained = self._trained_entry(trained_lora, trained_strength_model, trained_strength_clip)
+        try:    # refuse a malformed upstream stack here, where it can be named, not halfway through applying
+            plain_incoming = stacks.normalize_stack(lora_stack)
+        except LoraStackError as error:
+            raise user_error(NODE_BOARD, "lora_stack", error.problem, error.fix) from None
+        incoming = [] if lora_stack is None else list(lora_stack)     # passed on as given, like the pedal
+        segments = (("lora_stack", incoming), ("pedals", board), ("trained_lora", trained))
+        self._check_outputs(model, clip, prompt, unique_id)
+
+        if model is None:
+            # Stack only: nothing to apply, but the words still come from the files' headers. Upstream
+            # entries are only passed on (another pack's apply node may accept names we would not), so
+            # their words are best-effort; our rows and trained_lora resolved above and must be readable.
+            words = _words_from_headers(plain_incoming, False, "lora_stack")
+            words += _words_from_headers(board, True, "pedals") + _words_from_headers(trained, True, "trained_lora")
+            listed = plain_incoming + board + trained
+            lines = [f"{name}  {stacks.strength_text((name, m, c))}" for name, m, c in listed]
+            summary = "\n".join((lines or ["no LoRA in the stack"]) + ["(MODEL not connected: nothing applied)"])
+            return {"ui": {"text": [summary]},
+                    "result": (incoming + board + trained, None, None, stacks.join_words(words))}
+
+        applied, words = [], []
+        for input_name, entries in segments:     # one chain; each part's errors name its own input
+            result = stack.apply_stack(model, clip, entries, NODE_BOARD, input_name)
+            model, clip = result.model, result.clip
+            applied += result.applied
+            words += result.trigger_words.split(", ") if result.trigger_words else []
+        total = stack.AppliedStack(model, clip, stacks.join_words(words), applied)
+        return {"ui": {"text": [total.summary()]},
+                "result": (incoming + board + trained, total.model, total.clip, total.trigger_words)}
+
+    @staticmethod
+    def _trained_entry(name, strength_model, strength_clip) -> list:
+        if not isinstance(name, str) or name.strip() in ("", stacks.NONE_NAME):
+            return []
+        for input_name, value in (("trained_strength_model", strength_model),
+                                  ("trained_strength_clip", strength_clip)):
+            if stack.strength_out_of_range(value):
+                raise user_error(NODE_BOARD, input_name, *stack.strength_out_of_range(value))
+        if strength_model == 0 and strength_clip == 0:
+            return []
+        resolved = stack.resolve(name.strip(), NODE_BOARD, "trained_lora")
+        return [(resolved.name, float(strength_model), float(strength_clip))]
+
+    @staticmethod
+    def _check_outputs(model, clip, prompt, unique_id) -> None:
+        """A MODEL/CLIP output wired onwards while its input is not connected would hand the next node
+        None and fail there with a confusing message; say what to connect here instead."""
+        used = _outputs_in_use(prompt, unique_id)
+        if model is None and (1 in used or 2 in used):
+            raise user_error(NODE_BOARD, "model", "the model/clip output is connected but the model input is not, "
+                             "so there is nothing to apply the LoRAs to.",
+                             "connect a MODEL (and CLIP) to the pedalboard, or take only its lora_stack output "
+                             "into Apply LoRA Stack.")
+        if clip is None and 2 in used:
+            raise user_error(NODE_BOARD, "clip", "the clip output is connected but the clip input is not.",
+                             "connect the CLIP from your checkpoint loader to the pedalboard.")
+        if model is None and clip is not None:
+            raise user_error(NODE_BOARD, "model", "CLIP is connected without MODEL.",
+                             "connect the MODEL too (the LoRAs go onto both, as with Load LoRA).")
+
+
+NODE_CLASS_MAPPINGS = {"LoraLabPedalboard": LoraLabPedalboard}
+NODE_DISPLAY_NAME_MAPPINGS = {"LoraLabPedalboard": "LoRA Pedalboard (LoRA Lab)"}

@@ -1,0 +1,98 @@
+"""HTTP routes the pedalboard's front end asks: which LoRAs exist, and what one of them is.
+
+``GET /loralab/loras``            -> ["style.safetensors", "chars/hero.safetensors", ...]
+``GET /loralab/lora_info?name=N`` -> {"name", "trigger_words", "base_model", "network_dim", ...}
+
+The info route reads the file's safetensors header only (8-byte length + JSON): no tensor is loaded,
+nothing is unpickled, and names go through the same resolution as the pedals, so a request cannot
+read a file outside the loras folders or a pickle. (Newer ComfyUI serves every route under /api/ too.)
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+
+from ..trainer import lora_stack as stacks
+from ..trainer.lora_stack import LoraNotFoundError, LoraStackError
+from . import stack
+
+LORAS_ROUTE = "/loralab/loras"
+INFO_ROUTE = "/loralab/lora_info"
+
+
+def lora_names() -> list[str]:
+    """The names a pedal offers (ComfyUI's LoRA list, without Train LoRA's resume states)."""
+    return [name for name in stack.lora_choices() if name != stacks.NONE_NAME]
+
+
+def _number(text, kind):
+    try:
+        return kind(text) if text not in (None, "", "None") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def lora_info(name) -> tuple[int, dict]:
+    """(HTTP status, JSON body) for one LoRA name: 200 with what its header says, else an error text."""
+    if not isinstance(name, str) or not name.strip():
+        return 400, {"error": "Give the LoRA as ?name=<a name from /loralab/loras>."}
+    try:
+        resolved = stack.resolve_name(name)
+        header = stacks.read_header(resolved.path)
+    except LoraNotFoundError as error:
+        return 404, {"error": str(error), "name": name}
+    except LoraStackError as error:      # outside the folders, a pickle, not .safetensors, damaged
+        return 400, {"error": str(error), "name": name}
+    metadata = stacks.header_metadata(header)
+    return 200, {
+        "name": resolved.name,
+        "trigger_words": stacks.trigger_words(metadata),
+        "base_model": metadata.get("ss_base_model_version") or None,
+        "network_dim": _number(metadata.get("ss_network_dim"), int),
+        "network_alpha": _number(metadata.get("ss_network_alpha"), float),
+        "network_module": metadata.get("ss_network_module") or None,
+        "output_name": metadata.get("ss_output_name") or None,
+        "resolution": metadata.get("ss_resolution") or None,
+        "steps": _number(metadata.get("ss_steps"), int),
+        "title": metadata.get("modelspec.title") or None,
+        "tensor_count": sum(1 for key in header if key != "__metadata__"),
+        "size_bytes": os.path.getsize(resolved.path),
+    }
+
+
+def add_routes(routes) -> None:
+    """Register both routes on an aiohttp RouteTableDef (ComfyUI's PromptServer.instance.routes)."""
+    from aiohttp import web
+
+    @routes.get(LORAS_ROUTE)
+    async def loralab_loras(request):
+        return web.json_response(lora_names())
+
+    @routes.get(INFO_ROUTE)
+    async def loralab_lora_info(request):
+        # File reads stay off the server's event loop (a slow network share must not stall the UI).
+        status, body = await asyncio.get_running_loop().run_in_executor(
+            None, lora_info, request.query.get("name"))
+        return web.json_response(body, status=status)
+
+
+def register_with_server() -> bool:
+    """Add the routes to the running ComfyUI server, once; False when there is none (in-process tests).
+
+    ComfyUI imports its ``server`` module and creates PromptServer.instance before it loads custom
+    nodes, and adds ``routes`` to the web app after, so registering at import time is in time. Looked up
+    in sys.modules rather than imported, so using the nodes without a server starts none.
+    """
+    prompt_server = getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
+    routes = getattr(prompt_server, "routes", None)
+    if routes is None or getattr(prompt_server, "_loralab_routes", False):
+        return False
+    try:
+        add_routes(routes)
+    except Exception:      # the nodes still work without the row editor's lists; say why it is empty
+        logging.exception("LoRA Lab: could not register %s and %s", LORAS_ROUTE, INFO_ROUTE)
+        return False
+    prompt_server._loralab_routes = True
+    return True

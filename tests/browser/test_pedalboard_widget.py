@@ -1,0 +1,91 @@
+"""The pedalboard's row editor in a real front end: add, edit, reorder, remove; save, reload, export."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "comfy"))
+from test_stack_nodes import full_size_lora  # noqa: E402
+
+pytestmark = pytest.mark.server
+
+
+@pytest.fixture(scope="module")
+def board_loras(server, tiny_unet, sd15_clip):
+    style = full_size_lora(server.overlay, "browser_style.safetensors", tiny_unet, sd15_clip, 51, slice(0, 6),
+                           {"loralab_trigger_word": "browserx", "ss_base_model_version": "sd_v1"})
+    detail = full_size_lora(server.overlay, "browser_detail.safetensors", tiny_unet, sd15_clip, 52, slice(6, 12))
+    return style, detail
+
+
+def add_board(page) -> int:
+    node = page.page.evaluate(
+        """() => { const n = LiteGraph.createNode('LoraLabPedalboard'); n.pos = [80, 80];
+                   app.graph.add(n); app.canvas.ds.scale = 1; app.canvas.ds.offset = [0, 0];
+                   app.graph.setDirtyCanvas(true, true); return n.id; }""")
+    page.page.wait_for_selector(".loralab-pedalboard", state="visible", timeout=10_000)
+    return node
+
+
+def pedals_value(page, node: int) -> list[dict]:
+    return json.loads(page.page.evaluate(
+        "(id) => app.graph.getNodeById(id).widgets.find((w) => w.name === 'pedals').value", node))
+
+
+def row(page, index: int):
+    return page.page.locator(f".loralab-pedal-row[data-index='{index}']")
+
+
+def test_rows_edit_reorder_and_survive_reload_and_export(page, server, board_loras):
+    style, detail = board_loras
+    node = add_board(page)
+    board = page.page.locator(".loralab-pedalboard")
+    board.locator("[data-action='add']").click()
+    board.locator("[data-action='add']").click()
+    page.page.locator(".loralab-pedal-refresh, [data-action='refresh']").first.click()
+    page.page.wait_for_function(
+        "(name) => [...document.querySelectorAll('.loralab-pedal-lora option')].some((o) => o.value === name)",
+        arg=style, timeout=10_000)
+
+    row(page, 0).locator("[data-field='lora']").select_option(style)
+    row(page, 1).locator("[data-field='lora']").select_option(detail)
+    row(page, 0).locator("[data-field='strength_model']").fill("0.75")
+    row(page, 0).locator("[data-field='strength_model']").dispatch_event("change")
+    row(page, 1).locator("[data-field='strength_clip']").fill("42")       # clamped to 10
+    row(page, 1).locator("[data-field='strength_clip']").dispatch_event("change")
+    row(page, 1).locator("[data-field='on']").uncheck()
+    page.page.wait_for_function(
+        "() => document.querySelector(\".loralab-pedal-row[data-index='0'] .loralab-pedal-trigger\")"
+        "?.textContent.includes('browserx')", timeout=10_000)
+
+    rows = pedals_value(page, node)
+    assert [(r["lora"], r["on"], r["strength_model"], r["strength_clip"]) for r in rows] == [
+        (style, True, 0.75, 1.0), (detail, False, 1.0, 10.0)]
+
+    row(page, 1).locator("[data-action='up']").click()          # reorder: detail first
+    assert [r["lora"] for r in pedals_value(page, node)] == [detail, style]
+    board.locator("[data-action='add']").click()
+    row(page, 2).locator("[data-action='remove']").click()      # an added row can be removed again
+    assert len(pedals_value(page, node)) == 2
+
+    exported = page.graph_to_prompt()[str(node)]["inputs"]["pedals"]
+    assert json.loads(exported) == pedals_value(page, node)
+
+    saved = page.serialize_graph()
+    path = server.overlay / "temp" / "pedalboard_workflow.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(saved))
+    page.page.reload(wait_until="domcontentloaded")
+    page.open()
+    page.load_workflow_file(path)
+    page.page.evaluate("() => { app.canvas.ds.scale = 1; app.canvas.ds.offset = [0, 0]; app.graph.setDirtyCanvas(true, true); }")
+    page.page.wait_for_selector(".loralab-pedal-row[data-index='1']", timeout=10_000)
+    assert [r["lora"] for r in pedals_value(page, node)] == [detail, style]
+    shown = page.page.evaluate(
+        """() => [...document.querySelectorAll('.loralab-pedal-row')].map((r) => [
+             r.querySelector('[data-field=lora]').value, r.querySelector('[data-field=on]').checked,
+             Number(r.querySelector('[data-field=strength_model]').value)])""")
+    assert shown == [[detail, False, 1.0], [style, True, 0.75]]
