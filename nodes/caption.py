@@ -21,6 +21,7 @@ from ..trainer import caption_edits
 from ..trainer.caption_edits import MODES, CaptionEdits, SidecarReport, final_caption, needs_generation
 from ..trainer.captioner import (DOWNLOAD_PATTERNS, HUB_FILES, KNOWN_MODELS, BlipCaptioner, hub_url,
                                  missing_files, pick_dtype, resolve_snapshot)
+from ..trainer.dataset import DatasetError, is_inside
 from .messages import user_error
 
 CATEGORY = "LoRA Lab/Caption"
@@ -244,6 +245,8 @@ def _run_blip(blip, dataset, todo, prompt, min_length, max_length, num_beams, ba
     try:
         return blip.caption(_LazyImages(dataset, todo), prompt=prompt, min_length=min_length, max_length=max_length,
                             num_beams=num_beams, batch_size=batch_size, on_batch_done=on_batch_done)
+    except DatasetError as error:      # a picture changed, vanished or became a link leading out since the scan
+        raise user_error(LoraLabCaption.TITLE, "dataset", error.problem, error.fix) from None
     finally:
         if on_gpu:
             comfy.model_management.soft_empty_cache()
@@ -262,9 +265,38 @@ class _LazyImages:
         return self.dataset.load_image(self.indices[position])
 
 
+NAME_MAX = 255                  # bytes per file name on ext4, NTFS, APFS
+TEMPORARY_NAME_EXTRA = 14       # write_text_atomically's ".<name>.<8 random>.tmp"
+
+
 def write_sidecars_for(dataset, captions: list[str], mode: str) -> SidecarReport:
-    return caption_edits.write_sidecars([item.caption_path for item in dataset.items], captions,
-                          replace_existing=mode != "fill-missing", backup_root=dataset.root)
+    paths = [item.caption_path for item in dataset.items]
+    moved = [path for path in paths if path and not _still_inside(path, dataset.root)]
+    too_long = [path for path in paths if path and path not in moved
+                and len(os.fsencode(os.path.basename(path))) + TEMPORARY_NAME_EXTRA > NAME_MAX]
+    refused = set(moved) | set(too_long)
+    try:
+        report = caption_edits.write_sidecars([None if path in refused else path for path in paths], captions,
+                                              replace_existing=mode != "fill-missing", backup_root=dataset.root)
+    except OSError as error:      # disk full, permissions: name the file instead of a bare traceback
+        raise user_error(LoraLabCaption.TITLE, "write_sidecars",
+                         f"Writing the caption file {error.filename or ''} failed ({error.strerror or error}); "
+                         f"caption files written before it are kept.",
+                         "Free disk space or fix the folder's permissions and queue again, or turn write_sidecars "
+                         "off to use the captions in this graph only.") from None
+    report.without_path -= len(refused)
+    report.moved, report.too_long = moved, too_long
+    return report
+
+
+def _still_inside(path: str, root: str | None) -> bool:
+    """Re-checked right before writing: a sidecar (or its folder) swapped for a symbolic link since the scan
+    could otherwise make this node read or write a file outside the dataset folder."""
+    if root is None:
+        return True
+    real_root = os.path.realpath(root)
+    folder = os.path.realpath(os.path.dirname(path))
+    return is_inside(folder, real_root) and not os.path.islink(path)
 
 
 def describe_run(blip, dataset, mode: str, generated: int, seconds: float, wrote: bool,
@@ -298,6 +330,17 @@ def _sidecar_lines(dataset, sidecars: SidecarReport) -> list[str]:
     if sidecars.kept:
         lines.append(f"Kept {len(sidecars.kept)} existing caption file(s) as they are (fill-missing never replaces "
                      f"a caption file); the trigger word and other edits reach those captions in this graph only.")
+    too_long = getattr(sidecars, "too_long", [])
+    if too_long:
+        lines.append(f"Warning: {len(too_long)} caption file name(s) would be longer than file systems allow "
+                     f"({NAME_MAX} bytes with the temporary name): {', '.join(shown(path)[:60] + '…' for path in too_long[:5])}. "
+                     f"Give those pictures shorter names.")
+    moved = getattr(sidecars, "moved", [])
+    if moved:
+        lines.append(f"Warning: {len(moved)} caption file(s) not written because they (or their folder) became a "
+                     f"symbolic link leading outside the dataset folder after it was scanned: "
+                     f"{', '.join(shown(path) for path in moved[:10])}. Replace the links with real files or "
+                     f"folders and run the dataset node again.")
     if sidecars.without_path:
         if dataset.root is None:
             lines.append("Warning: this dataset came from an IMAGE batch, so there are no picture files to write "

@@ -16,6 +16,7 @@ import comfy.model_management
 import comfy.sd
 
 from ..trainer.checkpointing import clone_inputs_of, gradient_checkpointing
+from ..trainer.network_shape import NetworkShape
 
 log = logging.getLogger("LoRA Lab")
 
@@ -33,8 +34,21 @@ def model_family(patcher) -> str:
     return families.get(config_name, config_name.lower() or "unknown")
 
 
+def predicts_v(patcher) -> bool:
+    return prediction_type(model_sampling(patcher)) == "v"
+
+
+def base_model_version(patcher) -> str:
+    """kohya's ss_base_model_version: the family, "_v" appended for SD1/SD2 v-prediction ("sd_v2_v")."""
+    family = model_family(patcher)
+    return family + "_v" if family in ("sd_v1", "sd_v2") and predicts_v(patcher) else family
+
+
 def default_resolution(patcher) -> int:
-    return 1024 if model_family(patcher).startswith("sdxl") else 512
+    family = model_family(patcher)
+    if family.startswith("sdxl"):
+        return 1024
+    return 768 if family == "sd_v2" and predicts_v(patcher) else 512   # SD 2.x 768-v vs 512 base
 
 
 SUPPORTED_FAMILIES = ("sd_v1", "sd_v2")
@@ -87,12 +101,20 @@ class ComfyDenoiser:
 
 
 # --- which layers get adapters, and their kohya names ---------------------------------------------
-def unet_lora_targets(patcher) -> dict[str, str]:
-    """kohya's SD default: every Linear and 1x1 Conv inside the UNet's transformer blocks.
+UNET_BLOCKS = ("SpatialTransformer", "ResBlock", "Downsample", "Upsample")
 
-    Returns {module path inside diffusion_model: kohya module name}. Names come from ComfyUI's own
-    LoRA key map, so every saved key is one ComfyUI maps (no "lora key not loaded"). SD1/SD2 files
-    use the diffusers-style names kohya and A1111 write; SDXL uses the LDM names kohya writes.
+
+def unet_lora_targets(patcher, shape: NetworkShape | None = None) -> dict[str, str]:
+    """{module path inside diffusion_model: kohya module name} for the network shape (kohya default)."""
+    return {path: name for path, (name, _) in unet_lora_layers(patcher, shape or NetworkShape()).items()}
+
+
+def unet_lora_layers(patcher, shape: NetworkShape) -> dict[str, tuple[str, str]]:
+    """{module path: (kohya name, "linear" | "conv")} for every UNet layer the shape trains.
+
+    Names come from ComfyUI's own LoRA key map, so every saved key is one ComfyUI maps (no "lora key
+    not loaded"). SD1/SD2 files use the diffusers-style names kohya and A1111 write
+    (``lora_unet_down_blocks_0_resnets_0_conv1``); SDXL uses the LDM names kohya writes.
     """
     base_model = patcher.model
     key_map = comfy.lora.model_lora_keys_unet(base_model, {})
@@ -101,14 +123,19 @@ def unet_lora_targets(patcher) -> dict[str, str]:
         if lora_name.startswith("lora_unet_"):
             names_for_weight.setdefault(weight_key, []).append(lora_name)
     prefer_ldm_names = model_family(patcher).startswith("sdxl")
-    targets = {}
+    layers = {}
     for block_path, block in base_model.diffusion_model.named_modules():
-        if type(block).__name__ != "SpatialTransformer":
+        block_kind = type(block).__name__
+        if block_kind not in UNET_BLOCKS:
             continue
         for inner_path, layer in block.named_modules():
-            is_linear = isinstance(layer, torch.nn.Linear)
-            is_pointwise_conv = isinstance(layer, torch.nn.Conv2d) and tuple(layer.kernel_size) == (1, 1)
-            if not (is_linear or is_pointwise_conv):
+            if isinstance(layer, torch.nn.Linear):
+                part = shape.part_of(block_kind, inner_path, "Linear")
+            elif isinstance(layer, torch.nn.Conv2d):
+                part = shape.part_of(block_kind, inner_path, "Conv2d", tuple(layer.kernel_size))
+            else:
+                continue
+            if part is None:
                 continue
             path = f"{block_path}.{inner_path}"
             candidates = names_for_weight.get(f"diffusion_model.{path}.weight", [])
@@ -120,8 +147,8 @@ def unet_lora_targets(patcher) -> dict[str, str]:
                 chosen = diffusers[0]
             if chosen is None:
                 raise RuntimeError(f"ComfyUI has no LoRA key for {path}; cannot train it safely")
-            targets[path] = chosen
-    return targets
+            layers[path] = (chosen, part)
+    return layers
 
 
 # --- getting a shared model ready to train, and handing it back unchanged --------------------------
@@ -129,22 +156,26 @@ class PartiallyLoaded(RuntimeError):
     """ComfyUI kept part of the model off the GPU (lowvram); adapters cannot train across devices."""
 
 
-def load_fully(patcher) -> None:
-    """Put the model (with any upstream LoRA patches applied) wholly on its device.
+def load_fully(patcher, companions=()) -> None:
+    """Put the model (with any upstream LoRA patches applied) wholly on its device, with ``companions``
+    (the text encoder's patcher when it trains too) in the same call.
 
-    Everything else ComfyUI holds on the device (VAE, text encoder, other models) is unloaded first:
-    their work is done once the dataset is encoded, and training needs the room.
+    Everything else ComfyUI holds on the device (VAE, other models) is unloaded first: their work is
+    done once the dataset is encoded, and training needs the room. Loading UNet and text encoder in
+    one ``load_models_gpu`` call means ComfyUI makes room for both together, so neither evicts the
+    other; training then never calls ComfyUI's loader again (see trainable_caption_encoder).
     """
     comfy.model_management.unload_all_models()
     kwargs = {}
     if "force_full_load" in inspect.signature(comfy.model_management.load_models_gpu).parameters:
         kwargs["force_full_load"] = True
-    comfy.model_management.load_models_gpu([patcher], **kwargs)
-    device = torch.device(patcher.load_device)
-    stray = [name for name, p in patcher.model.diffusion_model.named_parameters() if p.device.type != device.type]
-    if stray:
-        raise PartiallyLoaded(f"{len(stray)} of the model's weights stayed off {device} "
-                              f"(e.g. {stray[0]}) because ComfyUI could not fit the whole model on {device}")
+    comfy.model_management.load_models_gpu([patcher, *companions], **kwargs)
+    for loaded, weights in [(patcher, patcher.model.diffusion_model), *((c, c.model) for c in companions)]:
+        device = torch.device(loaded.load_device)
+        stray = [name for name, p in weights.named_parameters() if p.device.type != device.type]
+        if stray:
+            raise PartiallyLoaded(f"{len(stray)} of {type(weights).__name__}'s weights stayed off {device} "
+                                  f"(e.g. {stray[0]}) because ComfyUI could not fit the whole model on {device}")
 
 
 def detach_from_inference_mode(module: torch.nn.Module) -> int:
@@ -170,10 +201,11 @@ def detach_from_inference_mode(module: torch.nn.Module) -> int:
 
 
 @contextlib.contextmanager
-def trainable_unet(patcher, checkpointing: bool):
+def trainable_unet(patcher, checkpointing: bool, clip=None):
     """The UNet ready for adapters: fully loaded, autograd-safe weights, 2024-03's in-place trap
-    defused, optional gradient checkpointing. Everything but the weight copies is undone on exit."""
-    load_fully(patcher)
+    defused, optional gradient checkpointing. Everything but the weight copies is undone on exit.
+    ``clip``: a text encoder that trains too, loaded alongside (see load_fully)."""
+    load_fully(patcher, [clip.patcher] if clip is not None else [])
     network = patcher.model.diffusion_model
     detach_from_inference_mode(network)
     transformer_blocks = [m for m in network.modules() if type(m).__name__ == "BasicTransformerBlock"]
@@ -183,6 +215,50 @@ def trainable_unet(patcher, checkpointing: bool):
     checkpointed = transformer_blocks + [m for m in network.modules() if type(m).__name__ == "ResBlock"]
     with clone_inputs_of(norms), gradient_checkpointing(checkpointed, enabled=checkpointing):
         yield network
+
+
+# --- the text encoder, when it trains too -----------------------------------------------------------
+def clip_lora_targets(clip) -> dict[str, str]:
+    """{module path inside clip.cond_stage_model: kohya name} for kohya's text-encoder LoRA: the
+    self_attn q/k/v/out_proj and mlp fc1/fc2 Linears of every CLIP layer, named ``lora_te_...`` by
+    ComfyUI's own key map (SD1: clip_l; SD2: clip_h), so every saved key is one ComfyUI loads."""
+    key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
+    targets = {}
+    for lora_name, weight_key in key_map.items():
+        if lora_name.startswith("lora_te_") and weight_key.endswith(".weight"):
+            targets[weight_key[: -len(".weight")]] = lora_name
+    if not targets:
+        raise RuntimeError(f"ComfyUI has no lora_te_ keys for {type(clip.cond_stage_model).__name__}")
+    return targets
+
+
+@contextlib.contextmanager
+def trainable_text_encoder(clip):
+    """CLIP's text model ready for adapters (loaded by trainable_unet): autograd-safe weights and the
+    in-place trap defused (CLIPLayer does ``x += self_attn(layer_norm1(x))`` on both versions)."""
+    encoder = clip.cond_stage_model
+    detach_from_inference_mode(encoder)
+    norms = [m for m in encoder.modules() if isinstance(m, torch.nn.LayerNorm)]
+    with clone_inputs_of(norms):
+        yield encoder
+
+
+def trainable_caption_encoder(clip):
+    """caption -> conditioning through the adapted text encoder, with gradients.
+
+    What CLIP.encode_from_tokens does, minus its ``load_model()``: the encoder is already loaded
+    beside the UNet, and asking ComfyUI to load it again mid-training could make it unload the UNet
+    (with our adapters inside) on a tight GPU.
+    """
+    encoder = clip.cond_stage_model
+
+    def encode(caption: str) -> torch.Tensor:
+        tokens = clip.tokenize(caption)
+        encoder.reset_clip_options()
+        if clip.layer_idx is not None:
+            encoder.set_clip_options({"layer": clip.layer_idx})
+        return encoder.encode_token_weights(tokens)[0]
+    return encode
 
 
 # --- encoders ----------------------------------------------------------------------------------------

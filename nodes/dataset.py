@@ -30,7 +30,7 @@ FOLDER_TOOLTIP = (
     "too, and kohya-style `10_name` subfolders repeat their pictures 10 times. To use folders elsewhere, "
     "register them in extra_model_paths.yaml under the key `lora_datasets` (e.g. `lora_datasets: "
     "/data/datasets`), restart ComfyUI and type `lora_datasets/<subfolder>` (or just `lora_datasets` for "
-    "the registered folder itself). Absolute paths and `..` are refused.")
+    "the registered folder itself). `..`, and absolute paths outside those folders, are refused.")
 
 
 # --- nodes ----------------------------------------------------------------------------------------
@@ -198,6 +198,9 @@ def resolve_dataset_folder(folder: str) -> str:
     if "\x00" in text:
         raise DatasetError("The folder name contains a NUL character.", "Retype the folder name.")
     if text.startswith(("/", "~")) or re.match(r"[A-Za-z]:", text):
+        inside = _absolute_inside_allowed_roots(text)
+        if inside:
+            return inside
         raise DatasetError(f"'{text}' is a path outside ComfyUI's folders; LoRA Lab only reads datasets inside "
                            "the input folder and folders registered as lora_datasets.", _how_to_allow(text))
     parts = [part for part in text.split("/") if part not in ("", ".")]
@@ -224,6 +227,26 @@ def resolve_dataset_folder(folder: str) -> str:
     hint = f" Folders there: {listing}." if listing else " It has no subfolders yet."
     raise DatasetError(f"There is no folder '{text}' in {where}.{hint}",
                        "Create the folder and put your pictures in it, or type one of the names listed.")
+
+
+def _allowed_roots() -> list[str]:
+    roots = [folder_paths.get_input_directory()]
+    if DATASET_ROOT_KIND in folder_paths.folder_names_and_paths:
+        roots += folder_paths.get_folder_paths(DATASET_ROOT_KIND)
+    return roots
+
+
+def _absolute_inside_allowed_roots(text: str) -> str | None:
+    """The real folder an absolute path names when it lies inside the input folder or a lora_datasets root
+    (a local user pasting the full path of a folder they put there), else None (refused by the caller)."""
+    if not os.path.isabs(text):            # "~", or a Windows drive on POSIX
+        return None
+    candidate = os.path.realpath(text)
+    for base in _allowed_roots():
+        base_real = os.path.realpath(base)
+        if candidate != base_real and is_inside(candidate, base_real) and os.path.isdir(candidate):
+            return candidate
+    return None
 
 
 def _how_to_allow(path: str | None) -> str:

@@ -1,6 +1,7 @@
 """Train LoRA: dataset + the MODEL/CLIP/VAE already loaded -> a saved LoRA and the model wearing it."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -14,13 +15,13 @@ import comfy.utils
 
 from ..trainer.examples import encode_dataset
 from ..trainer.latent_disk_cache import EncodeDatasetCache, LatentDiskCache, describe as describe_cache
-from ..trainer.lora import InjectedLora
+from ..trainer.lora import InjectedLora, LoraSet
 from ..trainer.lora_file import load_lora_file, save_lora_file
 from ..trainer.loop import NonFiniteLoss, StepReport, TrainSettings, train
 from ..trainer.loss_plot import loss_curve_image
-from ..trainer.optimizers import lr_advice, parse_optimizer_args
+from ..trainer.optimizers import lr_advice, param_groups, parse_optimizer_args
 from . import comfy_bridge, training_files
-from .messages import user_error
+from .messages import LoraLabError, user_error
 from .training_options import OPTIONS_TYPE, TrainingOptions
 
 log = logging.getLogger("LoRA Lab")
@@ -104,10 +105,12 @@ class LoraLabTrainLora:
                 captions=options.captions)
             check_noise_settings(model, settings)
             describe = training_files.Description(
-                output_name=run.output_name, family=comfy_bridge.model_family(model), rank=rank, alpha=alpha,
+                output_name=run.output_name, family=comfy_bridge.base_model_version(model), rank=rank, alpha=alpha,
                 resolution=resolution, settings=settings, dataset=dataset, buckets=data.buckets,
                 trigger_word=trigger_word or training_files.shared_first_tag(dataset), per_epoch=per_epoch,
-                epochs=epochs)
+                epochs=epochs, extra={**options.network.metadata(rank, alpha),
+                                      **text_encoder_metadata(options, learning_rate)},
+                v_parameterization=comfy_bridge.predicts_v(model))
             if resume and resume.step >= settings.steps:
                 raise user_error(NODE, "steps", f"'{options.resume_from}' already has {resume.step} steps; "
                                  f"steps is {settings.steps}.", f"set steps above {resume.step} to train further.")
@@ -161,22 +164,31 @@ def check_noise_settings(model, settings):
 
 def train_adapters(model, clip, data, settings, options, rank, alpha, seed, device, run, describe, resume):
     """Inject, train, save; whatever happens the shared model comes back as it was."""
+    text_encoder_trains = options.train_text_encoder
     try:
-        with comfy_bridge.trainable_unet(model, options.gradient_checkpointing) as network, \
+        with comfy_bridge.trainable_unet(model, options.gradient_checkpointing,
+                                         clip=clip if text_encoder_trains else None) as network, \
+                (comfy_bridge.trainable_text_encoder(clip) if text_encoder_trains
+                 else contextlib.nullcontext()) as text_model, \
                 torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
-            lora = InjectedLora(network, comfy_bridge.unet_lora_targets(model), rank=rank, alpha=alpha,
-                                dropout=options.dropout, seed=seed, device=device)
+            lora, groups = inject_adapters(model, network, clip, text_model, options, rank, alpha, seed, device,
+                                           settings.learning_rate)
             try:
                 lora.train(True)
                 if resume:
-                    lora.load_kohya_state_dict(resume.tensors)
-                loop_state = train(comfy_bridge.ComfyDenoiser(model), data, lora.parameters(), settings, device,
+                    load_resumed_weights(lora, resume, options)
+                # A trained text encoder encodes every step's captions with gradients; a frozen one's
+                # encodings are made once (data.conds) or memoised.
+                encode_caption = (comfy_bridge.trainable_caption_encoder(clip) if text_encoder_trains
+                                  else comfy_bridge.caption_encoder(clip))
+                loop_state = train(comfy_bridge.ComfyDenoiser(model), data, groups, settings, device,
                                    on_step=run.step_callback(lora, describe, options),
                                    resume=resume.loop_state if resume else None,
-                                   encode_caption=comfy_bridge.caption_encoder(clip))
-                return run.save(lora, describe, loop_state, settings.steps, final=True,
-                                overwrite=options.overwrite_existing)
+                                   encode_caption=encode_caption, text_encoder_trains=text_encoder_trains)
+                return run.save_final(lora, describe, loop_state, settings.steps, options.overwrite_existing)
+            except SaveFailed:
+                raise                       # the weights are already rescued and the message says where
             except comfy.model_management.InterruptProcessingException:
                 run.save_partial(lora, describe, "cancelled")
                 raise
@@ -193,6 +205,43 @@ def train_adapters(model, clip, data, settings, options, rank, alpha, seed, devi
     except comfy_bridge.PartiallyLoaded as too_big:
         raise user_error(NODE, "model", f"{too_big}.", "free VRAM (close other models), lower the resolution or "
                          "batch size, turn on gradient checkpointing, or start ComfyUI with --normalvram.") from None
+
+
+def inject_adapters(model, network, clip, text_model, options, rank, alpha, seed, device, learning_rate):
+    """The UNet's adapters (and the text encoder's, when it trains) as one LoraSet, and the optimizer's
+    param groups: UNet at learning_rate, text encoder at text_encoder_lr (0 = the same)."""
+    targets, ranks, alphas = options.network.adapter_arguments(
+        comfy_bridge.unet_lora_layers(model, options.network), rank, alpha)
+    parts = {"unet": InjectedLora(network, targets, rank=rank, alpha=alpha, ranks=ranks, alphas=alphas,
+                                  dropout=options.network.dropout, seed=seed, device=device)}
+    if text_model is not None:
+        try:
+            parts["text_encoder"] = InjectedLora(text_model, comfy_bridge.clip_lora_targets(clip), rank=rank,
+                                                 alpha=alpha, dropout=options.network.dropout, seed=seed,
+                                                 device=torch.device(clip.patcher.load_device))
+        except BaseException:
+            parts["unet"].remove()
+            raise
+    groups = param_groups(parts["unet"].parameters(), learning_rate,
+                          parts["text_encoder"].parameters() if text_model is not None else (),
+                          options.text_encoder_lr or None)
+    return LoraSet(parts), groups
+
+
+def text_encoder_metadata(options, learning_rate) -> dict[str, str]:
+    """kohya's keys for what was trained at which rate."""
+    data = {"ss_network_train_unet_only": str(not options.train_text_encoder), "ss_unet_lr": str(float(learning_rate))}
+    if options.train_text_encoder:
+        data["ss_text_encoder_lr"] = str(float(options.text_encoder_lr or learning_rate))
+    return data
+
+
+def load_resumed_weights(lora, resume, options):
+    try:
+        lora.load_kohya_state_dict(resume.tensors)
+    except ValueError as bad:
+        raise user_error(NODE, "options", f"'{options.resume_from}' does not fit this run's network ({bad}).",
+                         "resume with the rank, network_preset and conv_rank the save was trained with.") from None
 
 
 def check_inputs(model, dataset, output_name, rank, alpha):
@@ -215,6 +264,10 @@ def _trim(cache: dict):
         cache.pop(next(iter(cache)))
 
 
+class SaveFailed(LoraLabError):
+    """The finished LoRA could not be written; its message says where the weights went instead."""
+
+
 class TrainingRun:
     """Progress, events, saves and the report of one training run."""
 
@@ -225,6 +278,7 @@ class TrainingRun:
         self.step = 0
         self.started_at = time.time()
         self.saves: list[str] = []
+        self.periodic: list[training_files.WrittenSave] = []   # this run's <name>_step<N> files, oldest first
         self.progress = None
         self.snapshot = None      # the loop's resumable state after the last finished step
         self.saved_step = 0
@@ -241,7 +295,13 @@ class TrainingRun:
             self.send_event(report)
             if options.save_every_n_steps and report.step % options.save_every_n_steps == 0 \
                     and report.step < report.total:
-                self.save(lora, describe, report.snapshot(), report.step, final=False, overwrite=True)
+                try:
+                    self.save(lora, describe, report.snapshot(), report.step, final=False, overwrite=True)
+                except Exception as failed:     # a full disk must not end the run; the final save tries again
+                    log.warning("[LoRA Lab] the save at step %d failed (%s: %s); training goes on",
+                                report.step, type(failed).__name__, failed)
+                else:
+                    self.keep_last_periodic_saves(options.keep_last_saves)
             # Cancel: ComfyUI's own check, so it works with or without a progress hook installed.
             comfy.model_management.throw_exception_if_processing_interrupted()
         return on_step
@@ -265,11 +325,28 @@ class TrainingRun:
         metadata = describe.metadata(step=step, started_at=self.started_at, finished_at=time.time())
         path = save_lora_file(training_files.loras_root(), name, lora.kohya_state_dict(), metadata,
                               overwrite=overwrite, dtype=self.save_dtype)
-        training_files.save_resume_state(path, lora, loop_state, step, self.optimizer_name)
+        state_path = training_files.save_resume_state(path, lora, loop_state, step, self.optimizer_name)
+        if not final:
+            self.periodic.append(training_files.WrittenSave.of(path, state_path))
         self.saves.append(str(path))
         self.saved_step = step
         log.info("[LoRA Lab] saved %s (step %d)", path, step)
         return path
+
+    def keep_last_periodic_saves(self, keep: int):
+        """keep_last_saves: delete this run's older step saves (and their resume state), newest K stay.
+
+        Only files this run wrote and that are unchanged since are deleted; the final file and any
+        other run's files are never candidates.
+        """
+        if keep <= 0:
+            return
+        while len(self.periodic) > keep:
+            old = self.periodic.pop(0)
+            if old.remove():
+                log.info("[LoRA Lab] keep_last_saves=%d: deleted %s", keep, old.lora)
+                if str(old.lora) in self.saves:
+                    self.saves.remove(str(old.lora))
 
     def save_partial(self, lora, describe, why):
         if self.step == 0:
@@ -279,8 +356,13 @@ class TrainingRun:
             log.warning("[LoRA Lab] training %s at step %d; what was trained is saved as %s", why, self.step,
                         self.saves[-1])
             return self.saves[-1]
-        path = self.save(lora, describe, self.snapshot() if self.snapshot else None, self.step,
-                         final=False, overwrite=False)
+        try:
+            path = self.save(lora, describe, self.snapshot() if self.snapshot else None, self.step,
+                             final=False, overwrite=False)
+        except Exception as failed:
+            path, _ = self.rescue(lora, describe, failed)
+            if path is None:
+                return None
         log.warning("[LoRA Lab] training %s at step %d; what was trained is saved as %s", why, self.step, path)
         try:
             from server import PromptServer
@@ -291,6 +373,43 @@ class TrainingRun:
         except ImportError:
             pass
         return path
+
+    def save_final(self, lora, describe, loop_state, step, overwrite):
+        try:
+            return self.save(lora, describe, loop_state, step, final=True, overwrite=overwrite)
+        except Exception as failed:
+            target = os.path.join(training_files.loras_root(), self.output_name + ".safetensors")
+            rescued, rescue_error = self.rescue(lora, describe, failed)
+            problem = f"the trained LoRA could not be written to {target} ({type(failed).__name__}: {failed})."
+            if rescued:
+                raise SaveFailed(str(user_error(
+                    NODE, "output_name", f"{problem} The trained weights (step {step}) are safe in {rescued}.",
+                    "free disk space or fix the loras folder's permissions, then move that file into "
+                    "models/loras: it loads like any LoRA."))) from failed
+            raise SaveFailed(str(user_error(
+                NODE, "output_name", f"{problem} Saving a copy in {training_files.rescue_folder()} failed too "
+                f"({rescue_error}); the weights of this run could not be kept.",
+                "free disk space or fix the permissions of models/loras and ComfyUI's user folder, then "
+                "queue again."))) from failed
+
+    def rescue(self, lora, describe, failed):
+        """models/loras refused the file: write it under user/loralab/rescued instead -> (path, None) or
+        (None, the rescue's own error)."""
+        name = f"{self.output_name}_step{self.step}"
+        log.error("[LoRA Lab] saving %s failed (%s: %s); writing it to %s", name, type(failed).__name__, failed,
+                  training_files.rescue_folder())
+        try:
+            metadata = describe.metadata(step=self.step, started_at=self.started_at, finished_at=time.time())
+            path = save_lora_file(training_files.rescue_folder(), name, lora.kohya_state_dict(), metadata,
+                                  overwrite=False, dtype=self.save_dtype)
+        except Exception as also_failed:
+            log.error("[LoRA Lab] the rescue copy failed too (%s: %s); the weights are lost",
+                      type(also_failed).__name__, also_failed)
+            return None, f"{type(also_failed).__name__}: {also_failed}"
+        self.saves.append(str(path))
+        self.saved_step = self.step
+        log.warning("[LoRA Lab] the weights of step %d are safe in %s", self.step, path)
+        return path, None
 
     def last_save_text(self) -> str:
         return f"The last good save is {self.saves[-1]}." if self.saves else "Nothing was saved."

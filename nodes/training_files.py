@@ -11,6 +11,7 @@ import torch
 
 import folder_paths
 
+from ..trainer.dataset import is_inside
 from ..trainer.lora_file import kohya_metadata, load_lora_file, lora_relative_path, tag_frequency
 from ..trainer.loop import LoopState, TrainSettings
 from .messages import user_error
@@ -30,16 +31,34 @@ def user_folder(*parts: str) -> Path:
     return Path(user() if user else folder_paths.user_directory, "loralab", *parts)
 
 
+def rescue_folder() -> Path:
+    """Where a finished or partial LoRA goes when models/loras cannot be written (full disk, permissions)."""
+    return user_folder("rescued")
+
+
 def latent_cache_folder() -> str:
     return str(user_folder("latent-cache"))
 
 
 def check_output_name(name: str, node: str) -> None:
+    """Refuse, before any training, a name the save would refuse or fail on hours later."""
     try:
-        lora_relative_path(name)
+        relative = lora_relative_path(name)
     except ValueError as bad:
-        raise user_error(node, "output_name", str(bad),
+        raise user_error(node, "output_name", f"{bad}.",
                          "use a plain name such as 'my_lora' or 'mychar/v2' (no '..', no absolute path).") from None
+    root = Path(loras_root())
+    real_root = os.path.realpath(root)
+    folder = root
+    for part in relative.parts[:-1]:
+        folder = folder / part
+        if folder.is_symlink() and not is_inside(os.path.realpath(folder), real_root):
+            raise user_error(node, "output_name", f"'{folder.relative_to(root)}' in models/loras is a symbolic link "
+                             f"leading outside the loras folder ({root}); LoRA Lab writes only inside it.",
+                             "choose a subfolder that is really inside the loras folder, or a plain name.")
+        if folder.exists() and not folder.is_dir():
+            raise user_error(node, "output_name", f"'{folder.relative_to(root)}' in the loras folder ({root}) is a "
+                             "file, so it cannot hold the LoRA.", "choose another subfolder name, or a plain name.")
 
 
 def free_base_name(output_name: str, overwrite: bool) -> str:
@@ -83,6 +102,7 @@ class Description:
     per_epoch: int
     epochs: int
     extra: dict = field(default_factory=dict)
+    v_parameterization: bool = False
 
     def metadata(self, step: int, started_at: float, finished_at: float) -> dict[str, str]:
         by_folder: dict[str, list[str]] = {}
@@ -104,7 +124,8 @@ class Description:
             network_alpha=self.alpha, resolution=(self.resolution, self.resolution),
             num_train_images=sum(item.repeats for item in self.dataset.items),
             tag_frequency=tag_frequency(by_folder), steps=step, learning_rate=self.settings.learning_rate,
-            started_at=started_at, finished_at=finished_at, trigger_word=self.trigger_word or None, extra=extra)
+            started_at=started_at, finished_at=finished_at, trigger_word=self.trigger_word or None,
+            v_parameterization=self.v_parameterization, extra=extra)
 
     def arithmetic(self) -> str:
         images = len(self.dataset.items)
@@ -160,20 +181,66 @@ def save_resume_state(lora_path: Path, lora, loop_state: LoopState | None, step:
     return path
 
 
+@dataclass
+class WrittenSave:
+    """A save this run wrote, as it was written: only that exact file may be deleted later."""
+    lora: Path
+    state: Path
+    stamps: dict
+
+    @staticmethod
+    def _stamp(path: Path):
+        stat = path.stat()
+        return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+    @classmethod
+    def of(cls, lora, state) -> "WrittenSave":
+        lora, state = Path(lora), Path(state)
+        return cls(lora, state, {lora: cls._stamp(lora), state: cls._stamp(state)})
+
+    def remove(self) -> bool:
+        """Delete the LoRA and its resume state if each is still the file written (else leave it)."""
+        removed = False
+        for path, stamp in self.stamps.items():
+            try:
+                if self._stamp(path) != stamp:
+                    log.warning("[LoRA Lab] %s changed since it was saved; not deleting it", path)
+                    continue
+                path.unlink()
+                removed = removed or path == self.lora
+            except FileNotFoundError:
+                continue
+        return removed
+
+
 def load_resume(name: str, node: str) -> ResumePoint:
     lora_path = folder_paths.get_full_path("loras", name)
     if lora_path is None:
-        raise user_error(node, "resume_from", f"'{name}' is not in any loras folder.",
+        raise user_error(node, "resume_from", f"{name!r} is not in any loras folder.",
                          "pick a file the LoRA loaders list.")
     state_path = resume_state_path(lora_path)
-    tensors, metadata = load_lora_file(lora_path)
+    try:
+        tensors, metadata = load_lora_file(lora_path)       # .safetensors only: pickles are refused unread
+        step = int(metadata.get("ss_steps", "0") or 0)
+    except ValueError as bad:
+        raise user_error(node, "resume_from", f"'{name}' cannot be resumed: {bad}.",
+                         "pick a .safetensors save written by LoRA Lab (name_stepN.safetensors), or leave "
+                         "resume_from empty.") from None
     if not state_path.exists():
         # A LoRA from elsewhere still resumes its weights; the optimizer starts fresh.
-        step = int(metadata.get("ss_steps", "0") or 0)
         return ResumePoint(step, tensors, LoopState(step))
-    state = torch.load(state_path, map_location="cpu", weights_only=True)
-    step = int(state["step"])
-    return ResumePoint(step, state["adapters"], LoopState(step, state.get("optimizer"), state.get("scheduler"),
+    try:
+        # weights_only: a state file replaced by a crafted pickle is refused, never executed.
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        step = int(state["step"])
+        adapters = dict(state["adapters"])
+    except Exception as bad:
+        first_line = (str(bad).strip().splitlines() or [type(bad).__name__])[0][:200]
+        raise user_error(node, "resume_from", f"the resume state {state_path} of '{name}' cannot be read safely "
+                         f"({type(bad).__name__}: {first_line}).",
+                         "delete that state file to resume the weights alone (the optimizer starts fresh), "
+                         "or leave resume_from empty.") from None
+    return ResumePoint(step, adapters, LoopState(step, state.get("optimizer"), state.get("scheduler"),
                                                           state.get("scaler"), state.get("rng")),
                        state.get("optimizer_name"))
 

@@ -1,6 +1,7 @@
 """Training Options: the advanced settings, kept off the main Train LoRA node so it stays simple."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -8,7 +9,9 @@ import torch
 import folder_paths
 
 from ..trainer.caption_augment import CaptionAugment
+from ..trainer.lora_file import PICKLE_SUFFIXES
 from ..trainer.lr_schedules import SCHEDULES
+from ..trainer.network_shape import PRESETS as NETWORK_PRESETS, NetworkShape
 from ..trainer.noise import NoiseSettings
 from ..trainer.optimizers import OPTIMIZERS, parse_optimizer_args, unavailable_reason
 from .messages import user_error, validation_message
@@ -48,6 +51,17 @@ class TrainingOptions:
     keep_tokens: int = 1
     tag_dropout: float = 0.0
     latent_disk_cache: bool = True
+    network_preset: str = "kohya default"
+    conv_rank: int = 0
+    conv_alpha: float = 0.0
+    keep_last_saves: int = 0
+    train_text_encoder: bool = False
+    text_encoder_lr: float = 5e-5
+
+    @property
+    def network(self) -> NetworkShape:
+        return NetworkShape(preset=self.network_preset, dropout=self.dropout, conv_rank=self.conv_rank,
+                            conv_alpha=self.conv_alpha)
 
     @property
     def noise(self) -> NoiseSettings:
@@ -96,7 +110,8 @@ class LoraLabTrainingOptions:
                                                        "tooltip": "Less memory, about 30% slower."}),
                 "precision": (list(PRECISIONS), {"default": d.precision, "tooltip":
                               "auto = bf16 (or fp16 with loss scaling) on a GPU, fp32 on the CPU."}),
-                "dropout": ("FLOAT", {"default": d.dropout, "min": 0.0, "max": 0.9, "step": 0.05}),
+                "dropout": ("FLOAT", {"default": d.dropout, "min": 0.0, "max": 0.9, "step": 0.05, "tooltip":
+                            "network_dropout: dropout on the LoRA layers' input while training; 0 = off."}),
                 "save_every_n_steps": ("INT", {"default": d.save_every_n_steps, "min": 0, "max": 1_000_000,
                                                "tooltip": "Also save <name>_step<N> every N steps; 0 = only at the end."}),
                 "save_precision": (list(SAVE_DTYPES), {"default": d.save_precision, "tooltip":
@@ -130,6 +145,25 @@ class LoraLabTrainingOptions:
                 "latent_disk_cache": ("BOOLEAN", {"default": d.latent_disk_cache, "tooltip":
                                       "Keep VAE latents on disk (user/loralab/latent-cache), so a second run "
                                       "on the same pictures skips encoding."}),
+                "network_preset": (list(NETWORK_PRESETS), {"default": d.network_preset, "tooltip":
+                                   "Which layers learn. kohya default: attention, feed-forward and proj_in/out of "
+                                   "the transformer blocks. attention only: to_q/k/v/out (smaller, gentler). "
+                                   "LoCon (+conv): also the ResBlock and down/upsample convolutions (more detail "
+                                   "and style, bigger file)."}),
+                "conv_rank": ("INT", {"default": d.conv_rank, "min": 0, "max": 256, "tooltip":
+                              "LoCon: rank of the 3x3 convolutions (kohya conv_dim); 0 = same as rank."}),
+                "conv_alpha": ("FLOAT", {"default": d.conv_alpha, "min": 0.0, "max": 256.0, "step": 0.5, "tooltip":
+                               "LoCon: alpha of the 3x3 convolutions (kohya conv_alpha); 0 = same as alpha."}),
+                "keep_last_saves": ("INT", {"default": d.keep_last_saves, "min": 0, "max": 10_000, "tooltip":
+                                    "Keep only the newest K periodic <name>_step<N> saves of this run (older ones "
+                                    "of this run are deleted; the final file is always kept); 0 = keep all."}),
+                "train_text_encoder": ("BOOLEAN", {"default": d.train_text_encoder, "tooltip":
+                                       "Also train a LoRA on the text encoder (CLIP). Captions are then encoded "
+                                       "every step: slower, and stronger prompt binding."}),
+                "text_encoder_lr": ("FLOAT", {"default": d.text_encoder_lr, "min": 0.0, "max": 1.0, "step": 1e-5,
+                                    "round": False, "tooltip":
+                                    "Learning rate of the text-encoder LoRA (kohya text_encoder_lr); usually "
+                                    "a half to a tenth of the UNet's; 0 = the same as learning_rate."}),
             },
         }
 
@@ -147,8 +181,14 @@ class LoraLabTrainingOptions:
         except ValueError as bad:
             return validation_message(NODE, "optimizer_args", str(bad), "write pairs like 'd_coef=2 decouple=True'.")
         if resume_from and resume_from.strip():
+            suffix = os.path.splitext(resume_from.strip())[1].lower()
+            if suffix != ".safetensors":
+                return validation_message(NODE, "resume_from", f"'{resume_from}' is not a .safetensors save"
+                                          + (" (a Python pickle, which can run code when loaded)"
+                                             if suffix in PICKLE_SUFFIXES else "") + ".",
+                                          "pick a LoRA Lab save such as 'my_lora_step500.safetensors', or leave it empty.")
             if folder_paths.get_full_path("loras", resume_from.strip()) is None:
-                return validation_message(NODE, "resume_from", f"'{resume_from}' is not in any loras folder.",
+                return validation_message(NODE, "resume_from", f"{resume_from!r} is not in any loras folder.",
                                           "use a name exactly as the LoRA loaders list it, or leave it empty.")
         return True
 
@@ -157,9 +197,11 @@ class LoraLabTrainingOptions:
         options = TrainingOptions(**values)
         try:
             options.noise            # validates the timestep range and the other noise settings
+            options.network          # validates the preset, dropout and conv rank/alpha
             parse_optimizer_args(options.optimizer_args)
         except ValueError as bad:
-            raise user_error(NODE, None, str(bad), "check min_timestep < max_timestep and the optimizer_args.")
+            raise user_error(NODE, None, str(bad), "check min_timestep < max_timestep, the optimizer_args and "
+                             "the network_preset.")
         return (options,)
 
 

@@ -8,6 +8,9 @@ same data (4 latents, batch 1), LoRA rank 8 on kohya's default targets, fp32, Py
 - ours : the pack's path (comfy_bridge + InjectedLora + trainer.loop.train)
 - bare : peft injected by hand and a minimal loop over the same apply_model — the floor
 - comfy: ComfyUI's own TrainLoraNode at its defaults (ComfyUI >= 2025-06 only)
+- te_off / te_on: the node's path with a real SD1 CLIP, text-encoder LoRA off (captions encoded once)
+  or on (captions through CLIP with gradients every step); ``--which te_off te_on``
+- disk_cache: dataset encoding with the latent disk cache cold, then warm (``--which disk_cache``)
 Each runs in its own process so peak RSS is its own. Median step time after one warm-up step.
 """
 from __future__ import annotations
@@ -43,12 +46,13 @@ def child(which: str, channels: int, size: int, steps: int) -> dict:
     latents = torch.randn(4, 4, size // 8, size // 8, generator=g)
     cond = torch.randn(1, 77, 768, generator=g)
     params_m = sum(p.numel() for p in patcher.model.diffusion_model.parameters()) / 1e6
-    runner = {"ours": run_ours, "bare": run_bare, "comfy": run_comfy}[which]
+    runner = {"ours": run_ours, "bare": run_bare, "comfy": run_comfy,
+              "te_off": run_text_encoder_off, "te_on": run_text_encoder_on, "disk_cache": run_disk_cache}[which]
     with torch.inference_mode():   # as ComfyUI executes nodes
         times = runner(patcher, latents, cond, steps)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"which": which, "channels": channels, "size": size, "steps": steps,
-            "seconds_per_step": statistics.median(times[1:] or times), "peak_rss_mb": peak_mb,
+            "seconds_per_step": statistics.median(times[1:] or times), "peak_rss_mb": peak_mb, "times": times,
             "params_m": params_m}
 
 
@@ -68,6 +72,70 @@ def run_ours(patcher, latents, cond, steps):
                       TrainSettings(steps=steps, batch_size=1, learning_rate=1e-4), torch.device("cpu"),
                       on_step=lambda report: times.append(report.seconds))
     return times
+
+
+def run_text_encoder(patcher, latents, steps, text_encoder_trains: bool):
+    """The node's training path with a real SD1 CLIP: frozen (captions encoded once) or with a
+    text-encoder LoRA (captions encoded through CLIP with gradients every step)."""
+    import torch
+    from lora_lab.nodes import comfy_bridge
+    from lora_lab.trainer.examples import EncodedDataset, Example
+    from lora_lab.trainer.lora import InjectedLora, LoraSet
+    from lora_lab.trainer.loop import TrainSettings, train
+    from lora_lab.trainer.optimizers import param_groups
+    clip = random_models.sd15_clip()
+    times = []
+    with torch.inference_mode(False):
+        caption = "sks, a striped pattern, blue"
+        data = EncodedDataset(examples=[Example(latent=l.clone(), caption=caption, bucket=(1, 1), repeats=1)
+                                        for l in latents],
+                              conds={caption: comfy_bridge.caption_encoder(clip)(caption).clone()})
+        with comfy_bridge.trainable_unet(patcher, False, clip=clip if text_encoder_trains else None) as network, \
+                comfy_bridge.trainable_text_encoder(clip) as text_model:
+            parts = {"unet": InjectedLora(network, comfy_bridge.unet_lora_targets(patcher), rank=RANK, alpha=RANK,
+                                          seed=0)}
+            if text_encoder_trains:
+                parts["te"] = InjectedLora(text_model, comfy_bridge.clip_lora_targets(clip), rank=RANK, alpha=RANK,
+                                           seed=0)
+            with LoraSet(parts):
+                groups = param_groups(parts["unet"].parameters(), 1e-4,
+                                      parts["te"].parameters() if text_encoder_trains else (), 5e-5)
+                train(comfy_bridge.ComfyDenoiser(patcher), data, groups,
+                      TrainSettings(steps=steps, batch_size=1, learning_rate=1e-4), torch.device("cpu"),
+                      on_step=lambda report: times.append(report.seconds),
+                      encode_caption=comfy_bridge.trainable_caption_encoder(clip) if text_encoder_trains else None,
+                      text_encoder_trains=text_encoder_trains)
+    return times
+
+
+def run_text_encoder_off(patcher, latents, cond, steps):
+    return run_text_encoder(patcher, latents, steps, False)
+
+
+def run_text_encoder_on(patcher, latents, cond, steps):
+    return run_text_encoder(patcher, latents, steps, True)
+
+
+def run_disk_cache(patcher, latents, cond, steps, pictures: int = 8):
+    """Train LoRA's dataset encoding with the latent disk cache: cold (empty cache), then warm with a
+    new VAE object of the same weights (a new session: nothing in memory, everything on disk).
+    Returns [cold seconds, warm seconds]."""
+    import torch
+    from lora_lab.nodes.train import encode_for_training
+    from lora_lab.trainer.dataset import dataset_from_pixels
+    size = latents.shape[-1] * 8
+    g = torch.Generator().manual_seed(0)
+    dataset = dataset_from_pixels(torch.rand(pictures, size, size, 3, generator=g),
+                                  [f"sks, picture {i}" for i in range(pictures)])
+    clip = random_models.sd15_clip()
+    seconds = []
+    for _ in ("cold", "warm"):
+        vae = random_models.small_vae(seed=2)
+        began = time.perf_counter()
+        with torch.inference_mode(False):
+            encode_for_training(patcher, clip, vae, dataset, size, use_disk_cache=True)
+        seconds.append(time.perf_counter() - began)
+    return seconds
 
 
 def run_bare(patcher, latents, cond, steps):
@@ -129,7 +197,8 @@ def main(argv=None) -> int:
     parser.add_argument("--channels", type=int, nargs="+", default=[32, 64, 320])
     parser.add_argument("--size", type=int, default=256, help="training size in pixels (latents are size/8)")
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--which", nargs="+", default=["ours", "bare", "comfy"])
+    parser.add_argument("--which", nargs="+", default=["ours", "bare", "comfy"],
+                        help="also: te_off te_on (text-encoder LoRA off/on), disk_cache (latent cache cold/warm)")
     parser.add_argument("--child", nargs=2, metavar=("WHICH", "CHANNELS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -154,10 +223,14 @@ def main(argv=None) -> int:
                 print(f"{channels:>14} {which:>6} failed: {out.stderr.strip().splitlines()[-1:]}")
                 continue
             rows[which] = json.loads(line[len("RESULT "):])
+        if "disk_cache" in rows:
+            cold, warm = rows.pop("disk_cache")["times"]
+            print(f"{'':>14} latent disk cache, 8 pictures at {args.size}px: cold {cold:.2f}s, warm {warm:.2f}s "
+                  f"({cold / max(warm, 1e-9):.1f}x)")
         for which, r in rows.items():
             ratio = r["seconds_per_step"] / rows["bare"]["seconds_per_step"] if "bare" in rows else float("nan")
             print(f"{r['params_m']:>11.0f} M {which:>6} {r['seconds_per_step']:>8.3f} "
-                  f"{r['peak_rss_mb']:>8.0f}MB {ratio:>7.2f}x", flush=True)
+                  f"{r['peak_rss_mb']:>8.0f}MB " + (f"{ratio:>7.2f}x" if ratio == ratio else f"{'-':>8}"), flush=True)
     return 0
 
 

@@ -66,6 +66,38 @@ def sd15_model_patcher(model_channels: int = 32, seed: int = 0):
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 
 
+def sd2_v_model_patcher(model_channels: int = 32, seed: int = 0):
+    """An SD2.x-architecture BaseModel that predicts v (like SD 2.1 768-v), in a ModelPatcher on the CPU.
+
+    ComfyUI decides eps vs v for SD2 from the checkpoint (``SD20.model_type``: a spread-out
+    ``output_blocks.11.1...norm1.bias``); that same detection is fed a tensor that says "v".
+    """
+    import comfy.model_patcher
+    import comfy.supported_models
+    unet = dict(sd15_unet_config(model_channels), context_dim=1024, use_linear_in_transformer=True)
+    config = comfy.supported_models.SD20(unet)
+    # SD20 forces 64-channel heads (its unet_extra_config); a narrow test model needs fewer channels per head.
+    config.unet_config.update(num_heads=4, num_head_channels=-1)
+    says_v = {"output_blocks.11.1.transformer_blocks.0.norm1.bias": torch.linspace(-1, 1, model_channels)}
+    with torch.inference_mode():
+        model = config.get_model(says_v)
+        randomize_(model, seed)
+    model.eval()
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def sd2_clip(seed: int = 1):
+    """ComfyUI's SD2 CLIP (OpenCLIP ViT-H text tower, 1024 wide, and its tokenizer) with random weights."""
+    import comfy.sd
+    import comfy.supported_models
+    target = comfy.supported_models.SD20(dict(sd15_unet_config(32), context_dim=1024)).clip_target()
+    with torch.inference_mode():
+        clip = comfy.sd.CLIP(target=target)
+        randomize_(clip.cond_stage_model, seed)
+    return clip
+
+
 def sd15_clip(seed: int = 1):
     """ComfyUI's SD1 CLIP (the real ViT-L/14 text tower and tokenizer) with random weights."""
     import comfy.sd

@@ -458,7 +458,7 @@ def _caption_for(rel: str, path: str, extension: str, captions: dict, warn: list
 
 
 def _read_caption(path: str) -> tuple[str, str | None]:
-    """Caption text and an optional warning. UTF-8 (BOM or not) and UTF-16 with BOM are read as is."""
+    """Caption text and an optional warning. UTF-8 (BOM or not), UTF-16 and UTF-32 with BOM are read as is."""
     try:
         with open(path, "rb") as handle:
             raw = handle.read(MAX_CAPTION_BYTES + 1)
@@ -468,7 +468,9 @@ def _read_caption(path: str) -> tuple[str, str | None]:
     if len(raw) > MAX_CAPTION_BYTES:
         raw = raw[:MAX_CAPTION_BYTES]
         problem = f"caption longer than {MAX_CAPTION_BYTES // 1024} KB; only the start is used."
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+    if raw.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):
+        text = raw.decode("utf-32", errors="replace")      # checked first: its BOM starts like UTF-16's
+    elif raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         text = raw.decode("utf-16", errors="replace")      # Windows Notepad's "Unicode"
     else:
         try:

@@ -115,11 +115,15 @@ def train(denoiser: Denoiser, data: EncodedDataset, parameters: Iterable[torch.n
           settings: TrainSettings, device: torch.device,
           on_step: Callable[[StepReport], None] | None = None,
           resume: LoopState | None = None,
-          encode_caption: Callable[[str], torch.Tensor] | None = None) -> LoopState:
+          encode_caption: Callable[[str], torch.Tensor] | None = None,
+          text_encoder_trains: bool = False) -> LoopState:
     """Run ``settings.steps`` optimizer steps (counting any resumed ones) and return the loop state.
 
     ``on_step`` runs after every optimizer step; raising from it (Cancel) stops within one step —
-    the caller still holds the adapters and saves what was trained. A NaN/inf loss or gradient
+    the caller still holds the adapters and saves what was trained. ``parameters`` may be param groups
+    (``optimizers.param_groups``: UNet and text encoder at their own rates). With
+    ``text_encoder_trains`` every step encodes its captions through ``encode_caption`` with gradients
+    (the encoder carries adapters); nothing encoded up front is used. A NaN/inf loss or gradient
     raises NonFiniteLoss before it reaches the weights (with loss scaling, the scaler skips such
     steps itself, as fp16 training expects).
     """
@@ -129,8 +133,9 @@ def train(denoiser: Denoiser, data: EncodedDataset, parameters: Iterable[torch.n
     scheduler = make_scheduler(optimizer, settings.lr_schedule, settings.steps, settings.warmup_steps,
                                settings.lr_cycles)
     captions_vary = varies(settings.captions)
-    if captions_vary and encode_caption is None:
-        raise ValueError("caption dropout/shuffle needs encode_caption: captions are encoded per step")
+    if (captions_vary or text_encoder_trains) and encode_caption is None:
+        raise ValueError("caption dropout/shuffle and text-encoder training need encode_caption: "
+                         "captions are encoded per step")
     # Frozen text encoder: "" and recurring captions are encoded once. (A trained one: call it directly.)
     text_for = TextEncodingMemo(lambda caption: encode_caption(caption).detach().to("cpu", torch.float32))
     scaler = _grad_scaler(device) if settings.mixed_precision == "fp16" or settings.loss_scaling else None
@@ -151,10 +156,11 @@ def train(denoiser: Denoiser, data: EncodedDataset, parameters: Iterable[torch.n
         for micro in range(settings.gradient_accumulation):
             indices = next(batches)
             latents, cond = data.collate(indices, device)
-            if captions_vary:
+            if captions_vary or text_encoder_trains:
                 captions = augment_batch([data.examples[i].caption for i in indices], settings.captions,
                                          settings.seed, step, micro)
-                cond = concat_conds([text_for(caption) for caption in captions]).to(device)
+                encode = encode_caption if text_encoder_trains else text_for   # a trained encoder keeps its graph
+                cond = concat_conds([encode(caption) for caption in captions]).to(device)
             noise, u = draw(generator, tuple(latents.shape), settings.noise)
             with autocast_for(device, settings.mixed_precision):
                 loss = denoising_loss(denoiser, latents, cond, noise.to(device), u.to(device), settings.noise)

@@ -190,6 +190,10 @@ class InjectedLora:
         ``strict=False`` skips modules absent from the file and ignores keys for other modules; a module with
         only one of ``lora_down``/``lora_up``, or any shape mismatch, is an error either way.
         """
+        self._apply_load(self._plan_load(state_dict, strict))
+
+    def _plan_load(self, state_dict: dict[str, torch.Tensor], strict: bool) -> list:
+        """Every check of ``load_kohya_state_dict``; raises ValueError, changes nothing."""
         sites = self._live_sites()
         known = set()
         missing, mismatched, plan = [], [], []
@@ -218,6 +222,10 @@ class InjectedLora:
                     if items]
         if problems:
             raise ValueError("cannot load LoRA weights; " + "; ".join(problems))
+        return plan
+
+    @staticmethod
+    def _apply_load(plan: list) -> None:
         with torch.inference_mode(False), torch.no_grad():
             for down, up, down_value, up_value, up_scale in plan:
                 down.weight.copy_(down_value)
@@ -314,3 +322,61 @@ def _cpu_copy(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 def _listing(items: list[str], limit: int = 8) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f" … and {len(items) - limit} more" if len(items) > limit else "")
+
+
+class LoraSet:
+    """Several ``InjectedLora`` (UNet, text encoder) handled as one: one kohya state dict, one removal.
+
+    Each part keeps its own model, targets and rank; kohya names are unique across parts (``lora_unet_``
+    vs ``lora_te_``), so a key says which part it belongs to.
+    """
+
+    def __init__(self, parts: dict[str, InjectedLora]):
+        self.parts = dict(parts)
+        owners: dict[str, str] = {}
+        for label, part in self.parts.items():
+            for site in part._sites:
+                if site.kohya_name in owners:
+                    raise ValueError(f"{site.kohya_name!r} is in both {owners[site.kohya_name]} and {label}")
+                owners[site.kohya_name] = label
+        self._owner = owners
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for part in self.parts.values() for p in part.parameters()]
+
+    def train(self, mode: bool = True) -> "LoraSet":
+        for part in self.parts.values():
+            part.train(mode)
+        return self
+
+    def kohya_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for part in self.parts.values():
+            tensors.update(part.kohya_state_dict(dtype))
+        return tensors
+
+    def load_kohya_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Each part loads its own keys; with ``strict`` a key no part owns is an error. Checked first."""
+        split: dict[str, dict] = {label: {} for label in self.parts}
+        unexpected = []
+        for key, value in state_dict.items():
+            owner = self._owner.get(key.split(".", 1)[0])
+            if owner is None:
+                unexpected.append(key)
+            else:
+                split[owner][key] = value
+        if strict and unexpected:
+            raise ValueError(f"cannot load LoRA weights; unexpected keys: {_listing(sorted(unexpected))}")
+        plans = [part._plan_load(split[label], strict) for label, part in self.parts.items()]
+        for plan in plans:              # copied only once every part has accepted its keys
+            InjectedLora._apply_load(plan)
+
+    def remove(self) -> None:
+        for part in reversed(list(self.parts.values())):
+            part.remove()
+
+    def __enter__(self) -> "LoraSet":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.remove()

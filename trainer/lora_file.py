@@ -88,10 +88,12 @@ def save_lora_file(folder: str | Path, name: str, tensors: dict[str, torch.Tenso
     if add_sshs_hashes:
         metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = sshs_hashes(tensors, metadata)
 
+    _check_stays_inside(final.parent, folder)      # before mkdir: a link must not make us create folders elsewhere
     final.parent.mkdir(parents=True, exist_ok=True)
+    _check_stays_inside(final.parent, folder)
     temporary = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     try:
-        safetensors.torch.save_file(tensors, str(temporary), metadata=metadata)
+        _write_file(tensors, temporary, metadata)
         with open(temporary, "r+b") as written:
             os.fsync(written.fileno())
         final = _publish(temporary, final, overwrite)
@@ -100,6 +102,22 @@ def save_lora_file(folder: str | Path, name: str, tensors: dict[str, torch.Tenso
             temporary.unlink()
     _fsync_folder(final.parent)
     return final
+
+
+def _write_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """The one place bytes are written (the hardening suite makes it fail half-way, like a full disk)."""
+    safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+
+
+def _check_stays_inside(path: Path, folder: Path) -> None:
+    """``path`` (or its deepest existing ancestor) really lies inside ``folder`` -- no symbolic link leads out."""
+    path, folder = Path(os.path.abspath(path)), Path(os.path.abspath(folder))
+    existing = path
+    while existing != folder and not os.path.lexists(existing):
+        existing = existing.parent      # only the part below ``folder`` matters; a new ``folder`` is made real
+    real_folder = os.path.realpath(folder)
+    if existing != folder and os.path.commonpath([os.path.realpath(existing), real_folder]) != real_folder:
+        raise ValueError(f"{path} leads outside {folder} through a symbolic link; LoRA Lab does not write there")
 
 
 def _prepared(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -166,12 +184,14 @@ def kohya_metadata(*, output_name: str, base_model_version: str, network_dim: in
                    resolution: tuple[int, int], num_train_images: int,
                    tag_frequency: dict[str, dict[str, int]], steps: int, learning_rate: float,
                    started_at: float, finished_at: float, trigger_word: str | None = None,
-                   max_train_steps: int | None = None, extra: dict | None = None) -> dict[str, str]:
+                   max_train_steps: int | None = None, v_parameterization: bool = False,
+                   extra: dict | None = None) -> dict[str, str]:
     """The ``ss_*`` keys A1111/Forge read (Civitai shows them too), formatted as kohya's sd-scripts does.
 
     ``base_model_version`` is kohya's: ``"sd_v1"``, ``"sd_v2"``, ``"sd_v2_v"``, ``"sdxl_base_v1-0"``…;
     A1111 picks the SD version filter from its ``sdxl_`` prefix or from ``ss_v2``. ``resolution`` is
-    (width, height). ``max_train_steps`` defaults to ``steps``. The trigger word is stored as
+    (width, height). ``max_train_steps`` defaults to ``steps``. ``v_parameterization``: the model predicts v
+(kohya ``--v_parameterization``; A1111 then needs the v-pred config). The trigger word is stored as
     ``loralab_trigger_word`` and ``modelspec.trigger_phrase``. ``extra`` adds keys (non-str values are
     JSON-encoded) but may not replace the ones above.
     """
@@ -179,6 +199,7 @@ def kohya_metadata(*, output_name: str, base_model_version: str, network_dim: in
         "ss_output_name": str(output_name),
         "ss_base_model_version": str(base_model_version),
         "ss_v2": str(str(base_model_version).startswith("sd_v2")),
+        "ss_v_parameterization": str(bool(v_parameterization)),
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(int(network_dim)),
         "ss_network_alpha": str(float(network_alpha)),

@@ -431,3 +431,33 @@ def test_options_node_refuses_a_missing_optimizer_package_at_validation(pack):
     else:
         assert message is True
     assert "optimizer" in LoraLabTrainingOptions.VALIDATE_INPUTS(optimizer="SGD-made-up")
+
+
+def test_keep_last_saves_deletes_only_this_runs_older_step_saves(fresh_unet, sd15_clip, small_vae, make_dataset,
+                                                                  loras_dir):
+    import comfy.utils
+    from lora_lab.nodes.training_files import resume_state_path
+    others = [loras_dir / "keeper_step1.safetensors", loras_dir / "keeper_other_step2.safetensors"]
+    for other in others:                       # another run's saves, and a look-alike name
+        other.write_bytes(b"another run's LoRA")
+
+    def user_edits_step1_during_step2(value, total, *_, **__):
+        if total == 5 and value == 2:          # before the step-2 save: someone replaces our step-1 file
+            (loras_dir / "keeper_2_step1.safetensors").write_bytes(b"the user's own edit")
+
+    comfy.utils.set_progress_bar_global_hook(user_edits_step1_during_step2)
+    try:
+        result = run_train(fresh_unet, sd15_clip, small_vae, make_dataset(2), "keeper", steps=5,
+                           options=options(save_every_n_steps=1, keep_last_saves=2))
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert result["result"][2] == "keeper_2.safetensors"     # keeper_step1 exists: a fresh base name
+    ours = sorted(p.name for p in loras_dir.glob("keeper_2*.safetensors"))
+    # steps 1..4 saved; 2 deleted as older than the last two; 1 was changed by the user, so it stays
+    assert ours == ["keeper_2.safetensors", "keeper_2_step1.safetensors", "keeper_2_step3.safetensors",
+                    "keeper_2_step4.safetensors"], ours
+    assert (loras_dir / "keeper_2_step1.safetensors").read_bytes() == b"the user's own edit"
+    assert all(other.read_bytes() == b"another run's LoRA" for other in others)
+    assert not resume_state_path(loras_dir / "keeper_2_step2.safetensors").exists()
+    assert resume_state_path(loras_dir / "keeper_2_step3.safetensors").is_file()
+    assert resume_state_path(loras_dir / "keeper_2.safetensors").is_file()

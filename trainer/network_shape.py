@@ -1,0 +1,87 @@
+"""Which layers of the UNet carry a LoRA, and at which rank/alpha: kohya's network presets.
+
+  preset            layers (SD1/SD2/SDXL UNet, as kohya's networks/lora.py picks them)
+  attention only    to_q / to_k / to_v / to_out of every attention layer
+  kohya default     every Linear and 1x1 conv inside the transformer blocks (attention, feed-forward,
+                    proj_in/proj_out): kohya's plain LoRA
+  LoCon (+conv)     kohya default + the ResBlocks (both 3x3 convs, the 1x1 skip conv, the time-embedding
+                    Linear) and the down/upsample convs: kohya's LoRA with ``conv_dim`` (LyCORIS "locon")
+
+As in kohya, ``conv_rank`` / ``conv_alpha`` apply to convolutions with a kernel larger than 1x1 only;
+Linear and 1x1 layers use ``rank`` / ``alpha``. 0 means "the same as rank / alpha".
+No ComfyUI in here: nodes/comfy_bridge.py walks the model and asks ``part_of`` for each layer.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+ATTENTION_ONLY, KOHYA_DEFAULT, LOCON = "attention only", "kohya default", "LoCon (+conv)"
+PRESETS = (KOHYA_DEFAULT, ATTENTION_ONLY, LOCON)
+
+# ComfyUI's CrossAttention: to_q, to_k, to_v and to_out = Sequential(Linear, Dropout).
+_ATTENTION_PROJECTION = re.compile(r"(?:^|\.)attn\d+\.(?:to_q|to_k|to_v|to_out\.0)$")
+
+
+@dataclass(frozen=True)
+class NetworkShape:
+    preset: str = KOHYA_DEFAULT
+    dropout: float = 0.0          # peft lora_dropout (kohya's --network_dropout slot in the metadata)
+    conv_rank: int = 0            # kohya conv_dim; 0 = rank
+    conv_alpha: float = 0.0       # kohya conv_alpha; 0 = alpha
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"network preset {self.preset!r} is not one of {', '.join(PRESETS)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"network dropout must be in [0, 1), got {self.dropout}")
+        if self.conv_rank < 0 or self.conv_alpha < 0:
+            raise ValueError(f"conv_rank and conv_alpha must be >= 0 (0 = same as rank/alpha), "
+                             f"got {self.conv_rank} and {self.conv_alpha}")
+
+    @property
+    def trains_convs(self) -> bool:
+        return self.preset == LOCON
+
+    def part_of(self, block_kind: str, inner_path: str, layer_kind: str, kernel: tuple[int, ...] = ()) -> str | None:
+        """'linear' or 'conv' (which rank/alpha applies) when this layer is a target, else None.
+
+        ``block_kind``: the class name of the UNet block holding the layer (SpatialTransformer,
+        ResBlock, Downsample, Upsample); ``inner_path``: the layer's path inside that block;
+        ``layer_kind``: "Linear" or "Conv2d"; ``kernel``: a conv's kernel size.
+        """
+        pointwise = layer_kind == "Linear" or tuple(kernel) in ((1, 1), (1,))
+        if block_kind == "SpatialTransformer":
+            if not pointwise:
+                return None
+            if self.preset == ATTENTION_ONLY and not _ATTENTION_PROJECTION.search(inner_path):
+                return None
+            return "linear"
+        if self.trains_convs and block_kind in ("ResBlock", "Downsample", "Upsample"):
+            return "linear" if pointwise else "conv"
+        return None
+
+    def rank_alpha(self, part: str, rank: int, alpha: float) -> tuple[int, float]:
+        if part == "conv":
+            return (self.conv_rank or rank), (self.conv_alpha or alpha)
+        return rank, alpha
+
+    def metadata(self, rank: int, alpha: float) -> dict[str, str]:
+        """kohya's ss_network_args / ss_network_dropout (and the preset, for LoRA Lab's resume checks)."""
+        data = {"ss_network_dropout": str(float(self.dropout)), "loralab_network_preset": self.preset}
+        if self.trains_convs:
+            conv_rank, conv_alpha = self.rank_alpha("conv", rank, alpha)
+            # kohya stores network_args as given on its command line: strings.
+            data["ss_network_args"] = json.dumps({"conv_dim": str(conv_rank), "conv_alpha": str(conv_alpha)})
+        return data
+
+    def adapter_arguments(self, layers: dict[str, tuple[str, str]], rank: int, alpha: float):
+        """{path: (kohya name, part)} -> InjectedLora's targets, ranks and alphas (overrides for conv parts)."""
+        targets = {path: name for path, (name, _) in layers.items()}
+        ranks, alphas = {}, {}
+        for path, (_, part) in layers.items():
+            part_rank, part_alpha = self.rank_alpha(part, rank, alpha)
+            if (part_rank, part_alpha) != (rank, alpha):
+                ranks[path], alphas[path] = part_rank, part_alpha
+        return targets, ranks, alphas
