@@ -33,7 +33,12 @@ function fetchLoraInfo(name) {
   if (!loraInfo.has(name)) {
     const request = api.fetchApi(`/loralab/lora_info?name=${encodeURIComponent(name)}`, { cache: "no-store" })
       .then((response) => response.json().catch(() => ({ error: `HTTP ${response.status}` })))
-      .catch((error) => ({ error: String(error) }));
+      .catch((error) => ({ error: String(error) }))
+      .then((info) => {
+        // Only answers are kept (until Refresh): a failed lookup is asked again next time.
+        if (info?.error && loraInfo.get(name) === request) loraInfo.delete(name);
+        return info;
+      });
     loraInfo.set(name, request);
   }
   return loraInfo.get(name);

@@ -21,7 +21,8 @@ from ..trainer import caption_edits
 from ..trainer.caption_edits import MODES, CaptionEdits, SidecarReport, final_caption, needs_generation
 from ..trainer.captioner import (DOWNLOAD_PATTERNS, HUB_FILES, KNOWN_MODELS, BlipCaptioner, hub_url,
                                  missing_files, pick_dtype, resolve_snapshot)
-from ..trainer.dataset import DatasetError, is_inside
+from ..trainer.dataset import DatasetError
+from ..trainer.paths import is_inside
 from .messages import user_error
 
 CATEGORY = "LoRA Lab/Caption"
@@ -330,16 +331,14 @@ def _sidecar_lines(dataset, sidecars: SidecarReport) -> list[str]:
     if sidecars.kept:
         lines.append(f"Kept {len(sidecars.kept)} existing caption file(s) as they are (fill-missing never replaces "
                      f"a caption file); the trigger word and other edits reach those captions in this graph only.")
-    too_long = getattr(sidecars, "too_long", [])
-    if too_long:
-        lines.append(f"Warning: {len(too_long)} caption file name(s) would be longer than file systems allow "
-                     f"({NAME_MAX} bytes with the temporary name): {', '.join(shown(path)[:60] + '…' for path in too_long[:5])}. "
-                     f"Give those pictures shorter names.")
-    moved = getattr(sidecars, "moved", [])
-    if moved:
-        lines.append(f"Warning: {len(moved)} caption file(s) not written because they (or their folder) became a "
-                     f"symbolic link leading outside the dataset folder after it was scanned: "
-                     f"{', '.join(shown(path) for path in moved[:10])}. Replace the links with real files or "
+    if sidecars.too_long:
+        names = ", ".join(shown(path)[:60] + "…" for path in sidecars.too_long[:5])
+        lines.append(f"Warning: {len(sidecars.too_long)} caption file name(s) would be longer than file systems "
+                     f"allow ({NAME_MAX} bytes with the temporary name): {names}. Give those pictures shorter names.")
+    if sidecars.moved:
+        lines.append(f"Warning: {len(sidecars.moved)} caption file(s) not written because they (or their folder) "
+                     f"became a symbolic link leading outside the dataset folder after it was scanned: "
+                     f"{', '.join(shown(path) for path in sidecars.moved[:10])}. Replace the links with real files or "
                      f"folders and run the dataset node again.")
     if sidecars.without_path:
         if dataset.root is None:

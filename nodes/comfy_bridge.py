@@ -163,7 +163,7 @@ def load_fully(patcher, companions=()) -> None:
     Everything else ComfyUI holds on the device (VAE, other models) is unloaded first: their work is
     done once the dataset is encoded, and training needs the room. Loading UNet and text encoder in
     one ``load_models_gpu`` call means ComfyUI makes room for both together, so neither evicts the
-    other; training then never calls ComfyUI's loader again (see trainable_caption_encoder).
+    other; training then never calls ComfyUI's loader again (see loaded_caption_encoder).
     """
     comfy.model_management.unload_all_models()
     kwargs = {}
@@ -243,21 +243,22 @@ def trainable_text_encoder(clip):
         yield encoder
 
 
-def trainable_caption_encoder(clip):
-    """caption -> conditioning through the adapted text encoder, with gradients.
+def loaded_caption_encoder(clip, with_gradients: bool):
+    """caption -> conditioning inside the training loop (through the adapters when CLIP trains).
 
-    What CLIP.encode_from_tokens does, minus its ``load_model()``: the encoder is already loaded
-    beside the UNet, and asking ComfyUI to load it again mid-training could make it unload the UNet
-    (with our adapters inside) on a tight GPU.
+    What CLIP.encode_from_tokens does, minus its ``load_model()``: the encoder was loaded beside the
+    UNet (trainable_unet's ``clip``), and asking ComfyUI to load it again mid-training could make it
+    unload the UNet (with our adapters inside) on a tight GPU.
     """
     encoder = clip.cond_stage_model
 
     def encode(caption: str) -> torch.Tensor:
         tokens = clip.tokenize(caption)
-        encoder.reset_clip_options()
-        if clip.layer_idx is not None:
-            encoder.set_clip_options({"layer": clip.layer_idx})
-        return encoder.encode_token_weights(tokens)[0]
+        with torch.enable_grad() if with_gradients else torch.no_grad():
+            encoder.reset_clip_options()
+            if clip.layer_idx is not None:
+                encoder.set_clip_options({"layer": clip.layer_idx})
+            return encoder.encode_token_weights(tokens)[0]
     return encode
 
 

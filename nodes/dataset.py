@@ -19,7 +19,8 @@ import folder_paths
 
 from ..trainer.buckets import make_buckets, nearest_bucket
 from ..trainer.dataset import (DEFAULT_MAX_PIXELS, Dataset, DatasetError, dataset_from_pixels, folder_signature,
-                               is_inside, normalize_caption_extension, scan_folder, steps_report)
+                               normalize_caption_extension, scan_folder, steps_report)
+from ..trainer.paths import is_inside
 from .messages import user_error, validation_message
 
 CATEGORY = "LoRA Lab/Dataset"
@@ -229,22 +230,22 @@ def resolve_dataset_folder(folder: str) -> str:
                        "Create the folder and put your pictures in it, or type one of the names listed.")
 
 
-def _allowed_roots() -> list[str]:
-    roots = [folder_paths.get_input_directory()]
-    if DATASET_ROOT_KIND in folder_paths.folder_names_and_paths:
-        roots += folder_paths.get_folder_paths(DATASET_ROOT_KIND)
-    return roots
-
-
 def _absolute_inside_allowed_roots(text: str) -> str | None:
     """The real folder an absolute path names when it lies inside the input folder or a lora_datasets root
-    (a local user pasting the full path of a folder they put there), else None (refused by the caller)."""
+    (a local user pasting the full path of a folder they put there), else None (refused by the caller).
+
+    As with relative names, a lora_datasets root itself is a dataset but the input folder itself is not."""
     if not os.path.isabs(text):            # "~", or a Windows drive on POSIX
         return None
     candidate = os.path.realpath(text)
-    for base in _allowed_roots():
-        base_real = os.path.realpath(base)
-        if candidate != base_real and is_inside(candidate, base_real) and os.path.isdir(candidate):
+    input_real = os.path.realpath(folder_paths.get_input_directory())
+    dataset_roots = ([os.path.realpath(base) for base in folder_paths.get_folder_paths(DATASET_ROOT_KIND)]
+                     if DATASET_ROOT_KIND in folder_paths.folder_names_and_paths else [])
+    if candidate == input_real and candidate not in dataset_roots:
+        raise DatasetError(f"'{text}' names the whole input folder.",
+                           "Put the pictures in a subfolder of the input folder and type its name.")
+    for base_real in [input_real, *dataset_roots]:
+        if is_inside(candidate, base_real) and os.path.isdir(candidate):
             return candidate
     return None
 

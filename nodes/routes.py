@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import sys
 
 from ..trainer import lora_stack as stacks
@@ -20,10 +21,12 @@ from . import stack
 
 LORAS_ROUTE = "/loralab/loras"
 INFO_ROUTE = "/loralab/lora_info"
+log = logging.getLogger("LoRA Lab")
 
 
 def lora_names() -> list[str]:
-    """The names a pedal offers (ComfyUI's LoRA list, without Train LoRA's resume states)."""
+    """The names a pedal offers: ComfyUI's LoRA list, without resume states an older LoRA Lab left beside
+    the LoRAs (Train LoRA now keeps them in ComfyUI's user/loralab/train-state/)."""
     return [name for name in stack.lora_choices() if name != stacks.NONE_NAME]
 
 
@@ -34,6 +37,22 @@ def _number(text, kind):
         return None
 
 
+def _without_server_folders(text: str) -> str:
+    """An error text for the HTTP client: each loras folder's absolute path becomes the kind ``<loras>``
+    (anyone who can reach the server may ask; only its log, and the nodes' own errors, show the paths)."""
+    folders = set()
+    for folder in stack.loras_folders():
+        folders |= {folder, os.path.normpath(os.path.abspath(folder)), os.path.realpath(folder)}
+    for folder in sorted(filter(None, folders), key=len, reverse=True):
+        text = text.replace(folder, "<loras>")
+    return re.sub(r"<loras>(, <loras>)+", "<loras>", text)
+
+
+def _refusal(status: int, error: LoraStackError, name: str) -> tuple[int, dict]:
+    log.info("LoRA Lab: %s?name=%r answered %d: %s", INFO_ROUTE, name, status, error)
+    return status, {"error": _without_server_folders(str(error)), "name": name}
+
+
 def lora_info(name) -> tuple[int, dict]:
     """(HTTP status, JSON body) for one LoRA name: 200 with what its header says, else an error text."""
     if not isinstance(name, str) or not name.strip():
@@ -41,10 +60,15 @@ def lora_info(name) -> tuple[int, dict]:
     try:
         resolved = stack.resolve_name(name)
         header = stacks.read_header(resolved.path)
+        size_bytes = os.path.getsize(resolved.path)
     except LoraNotFoundError as error:
-        return 404, {"error": str(error), "name": name}
+        return _refusal(404, error, name)
     except LoraStackError as error:      # outside the folders, a pickle, not .safetensors, damaged
-        return 400, {"error": str(error), "name": name}
+        return _refusal(400, error, name)
+    except Exception:      # the file vanished mid-request, a name ComfyUI's own lookup cannot take ("C:x")...
+        log.exception("LoRA Lab: %s?name=%r failed", INFO_ROUTE, name)
+        return 400, {"error": f"The LoRA {name[:200]!r} could not be read. Fix: pick it again from the list "
+                              "(press Refresh); the ComfyUI console says more.", "name": name}
     metadata = stacks.header_metadata(header)
     return 200, {
         "name": resolved.name,
@@ -58,7 +82,7 @@ def lora_info(name) -> tuple[int, dict]:
         "steps": _number(metadata.get("ss_steps"), int),
         "title": metadata.get("modelspec.title") or None,
         "tensor_count": sum(1 for key in header if key != "__metadata__"),
-        "size_bytes": os.path.getsize(resolved.path),
+        "size_bytes": size_bytes,
     }
 
 

@@ -49,7 +49,8 @@ def strength_input(what: str):
 
 
 def lora_choices() -> list[str]:
-    # Train LoRA's resume states sit beside the LoRAs; they are not LoRAs.
+    # Train LoRA keeps resume states in ComfyUI's user/loralab/train-state/; ones an older LoRA Lab left
+    # beside the LoRAs are still hidden here, as they are not LoRAs.
     return [stacks.NONE_NAME] + [name for name in folder_paths.get_filename_list("loras")
                                  if not name.endswith(STATE_SUFFIX)]
 

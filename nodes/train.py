@@ -13,6 +13,7 @@ import torch
 import comfy.model_management
 import comfy.utils
 
+from ..trainer import caption_augment
 from ..trainer.examples import encode_dataset
 from ..trainer.latent_disk_cache import EncodeDatasetCache, LatentDiskCache, describe as describe_cache
 from ..trainer.lora import InjectedLora, LoraSet
@@ -165,9 +166,12 @@ def check_noise_settings(model, settings):
 def train_adapters(model, clip, data, settings, options, rank, alpha, seed, device, run, describe, resume):
     """Inject, train, save; whatever happens the shared model comes back as it was."""
     text_encoder_trains = options.train_text_encoder
+    # Captions that change per step (dropout, shuffle) or a training text encoder mean CLIP runs inside
+    # the loop: it is loaded beside the UNet up front, and never through ComfyUI's loader mid-run.
+    clip_in_loop = text_encoder_trains or caption_augment.varies(settings.captions)
     try:
         with comfy_bridge.trainable_unet(model, options.gradient_checkpointing,
-                                         clip=clip if text_encoder_trains else None) as network, \
+                                         clip=clip if clip_in_loop else None) as network, \
                 (comfy_bridge.trainable_text_encoder(clip) if text_encoder_trains
                  else contextlib.nullcontext()) as text_model, \
                 torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -179,9 +183,8 @@ def train_adapters(model, clip, data, settings, options, rank, alpha, seed, devi
                 if resume:
                     load_resumed_weights(lora, resume, options)
                 # A trained text encoder encodes every step's captions with gradients; a frozen one's
-                # encodings are made once (data.conds) or memoised.
-                encode_caption = (comfy_bridge.trainable_caption_encoder(clip) if text_encoder_trains
-                                  else comfy_bridge.caption_encoder(clip))
+                # encodings are made once (data.conds) or, when captions vary, memoised by the loop.
+                encode_caption = comfy_bridge.loaded_caption_encoder(clip, with_gradients=text_encoder_trains)
                 loop_state = train(comfy_bridge.ComfyDenoiser(model), data, groups, settings, device,
                                    on_step=run.step_callback(lora, describe, options),
                                    resume=resume.loop_state if resume else None,
@@ -203,29 +206,39 @@ def train_adapters(model, clip, data, settings, options, rank, alpha, seed, devi
             finally:
                 lora.remove()
     except comfy_bridge.PartiallyLoaded as too_big:
-        raise user_error(NODE, "model", f"{too_big}.", "free VRAM (close other models), lower the resolution or "
-                         "batch size, turn on gradient checkpointing, or start ComfyUI with --normalvram.") from None
+        clip_advice = (" turn off train_text_encoder / caption dropout and tag shuffle (they keep the text encoder "
+                       "on the GPU too)," if clip_in_loop else "")
+        raise user_error(NODE, "model", f"{too_big}.", f"free VRAM (close other models),{clip_advice} lower the "
+                         "resolution or batch size, turn on gradient checkpointing, or start ComfyUI with "
+                         "--normalvram.") from None
 
 
 def inject_adapters(model, network, clip, text_model, options, rank, alpha, seed, device, learning_rate):
     """The UNet's adapters (and the text encoder's, when it trains) as one LoraSet, and the optimizer's
     param groups: UNet at learning_rate, text encoder at text_encoder_lr (0 = the same)."""
-    targets, ranks, alphas = options.network.adapter_arguments(
-        comfy_bridge.unet_lora_layers(model, options.network), rank, alpha)
-    parts = {"unet": InjectedLora(network, targets, rank=rank, alpha=alpha, ranks=ranks, alphas=alphas,
-                                  dropout=options.network.dropout, seed=seed, device=device)}
-    if text_model is not None:
-        try:
+    parts = {}
+    try:
+        targets, ranks, alphas = options.network.adapter_arguments(
+            comfy_bridge.unet_lora_layers(model, options.network), rank, alpha)
+        parts["unet"] = InjectedLora(network, targets, rank=rank, alpha=alpha, ranks=ranks, alphas=alphas,
+                                     dropout=options.network.dropout, seed=seed, device=device)
+        if text_model is not None:
             parts["text_encoder"] = InjectedLora(text_model, comfy_bridge.clip_lora_targets(clip), rank=rank,
                                                  alpha=alpha, dropout=options.network.dropout, seed=seed,
                                                  device=torch.device(clip.patcher.load_device))
-        except BaseException:
-            parts["unet"].remove()
-            raise
-    groups = param_groups(parts["unet"].parameters(), learning_rate,
-                          parts["text_encoder"].parameters() if text_model is not None else (),
-                          options.text_encoder_lr or None)
-    return LoraSet(parts), groups
+        groups = param_groups(parts["unet"].parameters(), learning_rate,
+                              parts["text_encoder"].parameters() if text_model is not None else (),
+                              options.text_encoder_lr or None)
+        return LoraSet(parts), groups
+    except BaseException as error:
+        for part in parts.values():         # nothing may stay injected in the shared model
+            part.remove()
+        if isinstance(error, (RuntimeError, ValueError)) and not isinstance(error, torch.cuda.OutOfMemoryError):
+            where = "the text encoder" if "unet" in parts else "the UNet"
+            raise user_error(NODE, "options", f"LoRA layers could not be added to {where} of this model ({error}).",
+                             "use network_preset 'kohya default' with train_text_encoder off, or load an SD1.5 / "
+                             "SD2.x checkpoint.") from None
+        raise
 
 
 def text_encoder_metadata(options, learning_rate) -> dict[str, str]:
@@ -241,7 +254,8 @@ def load_resumed_weights(lora, resume, options):
         lora.load_kohya_state_dict(resume.tensors)
     except ValueError as bad:
         raise user_error(NODE, "options", f"'{options.resume_from}' does not fit this run's network ({bad}).",
-                         "resume with the rank, network_preset and conv_rank the save was trained with.") from None
+                         "resume with the rank, network_preset, conv_rank and train_text_encoder setting the save "
+                         "was trained with.") from None
 
 
 def check_inputs(model, dataset, output_name, rank, alpha):
@@ -325,7 +339,12 @@ class TrainingRun:
         metadata = describe.metadata(step=step, started_at=self.started_at, finished_at=time.time())
         path = save_lora_file(training_files.loras_root(), name, lora.kohya_state_dict(), metadata,
                               overwrite=overwrite, dtype=self.save_dtype)
-        state_path = training_files.save_resume_state(path, lora, loop_state, step, self.optimizer_name)
+        try:
+            state_path = training_files.save_resume_state(path, lora, loop_state, step, self.optimizer_name)
+        except Exception as failed:     # the LoRA itself is written: only an exact resume is lost
+            state_path = None
+            log.warning("[LoRA Lab] %s is saved, but its resume state could not be written (%s: %s); resuming "
+                        "it will start a fresh optimizer", path, type(failed).__name__, failed)
         if not final:
             self.periodic.append(training_files.WrittenSave.of(path, state_path))
         self.saves.append(str(path))

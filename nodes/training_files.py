@@ -11,7 +11,7 @@ import torch
 
 import folder_paths
 
-from ..trainer.dataset import is_inside
+from ..trainer.paths import is_inside
 from ..trainer.lora_file import kohya_metadata, load_lora_file, lora_relative_path, tag_frequency
 from ..trainer.loop import LoopState, TrainSettings
 from .messages import user_error
@@ -185,7 +185,7 @@ def save_resume_state(lora_path: Path, lora, loop_state: LoopState | None, step:
 class WrittenSave:
     """A save this run wrote, as it was written: only that exact file may be deleted later."""
     lora: Path
-    state: Path
+    state: Path | None
     stamps: dict
 
     @staticmethod
@@ -195,22 +195,32 @@ class WrittenSave:
 
     @classmethod
     def of(cls, lora, state) -> "WrittenSave":
-        lora, state = Path(lora), Path(state)
-        return cls(lora, state, {lora: cls._stamp(lora), state: cls._stamp(state)})
+        lora = Path(lora)
+        state = Path(state) if state is not None else None     # None: its resume state failed to write
+        stamps = {path: cls._stamp(path) for path in (lora, state) if path is not None}
+        return cls(lora, state, stamps)
 
     def remove(self) -> bool:
-        """Delete the LoRA and its resume state if each is still the file written (else leave it)."""
-        removed = False
-        for path, stamp in self.stamps.items():
-            try:
-                if self._stamp(path) != stamp:
-                    log.warning("[LoRA Lab] %s changed since it was saved; not deleting it", path)
-                    continue
-                path.unlink()
-                removed = removed or path == self.lora
-            except FileNotFoundError:
-                continue
-        return removed
+        """Delete the LoRA, then its resume state, each only if still the file written.
+
+        A LoRA the user changed (or replaced) is kept, and so is its resume state: a LoRA without it
+        would still resume, but with a fresh optimizer.
+        """
+        if not self._unlink_if_unchanged(self.lora):
+            return False
+        if self.state is not None:
+            self._unlink_if_unchanged(self.state)
+        return True
+
+    def _unlink_if_unchanged(self, path: Path) -> bool:
+        try:
+            if self._stamp(path) != self.stamps[path]:
+                log.warning("[LoRA Lab] %s changed since it was saved; not deleting it", path)
+                return False
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        return True
 
 
 def load_resume(name: str, node: str) -> ResumePoint:

@@ -116,6 +116,8 @@ class SidecarReport:
     unchanged: list[str] = field(default_factory=list)               # already held this caption
     kept: list[str] = field(default_factory=list)                    # had another caption, left alone
     without_path: int = 0                                            # in-memory items: nowhere to write
+    moved: list[str] = field(default_factory=list)                   # a link out of the folder now: not written
+    too_long: list[str] = field(default_factory=list)                # name too long to write safely: not written
 
 
 def write_sidecars(paths: Sequence[str | None], captions: Sequence[str], replace_existing: bool,

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .paths import is_inside
+
 if TYPE_CHECKING:
     import torch
 
@@ -267,14 +269,6 @@ def _discover(root_real: str, caption_extension: str, skipped: list):
                 skipped.append((rel, f"not a picture ({extension or 'no extension'}); pictures are "
                                      f"{', '.join(sorted(IMAGE_EXTENSIONS))}"))
     return pictures, captions, others
-
-
-def is_inside(path: str, root: str) -> bool:
-    """Whether ``path`` is ``root`` or below it; both must already be real (symlink-free) paths."""
-    try:
-        return os.path.commonpath([path, root]) == root
-    except ValueError:      # different drives on Windows
-        return False
 
 
 def _kohya_repeats(folder_name: str) -> int | None:

@@ -16,6 +16,8 @@ import torch
 import safetensors
 import safetensors.torch
 
+from .paths import is_inside
+
 SUFFIX = ".safetensors"
 MAX_NAME_CHARS = 200
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
@@ -116,7 +118,7 @@ def _check_stays_inside(path: Path, folder: Path) -> None:
     while existing != folder and not os.path.lexists(existing):
         existing = existing.parent      # only the part below ``folder`` matters; a new ``folder`` is made real
     real_folder = os.path.realpath(folder)
-    if existing != folder and os.path.commonpath([os.path.realpath(existing), real_folder]) != real_folder:
+    if existing != folder and not is_inside(os.path.realpath(existing), real_folder):
         raise ValueError(f"{path} leads outside {folder} through a symbolic link; LoRA Lab does not write there")
 
 

@@ -18,6 +18,7 @@ import torch
 
 from .lora_file import SUFFIX, load_lora_file
 from .lora_file import PICKLE_SUFFIXES
+from .paths import is_inside
 
 NONE_NAME = "None"          # what Comfyroll, Efficiency and our pedal put in a slot without a LoRA
 TRIGGER_TAGS_FROM_FREQUENCY = 3
@@ -94,13 +95,6 @@ def name_key(name: str) -> str:
 
 def looks_absolute(name: str) -> bool:
     return os.path.isabs(name) or bool(re.match(r"^([A-Za-z]:[\\/]|\\\\)", name))
-
-
-def is_inside(path: str, folder: str) -> bool:
-    try:
-        return os.path.commonpath([path, folder]) == folder
-    except ValueError:      # different drives on Windows
-        return False
 
 
 def resolve_lora(name: str, listed: Iterable[str], folders: list[str],
@@ -272,13 +266,24 @@ def read_header(path: str) -> dict:
     except (ValueError, UnicodeDecodeError) as error:     # json.JSONDecodeError is a ValueError
         raise LoraStackError(f"The LoRA file {path} is damaged or not a safetensors file: {error}.",
                              "download or train the file again.") from None
+    except RecursionError:      # JSON nested thousands deep: no safetensors writer makes that
+        raise LoraStackError(f"The LoRA file {path} is damaged or not a safetensors file: its header is "
+                             "nested too deeply.", "download or train the file again.") from None
     if not isinstance(header, dict):
         raise LoraStackError(f"The LoRA file {path} is damaged: its header is not a JSON object.",
                              "download or train the file again.")
+    ends = []
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(offset, int) and not isinstance(offset, bool) for offset in offsets)):
+            raise LoraStackError(f"The LoRA file {path} is damaged: the header entry {key[:80]!r} has no "
+                                 "[start, end] data_offsets.", "download or train the file again.")
+        ends.append(offsets[1])
     # The tensors end where the file ends: a download cut short shows here without reading them.
-    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"
-            and isinstance(entry, dict) and isinstance(entry.get("data_offsets"), list) and entry["data_offsets"]]
-    if any(not isinstance(end, int) for end in ends) or 8 + length + max(ends, default=0) != size:
+    if 8 + length + max(ends, default=0) != size:
         raise LoraStackError(f"The LoRA file {path} is damaged: its size ({size} bytes) does not match its "
                              "header (a download or copy cut short looks like this).",
                              "download or train the file again.")

@@ -226,6 +226,18 @@ def test_registered_lora_datasets_roots(pack, errors, registered_roots):
         run_folder_node(pack, "lora_datasets/birds")
 
 
+def test_absolute_path_of_a_lora_datasets_root_works_but_not_of_the_input_folder(pack, errors, folder_paths,
+                                                                                 registered_roots):
+    first, second = registered_roots
+    picture(second / "top.png")
+    dataset, _ = run_folder_node(pack, str(second))["result"]      # like typing `lora_datasets` for a root
+    assert dataset.root == str(second) and [item.key for item in dataset.items] == ["top.png"]
+    assert pack.NODE_CLASS_MAPPINGS[FOLDER_NODE].VALIDATE_INPUTS(folder=str(second)) is True
+    with pytest.raises(errors.LoraLabError, match="names the whole input folder") as caught:
+        run_folder_node(pack, folder_paths.get_input_directory())
+    assert "subfolder of the input folder" in str(caught.value).split("Fix:", 1)[1]
+
+
 # --- Dataset from Images --------------------------------------------------------------------------------
 def run_images_node(pack, images, captions, repeats=1):
     node = pack.NODE_CLASS_MAPPINGS[IMAGES_NODE]()

@@ -1,5 +1,6 @@
-"""Network presets (attention only / kohya default / LoCon), per-part rank and alpha, dropout, keep-last-K,
-in a real in-process ComfyUI with a small random SD1.5-architecture UNet."""
+"""Network presets (attention only / kohya default / LoCon), per-part rank and alpha, dropout, and resuming
+with another network shape, in a real in-process ComfyUI with a small random SD1.5-architecture UNet.
+(keep-last-K saves are tested in test_train_lora.py.)"""
 from __future__ import annotations
 
 import json
@@ -108,7 +109,10 @@ def test_resuming_with_another_network_shape_is_refused_clearly(fresh_unet, sd15
     with pytest.raises(ValueError) as error:
         run_train(fresh_unet, sd15_clip, small_vae, make_dataset(2), "shape_b", steps=2,
                   options=options(resume_from=first["result"][2], network_preset="LoCon (+conv)"))
-    assert "network_preset" in str(error.value) and "missing keys" in str(error.value)
+    # The fix always lists network_preset, so check the problem: it must say what does not fit.
+    problem = str(error.value).split(" Fix: ", 1)[0]
+    assert problem.startswith("[LoRA Lab · Train LoRA › options]"), problem
+    assert "does not fit this run's network" in problem and "missing keys" in problem, problem
 
 
 def test_bad_network_settings_are_refused_by_the_options_node(pack):

@@ -406,9 +406,28 @@ def test_kohya_options_train_together(fresh_unet, sd15_clip, small_vae, make_dat
         lr_cycles=2, noise_offset=0.1, min_timestep=100, max_timestep=900, min_snr_gamma=5.0,
         scale_v_pred_loss=False, caption_dropout=0.3, shuffle_tags=True, keep_tokens=1, tag_dropout=0.1,
         latent_disk_cache=False)
-    result = run_train(fresh_unet, sd15_clip, small_vae, make_dataset(3), "kohya_opts", steps=4, options=opts)
+    # Captions vary per step here, so CLIP runs inside the loop: it must be loaded up front, never through
+    # ComfyUI's loader mid-run (which could unload the UNet, adapters and all, on a tight GPU).
+    import comfy.model_management
+    import comfy.utils
+    training, loads_while_training = [], []
+    real_load = comfy.model_management.load_models_gpu
+
+    def spy_load(models, *args, **kwargs):
+        if training:
+            loads_while_training.append([type(m).__name__ for m in models])
+        return real_load(models, *args, **kwargs)
+
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, *_, **__: training.append(value) if total == 4 else None)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(comfy.model_management, "load_models_gpu", spy_load)
+            result = run_train(fresh_unet, sd15_clip, small_vae, make_dataset(3), "kohya_opts", steps=4, options=opts)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
     assert len(result["ui"]["loss"]) == 4 and all(math.isfinite(v) for v in result["ui"]["loss"])
     assert "latent disk cache: off" in result["ui"]["text"][0]
+    assert training and not loads_while_training, loads_while_training
 
 
 def test_latent_disk_cache_is_warm_on_a_second_run(comfy, fresh_unet, sd15_clip, make_dataset):
@@ -461,3 +480,18 @@ def test_keep_last_saves_deletes_only_this_runs_older_step_saves(fresh_unet, sd1
     assert not resume_state_path(loras_dir / "keeper_2_step2.safetensors").exists()
     assert resume_state_path(loras_dir / "keeper_2_step3.safetensors").is_file()
     assert resume_state_path(loras_dir / "keeper_2.safetensors").is_file()
+    # the step-1 LoRA the user changed is kept, and so is its resume state
+    assert resume_state_path(loras_dir / "keeper_2_step1.safetensors").is_file()
+
+
+def test_a_resume_state_that_cannot_be_written_does_not_lose_the_lora(fresh_unet, sd15_clip, small_vae,
+                                                                        make_dataset, loras_dir, monkeypatch, caplog):
+    from lora_lab.nodes import training_files
+
+    def full_user_folder(*_, **__):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(training_files, "save_resume_state", full_user_folder)
+    result = run_train(fresh_unet, sd15_clip, small_vae, make_dataset(2), "no_state", steps=2)
+    assert result["result"][2] == "no_state.safetensors" and (loras_dir / "no_state.safetensors").is_file()
+    assert "resume state could not be written" in caplog.text
+    assert not training_files.resume_state_path(loras_dir / "no_state.safetensors").exists()

@@ -493,16 +493,8 @@ def test_stack_name_attacks_are_refused(stack_nodes, tiny_unet, sd15_clip, roots
 AREA_ROUTE = "Paths — HTTP route `/loralab/lora_info?name=`"
 
 
-def _routes_module():
-    import importlib.util
-    if importlib.util.find_spec("lora_lab.nodes.routes") is None:
-        pytest.skip("this checkout has no nodes/routes.py")
-    import importlib
-    return importlib.import_module("lora_lab.nodes.routes")
-
-
 def test_lora_info_route_refuses_names_leading_out(pack, roots, outside, resume_playground, audit, hardening):
-    routes = _routes_module()
+    from lora_lab.nodes import routes
     loras = Path(roots["loras"][0])
     for attack, name in stack_attacks(loras, outside):
         with audit.watch():
@@ -514,13 +506,57 @@ def test_lora_info_route_refuses_names_leading_out(pack, roots, outside, resume_
                   "each answered 400/404 with the pedal's message; nothing outside the loras folders opened")
 
 
+def test_lora_info_route_answers_odd_files_and_names_with_400_not_a_traceback(pack, roots, monkeypatch,
+                                                                              hardening):
+    import folder_paths
+    import safetensors.torch
+    from lora_lab.nodes import routes, stack
+
+    def raising(error):
+        def call(*args, **kwargs):
+            raise error
+        return call
+
+    loras = Path(roots["loras"][0])
+    odd_offsets = b'{"x": {"dtype": "F32", "shape": [1], "data_offsets": [5]}}'
+    deep = b'{"__metadata__": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+    (loras / "odd_offsets.safetensors").write_bytes(len(odd_offsets).to_bytes(8, "little") + odd_offsets + b"\0" * 4)
+    (loras / "deep_header.safetensors").write_bytes(len(deep).to_bytes(8, "little") + deep)
+    safetensors.torch.save_file({"x": torch.ones(1)}, str(loras / "vanishing.safetensors"))
+    try:
+        answers = {name: routes.lora_info(name)
+                   for name in ("odd_offsets.safetensors", "deep_header.safetensors", "gone/never.safetensors")}
+        with monkeypatch.context() as patched:      # the file vanishes between reading its header and its size
+            patched.setattr(os.path, "getsize", raising(FileNotFoundError(2, "No such file or directory")))
+            answers["vanishing.safetensors"] = routes.lora_info("vanishing.safetensors")
+    finally:
+        for name in ("odd_offsets", "deep_header", "vanishing"):
+            (loras / f"{name}.safetensors").unlink()
+    with monkeypatch.context() as patched:          # ComfyUI's own lookup raising on a name such as "C:x" (Windows)
+        patched.setattr(stack, "resolve_name", raising(ValueError("path is on mount 'C:', start on mount 'D:'")))
+        answers["C:x"] = routes.lora_info("C:x")
+    server_folders = {folder for path in folder_paths.get_folder_paths("loras")
+                      for folder in (path, os.path.realpath(path))}
+    for name, (status, body) in answers.items():
+        assert status in (400, 404) and body["error"] and body["name"] == name, (name, status, body)
+        assert "tensor_count" not in body and not any(folder in body["error"] for folder in server_folders), body
+    status, body = answers["odd_offsets.safetensors"]
+    assert status == 400 and "data_offsets" in body["error"]
+    assert answers["deep_header.safetensors"][0] == 400 and answers["gone/never.safetensors"][0] == 404
+    for name in ("vanishing.safetensors", "C:x"):
+        assert answers[name][0] == 400 and repr(name) in answers[name][1]["error"], answers[name]
+    hardening.row(AREA_ROUTE, "a header with `data_offsets: [5]`, a header nested 200,000 deep, a file gone "
+                  "mid-request, a name ComfyUI's lookup raises on (`C:x`)",
+                  "each answered 400/404 with an error text naming the LoRA, not a 500 traceback; the loras "
+                  "folders' paths stay out of every answer (the server log has them)")
+
+
 @pytest.mark.server
 def test_lora_info_over_http_does_not_read_outside_loras(server, hardening):
     import json
     import urllib.error
     import urllib.parse
     import urllib.request
-    _routes_module()
     checkpoint = server.overlay / "models" / "checkpoints"
     names = ["../checkpoints/" + next(checkpoint.iterdir()).name, str(next(checkpoint.iterdir())), "/etc/passwd",
              "..%2F..%2Fuser", "../../main.py", "x\x00.safetensors"]

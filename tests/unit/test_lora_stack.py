@@ -153,6 +153,38 @@ def test_damaged_files_name_the_file(loras):
     assert error.value.fix
 
 
+def write_raw_safetensors(path: Path, header: bytes, data: bytes = b"") -> Path:
+    path.write_bytes(len(header).to_bytes(8, "little") + header + data)
+    return path
+
+
+@pytest.mark.parametrize("entry", [{"dtype": "F32", "shape": [1], "data_offsets": [5]},
+                                   {"dtype": "F32", "shape": [1], "data_offsets": [0, 4, 8]},
+                                   {"dtype": "F32", "shape": [1], "data_offsets": [0, "4"]},
+                                   {"dtype": "F32", "shape": [1], "data_offsets": [0, True]},
+                                   {"dtype": "F32", "shape": [1]}, "not a tensor entry"])
+def test_read_header_refuses_malformed_data_offsets(tmp_path, entry):
+    header = json.dumps({"__metadata__": {}, "lora_unet_x.alpha": entry}).encode()
+    path = write_raw_safetensors(tmp_path / "odd.safetensors", header, b"\0" * 4)
+    with pytest.raises(LoraStackError, match="odd.safetensors is damaged") as error:
+        lora_stack.read_header(str(path))
+    assert "data_offsets" in error.value.problem and error.value.fix
+
+
+def test_read_header_refuses_a_deeply_nested_header(tmp_path):
+    header = b'{"__metadata__": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+    path = write_raw_safetensors(tmp_path / "deep.safetensors", header)
+    with pytest.raises(LoraStackError, match="deep.safetensors is damaged") as error:
+        lora_stack.read_header(str(path))
+    assert error.value.fix
+
+
+def test_read_header_of_a_real_lora(loras):
+    header = lora_stack.read_header(str(loras[0] / "style.safetensors"))
+    assert set(header) == {"__metadata__", "lora_unet_x.lora_down.weight", "lora_unet_x.lora_up.weight",
+                           "lora_unet_x.alpha"}
+
+
 # --- trigger words -----------------------------------------------------------------------------------
 def test_trigger_words_prefer_the_stored_word_then_frequent_tags():
     assert trigger_words({"loralab_trigger_word": "sks", "ss_tag_frequency": "{}"}) == ["sks"]
