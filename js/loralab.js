@@ -11,6 +11,7 @@ const FIXED_SEED_NODES = new Set(["LoraLabTrainLora", "LoraLabLoraCompareGrid"])
 const TRAIN_NODE = "LoraLabTrainLora";
 const PROGRESS_EVENT = "loralab.train.progress";
 const STOPPED_EVENT = "loralab.train.stopped";
+const PREVIEW_EVENT = "loralab.train.preview";
 
 function reportWidget(node) {
   // A read-only text box at the end of the widgets, so saved widget values keep their positions.
@@ -43,6 +44,37 @@ function lossChartWidget(node) {
   widget.serialize = false;
   widget.computeSize = (width) => [width, 150];
   widget.draw_chart = () => drawChart(canvas, status, node.properties?.loralab_loss ?? [], node.loralab_last);
+  return widget;
+}
+
+function previewWidget(node) {
+  // The latest sample previews, as they arrive: one small picture per preview prompt, with its step.
+  let widget = node.widgets?.find((w) => w.name === "loralab_previews");
+  if (widget) return widget;
+  const root = document.createElement("div");
+  root.style.cssText = "display:flex;flex-direction:column;gap:2px;width:100%;height:100%;overflow:hidden;";
+  const label = document.createElement("div");
+  label.style.cssText = "font:11px monospace;color:#bbb;";
+  const strip = document.createElement("div");
+  strip.style.cssText = "display:flex;gap:4px;flex:1;min-height:0;";
+  root.append(label, strip);
+  // Height through the options both front ends read for DOM widgets (the 2024 one ignores computeSize here).
+  widget = node.addDOMWidget("loralab_previews", "loralab_previews", root, {
+    getValue: () => undefined, setValue: () => {}, serialize: false,
+    getMinHeight: () => 140, getHeight: () => 140, getMaxHeight: () => 400,
+  });
+  widget.serialize = false;
+  widget.show_previews = (detail) => {
+    label.textContent = `previews at step ${detail.step}`;
+    strip.replaceChildren(...detail.images.map((image, index) => {
+      const img = document.createElement("img");
+      const query = new URLSearchParams({ filename: image.filename, subfolder: image.subfolder, type: image.type });
+      img.src = api.apiURL(`/view?${query}`);
+      img.title = detail.prompts?.[index] ?? "";
+      img.style.cssText = "height:100%;max-width:50%;object-fit:contain;border-radius:3px;";
+      return img;
+    }));
+  };
   return widget;
 }
 
@@ -124,6 +156,13 @@ app.registerExtension({
       node.properties.loralab_loss = Array.from(node.loralab_curve);
       node.loralab_last = detail;
       lossChartWidget(node).draw_chart();
+    });
+    api.addEventListener(PREVIEW_EVENT, ({ detail }) => {
+      const node = resolveNode(app.graph, detail.node);
+      if (!node || node.comfyClass !== TRAIN_NODE) return;
+      previewWidget(node).show_previews(detail);
+      node.setSize?.([node.size[0], Math.max(node.size[1], node.computeSize()[1])]);
+      node.setDirtyCanvas?.(true, true);
     });
     api.addEventListener(STOPPED_EVENT, ({ detail }) => {
       const node = resolveNode(app.graph, detail.node);

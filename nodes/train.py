@@ -22,6 +22,7 @@ from ..trainer.loop import NonFiniteLoss, StepReport, TrainSettings, train
 from ..trainer.loss_plot import loss_curve_image
 from ..trainer.optimizers import lr_advice, param_groups, parse_optimizer_args
 from . import comfy_bridge, training_files
+from .training_previews import TrainingPreviews, empty_previews
 from .messages import LoraLabError, user_error
 from .training_options import OPTIONS_TYPE, TrainingOptions
 
@@ -41,8 +42,8 @@ class LoraLabTrainLora:
                    "models/loras, and outputs MODEL and CLIP wearing it, so the next KSampler samples with it.")
     CATEGORY = "LoRA Lab/Train"
     FUNCTION = "train_lora"
-    RETURN_TYPES = ("MODEL", "CLIP", "STRING", "IMAGE")
-    RETURN_NAMES = ("model", "clip", "lora_name", "loss_curve")
+    RETURN_TYPES = ("MODEL", "CLIP", "STRING", "IMAGE", "IMAGE")
+    RETURN_NAMES = ("model", "clip", "lora_name", "loss_curve", "previews")
     OUTPUT_NODE = True
 
     @classmethod
@@ -105,27 +106,35 @@ class LoraLabTrainLora:
                 weight_decay=options.weight_decay, lr_cycles=options.lr_cycles, noise=options.noise,
                 captions=options.captions)
             check_noise_settings(model, settings)
+            trigger_word = trigger_word or training_files.shared_first_tag(dataset)
             describe = training_files.Description(
                 output_name=run.output_name, family=comfy_bridge.base_model_version(model), rank=rank, alpha=alpha,
                 resolution=resolution, settings=settings, dataset=dataset, buckets=data.buckets,
-                trigger_word=trigger_word or training_files.shared_first_tag(dataset), per_epoch=per_epoch,
+                trigger_word=trigger_word, per_epoch=per_epoch,
                 epochs=epochs, extra={**options.network.metadata(rank, alpha),
                                       **text_encoder_metadata(options, learning_rate)},
                 v_parameterization=comfy_bridge.predicts_v(model))
             if resume and resume.step >= settings.steps:
                 raise user_error(NODE, "steps", f"'{options.resume_from}' already has {resume.step} steps; "
                                  f"steps is {settings.steps}.", f"set steps above {resume.step} to train further.")
+            if options.previews.every_n_steps:      # prompts encoded now: CLIP is not loaded mid-run
+                run.previews = TrainingPreviews(model, clip, options.previews, trigger_word, (resolution, resolution),
+                                                unique_id, settings.mixed_precision)
             saved = train_adapters(model, clip, data, settings, options, rank, alpha, seed, device, run, describe,
                                    resume)
             del data
         comfy.model_management.soft_empty_cache()
+        previews = run.previews.decoded(vae) if run.previews else None
 
         tensors, _ = load_lora_file(saved)
         model_out, clip_out = comfy_bridge.apply_lora(model, clip, tensors)
         lora_name = os.path.relpath(saved, training_files.loras_root())
         curve = torch.from_numpy(loss_curve_image(run.losses, title=f"{lora_name} loss")).unsqueeze(0)
-        return {"ui": {"text": [run.report(lora_name, describe)], "loss": run.losses[-5000:]},
-                "result": (model_out, clip_out, lora_name, curve)}
+        ui = {"text": [run.report(lora_name, describe)], "loss": run.losses[-5000:]}
+        if run.previews and run.previews.shown:
+            ui["images"] = run.previews.shown          # ComfyUI shows them on the node after the run
+        return {"ui": ui, "result": (model_out, clip_out, lora_name, curve,
+                                     previews if previews is not None else empty_previews())}
 
 
 def encode_for_training(model, clip, vae, dataset, resolution, use_disk_cache: bool):
@@ -297,6 +306,7 @@ class TrainingRun:
         self.snapshot = None      # the loop's resumable state after the last finished step
         self.saved_step = 0
         self.cache_report = ""
+        self.previews: TrainingPreviews | None = None
 
     def step_callback(self, lora, describe, options):
         def on_step(report: StepReport):
@@ -316,6 +326,8 @@ class TrainingRun:
                                 report.step, type(failed).__name__, failed)
                 else:
                     self.keep_last_periodic_saves(options.keep_last_saves)
+            if self.previews and self.previews.due(report.step):
+                self.render_preview(lora, report.step)
             # Cancel: ComfyUI's own check, so it works with or without a progress hook installed.
             comfy.model_management.throw_exception_if_processing_interrupted()
         return on_step
@@ -366,6 +378,16 @@ class TrainingRun:
                 log.info("[LoRA Lab] keep_last_saves=%d: deleted %s", keep, old.lora)
                 if str(old.lora) in self.saves:
                     self.saves.remove(str(old.lora))
+
+    def render_preview(self, lora, step):
+        try:
+            self.previews.render(lora, step)
+        except comfy.model_management.InterruptProcessingException:
+            raise
+        except Exception as failed:         # a preview must never cost the training run
+            log.warning("[LoRA Lab] the preview at step %d failed (%s: %s); previews are off for the rest of "
+                        "this run", step, type(failed).__name__, failed)
+            self.previews.failed = f"{type(failed).__name__}: {failed}"
 
     def save_partial(self, lora, describe, why):
         if self.step == 0:
@@ -439,6 +461,12 @@ class TrainingRun:
         lines = [f"Saved {lora_name} in {training_files.loras_root()}",
                  f"{len(self.losses)} steps in {elapsed:.0f}s; loss {finite[0]:.4f} -> {finite[-1]:.4f}"
                  if finite else "no steps", describe.arithmetic(), self.cache_report]
+        if self.previews:
+            steps = [step for step, _ in self.previews.rendered]
+            lines.append(f"previews: {len(self.previews.labels())} picture(s) at step(s) {', '.join(map(str, steps))}"
+                         if steps else "previews: none (fewer steps than preview_every_n_steps)")
+            if self.previews.failed:
+                lines.append(f"previews stopped: {self.previews.failed}")
         return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ from ..trainer.network_shape import PRESETS as NETWORK_PRESETS, NetworkShape
 from ..trainer.noise import NoiseSettings
 from ..trainer.optimizers import OPTIMIZERS, parse_optimizer_args, unavailable_reason
 from .messages import user_error, validation_message
+from .training_previews import PreviewSettings
 
 OPTIONS_TYPE = "LORALAB_TRAINING_OPTIONS"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -57,6 +58,16 @@ class TrainingOptions:
     keep_last_saves: int = 0
     train_text_encoder: bool = False
     text_encoder_lr: float = 5e-5
+    preview_every_n_steps: int = 0
+    preview_prompts: str = PreviewSettings.prompts
+    preview_seed: int = PreviewSettings.seed
+    preview_steps: int = PreviewSettings.steps
+    preview_cfg: float = PreviewSettings.cfg
+
+    @property
+    def previews(self) -> PreviewSettings:
+        return PreviewSettings(every_n_steps=self.preview_every_n_steps, prompts=self.preview_prompts,
+                               seed=self.preview_seed, steps=self.preview_steps, cfg=self.preview_cfg)
 
     @property
     def network(self) -> NetworkShape:
@@ -164,6 +175,17 @@ class LoraLabTrainingOptions:
                                     "round": False, "tooltip":
                                     "Learning rate of the text-encoder LoRA (kohya text_encoder_lr); usually "
                                     "a half to a tenth of the UNet's; 0 = the same as learning_rate."}),
+                "preview_every_n_steps": ("INT", {"default": d.preview_every_n_steps, "min": 0, "max": 1_000_000,
+                                          "tooltip": "Render the preview prompts with the LoRA as it trains every N "
+                                          "steps, shown on Train LoRA as they arrive; 0 = off."}),
+                # dynamicPrompts off: the front ends would otherwise read {trigger} as a {a|b} choice.
+                "preview_prompts": ("STRING", {"default": d.preview_prompts, "multiline": True,
+                                    "dynamicPrompts": False, "tooltip":
+                                    "One prompt per line; {trigger} becomes the run's trigger word."}),
+                "preview_seed": ("INT", {"default": d.preview_seed, "min": 0, "max": 0xFFFFFFFF, "tooltip":
+                                 "The same seed every time, so previews show what the LoRA learned."}),
+                "preview_steps": ("INT", {"default": d.preview_steps, "min": 1, "max": 150}),
+                "preview_cfg": ("FLOAT", {"default": d.preview_cfg, "min": 0.0, "max": 30.0, "step": 0.5}),
             },
         }
 

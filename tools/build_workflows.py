@@ -92,7 +92,8 @@ WORKFLOWS = {
              f"1. Checkpoint: pick your SD1.5 model (e.g. {CHECKPOINT}).\n"
              f"2. Dataset: pictures in ComfyUI/input/{DATASET}/; type its name in 'folder'.\n"
              f"3. Trigger word: set it on the Caption node ({TRIGGER} here) and start the sample prompt with it.\n"
-             "4. Queue. Watch the loss chart on Train LoRA; the LoRA is saved in models/loras as "
+             "4. Queue. Watch the loss chart on Train LoRA, and every 250 steps a preview of the prompts in "
+             "Training Options rendered with the LoRA so far; the LoRA is saved in models/loras as "
              f"'{TRAINED}.safetensors' and the sampler after it already uses it.\n\n"
              "Defaults suit SD1.5 on an 8 GB GPU: 512 px, batch 1, rank 16, alpha 8, lr 1e-4, 1500 steps "
              "(about 20 pictures x 10 repeats x 7-8 epochs). Cancel keeps what was trained as "
@@ -106,9 +107,12 @@ WORKFLOWS = {
              {"mode": "fill-missing", "trigger_word": TRIGGER, "prompt": "", "min_length": 5, "max_length": 30,
               "num_beams": 3, "batch_size": 8, "find": "", "replace": "", "remove_tags": "", "write_sidecars": True},
              {"dataset": ("dataset", 0), "blip": ("blip", 0)}, width=380),
+        node("options", "LoraLabTrainingOptions", 2,
+             {"preview_every_n_steps": 250, "preview_prompts": f"{TRIGGER}, a portrait\n{TRIGGER}, full body, outdoors"},
+             title="Training Options (previews every 250 steps)", width=380),
         node("train", "LoraLabTrainLora", 3, TRAIN_WIDGETS,
              {"model": ("checkpoint", 0), "clip": ("checkpoint", 1), "vae": ("checkpoint", 2),
-              "dataset": ("caption", 0)}, width=420),
+              "dataset": ("caption", 0), "options": ("options", 0)}, width=420),
         node("loss", "PreviewImage", 3, {}, {"images": ("train", 3)}, title="Loss curve"),
         *sampling(4, ("train", 0), ("train", 1), ("checkpoint", 2), "lora_lab/sample"),
     ],

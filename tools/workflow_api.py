@@ -100,6 +100,8 @@ QUICK_RUN_VALUES = {
     ("LoraLabCaption", "min_length"): 2,
     ("LoraLabCaption", "max_length"): 8,
     ("LoraLabTrainingOptions", "save_every_n_steps"): 0,
+    ("LoraLabTrainingOptions", "preview_every_n_steps"): 1,
+    ("LoraLabTrainingOptions", "preview_steps"): 1,
     ("KSampler", "steps"): 1,
     ("EmptyLatentImage", "width"): 64,
     ("EmptyLatentImage", "height"): 64,

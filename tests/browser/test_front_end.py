@@ -20,7 +20,7 @@ pytestmark = pytest.mark.server
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_BLIP = "tiny-test-blip"
-PROGRESS_EVENTS = ["loralab.train.progress", "loralab.train.stopped", "progress", "executing", "executed",
+PROGRESS_EVENTS = ["loralab.train.progress", "loralab.train.stopped", "loralab.train.preview", "progress", "executing", "executed",
                    "execution_start", "execution_success", "execution_error", "execution_cached"]
 
 
@@ -93,6 +93,12 @@ def test_queue_the_main_workflow_and_watch_it_learn(page, ready_server):
     assert "2/2" in state["status"]
     assert "browser_lora.safetensors" in state["report"]
     assert state["drawn"] > 3000, "the loss chart canvas is empty"
+    previews = [e["data"] for e in events if e["type"] == "loralab.train.preview"]
+    assert [p["step"] for p in previews] == [1, 2] and all(len(p["images"]) == 2 for p in previews)
+    page.page.wait_for_function(
+        """(id) => [...(app.graph.getNodeById(id).widgets.find((w) => w.name === 'loralab_previews')
+                   ?.element.querySelectorAll('img') ?? [])].filter((img) => img.complete && img.naturalWidth > 0)
+                   .length === 2""", arg=train, timeout=30_000)
 
     page.fit_view()
     save = next(n["id"] for n in page.nodes() if n["type"] == "SaveImage")

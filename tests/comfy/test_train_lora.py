@@ -283,6 +283,35 @@ def test_resume_continues_the_step_count(fresh_unet, sd15_clip, small_vae, make_
     assert second["result"][2] != name, "the first file must not be overwritten"
 
 
+def test_resumed_run_equals_an_uninterrupted_one(fresh_unet, sd15_clip, small_vae, make_dataset, loras_dir):
+    """Cancel a 5-step run after step 3, resume its save to 5 == 5 steps straight (same seed): weights,
+    optimizer, LR schedule, loss scaler and RNG all continue where they stopped."""
+    import comfy.model_management
+    import comfy.utils
+    dataset = make_dataset(3)
+    exact = dict(save_precision="fp32", lr_schedule="cosine", warmup_steps=1, noise_offset=0.05)
+    straight = run_train(fresh_unet, sd15_clip, small_vae, dataset, "straight", steps=5, options=options(**exact))
+
+    def cancel_after_step_3(value, total, *_, **__):
+        if total == 5 and value == 3:
+            comfy.model_management.interrupt_current_processing(True)
+
+    comfy.utils.set_progress_bar_global_hook(cancel_after_step_3)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            run_train(fresh_unet, sd15_clip, small_vae, dataset, "halfway", steps=5, options=options(**exact))
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        comfy.model_management.interrupt_current_processing(False)
+    resumed = run_train(fresh_unet, sd15_clip, small_vae, dataset, "continued", steps=5,
+                        options=options(resume_from="halfway_step3.safetensors", **exact))
+    assert resumed["ui"]["loss"] == pytest.approx(straight["ui"]["loss"][3:], rel=1e-6)
+    a, b = saved_tensors(loras_dir, straight["result"][2]), saved_tensors(loras_dir, resumed["result"][2])
+    assert a.keys() == b.keys()
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst < 1e-6, worst
+
+
 def test_existing_file_is_never_overwritten_by_default(fresh_unet, sd15_clip, small_vae, make_dataset, loras_dir):
     dataset = make_dataset(2)
     existing = loras_dir / "taken.safetensors"
@@ -495,3 +524,24 @@ def test_a_resume_state_that_cannot_be_written_does_not_lose_the_lora(fresh_unet
     assert result["result"][2] == "no_state.safetensors" and (loras_dir / "no_state.safetensors").is_file()
     assert "resume state could not be written" in caplog.text
     assert not training_files.resume_state_path(loras_dir / "no_state.safetensors").exists()
+
+
+def test_previews_render_at_the_right_steps_without_changing_the_training(fresh_unet, sd15_clip, small_vae,
+                                                                           make_dataset, loras_dir):
+    dataset = make_dataset(2, captions=["sks, a red square", "sks, a blue circle"])
+    before = weights_snapshot(fresh_unet)
+    flags = [p.requires_grad for p in fresh_unet.model.parameters()]
+    plain = run_train(fresh_unet, sd15_clip, small_vae, dataset, "no_previews", steps=4)
+    previews = options(preview_every_n_steps=2, preview_steps=3, preview_prompts="{trigger}, a photo\nplain words")
+    shown = run_train(fresh_unet, sd15_clip, small_vae, dataset, "with_previews", steps=4, options=previews)
+
+    assert shown["ui"]["loss"] == plain["ui"]["loss"], "previews must not change what is trained"
+    images = shown["result"][4]
+    assert images.shape == (4, SIZE, SIZE, 3)             # steps 2 and 4 x two prompts, decoded by the VAE
+    assert not torch.equal(images[0], images[2]), "the step-4 preview should differ from the step-2 one"
+    assert not torch.equal(images[0], images[1]), "each prompt has its own picture"
+    report = shown["ui"]["text"][0]
+    assert "previews: 4 picture(s) at step(s) 2, 4" in report
+    assert len(shown["ui"]["images"]) == 4 and all(i["type"] == "temp" for i in shown["ui"]["images"])
+    assert plain["result"][4].shape[0] == 1 and "images" not in plain["ui"]
+    assert_base_untouched(fresh_unet, before, flags)

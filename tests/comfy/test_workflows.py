@@ -158,6 +158,7 @@ def test_workflow_2_trains_and_samples(workflow_server, trained):
         assert f.metadata()["ss_output_name"] == TRAINED and f.metadata()["ss_steps"] == "2"
     assert saved_image(workflow_server, history, node_id(prompt, "SaveImage")).size == (64, 64)
     assert history["outputs"][node_id(prompt, "LoraLabTrainLora")]["loss"]
+    assert len(history["outputs"][node_id(prompt, "LoraLabTrainLora")]["images"]) == 4   # 2 steps x 2 prompts
     assert saved_image(workflow_server, history, node_id(prompt, "PreviewImage")).size[0] > 64  # the loss curve
 
 
