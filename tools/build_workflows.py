@@ -58,6 +58,20 @@ def sampling(column, model, clip, vae, prefix):
     ]
 
 
+def dataset_and_captions():
+    """Folder -> BLIP captions (trigger word first, missing ones only, written as .txt files)."""
+    return [
+        node("dataset", "LoraLabDatasetFromFolder", 1,
+             {"folder": DATASET, "caption_extension": ".txt", "default_repeats": 10, "batch_size": 1,
+              "target_steps": 1500}),
+        node("blip", "LoraLabBlipLoader", 1, {"model": "blip-base", "device": "auto", "precision": "auto"}),
+        node("caption", "LoraLabCaption", 2,
+             {"mode": "fill-missing", "trigger_word": TRIGGER, "prompt": "", "min_length": 5, "max_length": 30,
+              "num_beams": 3, "batch_size": 8, "find": "", "replace": "", "remove_tags": "", "write_sidecars": True},
+             {"dataset": ("dataset", 0), "blip": ("blip", 0)}, width=380),
+    ]
+
+
 TRAIN_WIDGETS = {"output_name": TRAINED, "resolution": 0, "steps": 1500, "epochs": 0, "batch_size": 1,
                  "learning_rate": 1e-4, "rank": 16, "alpha": 8.0, "seed": 0, "control_after_generate": "fixed",
                  "trigger_word": ""}
@@ -74,14 +88,7 @@ WORKFLOWS = {
              "the others get a BLIP caption, written next to the picture (write_sidecars).\n\n"
              "BLIP base (about 1 GB) downloads from the Hugging Face hub on first use. Offline, put the "
              "Salesforce/blip-image-captioning-base files in ComfyUI/models/blip/blip-base/."),
-        node("dataset", "LoraLabDatasetFromFolder", 1,
-             {"folder": DATASET, "caption_extension": ".txt", "default_repeats": 10, "batch_size": 1,
-              "target_steps": 1500}),
-        node("blip", "LoraLabBlipLoader", 1, {"model": "blip-base", "device": "auto", "precision": "auto"}),
-        node("caption", "LoraLabCaption", 2,
-             {"mode": "fill-missing", "trigger_word": TRIGGER, "prompt": "", "min_length": 5, "max_length": 30,
-              "num_beams": 3, "batch_size": 8, "find": "", "replace": "", "remove_tags": "", "write_sidecars": True},
-             {"dataset": ("dataset", 0), "blip": ("blip", 0)}, width=380),
+        *dataset_and_captions(),
         node("preview", "LoraLabDatasetPreview", 3,
              {"resolution": 512, "thumbnail_size": 192, "max_images": 64}, {"dataset": ("caption", 0)},
              title="Dataset preview (buckets + captions)"),
@@ -99,14 +106,7 @@ WORKFLOWS = {
              "(about 20 pictures x 10 repeats x 7-8 epochs). Cancel keeps what was trained as "
              f"{TRAINED}_stepN. Re-queueing an unchanged graph does not retrain."),
         node("checkpoint", "CheckpointLoaderSimple", 1, {"ckpt_name": CHECKPOINT}),
-        node("dataset", "LoraLabDatasetFromFolder", 1,
-             {"folder": DATASET, "caption_extension": ".txt", "default_repeats": 10, "batch_size": 1,
-              "target_steps": 1500}),
-        node("blip", "LoraLabBlipLoader", 1, {"model": "blip-base", "device": "auto", "precision": "auto"}),
-        node("caption", "LoraLabCaption", 2,
-             {"mode": "fill-missing", "trigger_word": TRIGGER, "prompt": "", "min_length": 5, "max_length": 30,
-              "num_beams": 3, "batch_size": 8, "find": "", "replace": "", "remove_tags": "", "write_sidecars": True},
-             {"dataset": ("dataset", 0), "blip": ("blip", 0)}, width=380),
+        *dataset_and_captions(),
         node("options", "LoraLabTrainingOptions", 2,
              {"preview_every_n_steps": 250, "preview_prompts": f"{TRIGGER}, a portrait\n{TRIGGER}, full body, outdoors"},
              title="Training Options (previews every 250 steps)", width=380),

@@ -110,7 +110,7 @@ def test_training_learns_saves_and_leaves_the_base_model_alone(fresh_unet, sd15_
 
     result = run_train(fresh_unet, sd15_clip, small_vae, dataset, "learns", steps=40,
                        options=options(save_precision="fp32"), learning_rate=2e-3, rank=8, alpha=8.0)
-    model_out, clip_out, lora_name, curve = result["result"]
+    model_out, clip_out, lora_name, curve, previews = result["result"]
 
     assert_base_untouched(fresh_unet, before, flags)
     trained_loss = training_loss(model_out, data)
@@ -118,6 +118,8 @@ def test_training_learns_saves_and_leaves_the_base_model_alone(fresh_unet, sd15_
     assert lora_name == "learns.safetensors"
     assert curve.shape[0] == 1 and curve.shape[-1] == 3 and 0 <= curve.min() and curve.max() <= 1
     assert len(result["ui"]["loss"]) == 40
+    assert previews.shape == (1, 64, 64, 3) and previews.max() == 0     # previews off: one black picture
+    assert "previews" not in result["ui"]["text"][0]
 
     path = loras_dir / lora_name
     with safe_open(str(path), "pt") as f:
