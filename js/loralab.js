@@ -13,6 +13,16 @@ const PROGRESS_EVENT = "loralab.train.progress";
 const STOPPED_EVENT = "loralab.train.stopped";
 const PREVIEW_EVENT = "loralab.train.preview";
 
+function displayWidget(node, name, element, options = {}) {
+  // A display-only DOM widget: never saved (the options flag is read by the newer front end, the
+  // property by the legacy one), so the saved values of the node's real widgets keep their positions.
+  const widget = node.addDOMWidget(name, name, element, {
+    getValue: () => undefined, setValue: () => {}, serialize: false, ...options,
+  });
+  widget.serialize = false;
+  return widget;
+}
+
 function reportWidget(node) {
   // A read-only text box at the end of the widgets, so saved widget values keep their positions.
   let widget = node.widgets?.find((w) => w.name === "loralab_report");
@@ -20,10 +30,9 @@ function reportWidget(node) {
   const box = document.createElement("textarea");
   box.readOnly = true;
   box.style.cssText = "width:100%;height:100%;font:11px monospace;resize:none;opacity:0.85;";
-  widget = node.addDOMWidget("loralab_report", "loralab_report", box, {
-    getValue: () => box.value, setValue: (v) => { box.value = v ?? ""; }, serialize: false,
+  widget = displayWidget(node, "loralab_report", box, {
+    getValue: () => box.value, setValue: (v) => { box.value = v ?? ""; },
   });
-  widget.serialize = false;
   widget.computeSize = (width) => [width, 120];
   return widget;
 }
@@ -38,10 +47,7 @@ function lossChartWidget(node) {
   const status = document.createElement("div");
   status.style.cssText = "font:11px monospace;color:#bbb;white-space:nowrap;overflow:hidden;";
   root.append(canvas, status);
-  widget = node.addDOMWidget("loralab_loss_chart", "loralab_loss_chart", root, {
-    getValue: () => undefined, setValue: () => {}, serialize: false,
-  });
-  widget.serialize = false;
+  widget = displayWidget(node, "loralab_loss_chart", root);
   widget.computeSize = (width) => [width, 150];
   widget.draw_chart = () => drawChart(canvas, status, node.properties?.loralab_loss ?? [], node.loralab_last);
   return widget;
@@ -59,11 +65,9 @@ function previewWidget(node) {
   strip.style.cssText = "display:flex;gap:4px;flex:1;min-height:0;";
   root.append(label, strip);
   // Height through the options both front ends read for DOM widgets (the 2024 one ignores computeSize here).
-  widget = node.addDOMWidget("loralab_previews", "loralab_previews", root, {
-    getValue: () => undefined, setValue: () => {}, serialize: false,
+  widget = displayWidget(node, "loralab_previews", root, {
     getMinHeight: () => 140, getHeight: () => 140, getMaxHeight: () => 400,
   });
-  widget.serialize = false;
   widget.show_previews = (detail) => {
     label.textContent = `previews at step ${detail.step}`;
     strip.replaceChildren(...detail.images.map((image, index) => {

@@ -297,6 +297,17 @@ def caption_encoder(clip):
     return encode
 
 
+def send_to_front_end(event: str, data: dict) -> None:
+    """A websocket event for the front end (js/), when a ComfyUI server is running (not in-process tests)."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    server = getattr(PromptServer, "instance", None)
+    if server is not None:
+        server.send_sync(event, data, getattr(server, "client_id", None))
+
+
 def apply_lora(model, clip, tensors: dict, strength_model: float = 1.0, strength_clip: float = 1.0):
     """The same path as ComfyUI's LoraLoader: patched clones, the shared originals untouched."""
     return comfy.sd.load_lora_for_models(model, clip, tensors, strength_model, strength_clip)

@@ -333,18 +333,11 @@ class TrainingRun:
         return on_step
 
     def send_event(self, report: StepReport):
-        try:
-            from server import PromptServer
-        except ImportError:
-            return
-        server = getattr(PromptServer, "instance", None)
-        if server is None:
-            return
         remaining = (report.total - report.step) * report.seconds
-        server.send_sync(PROGRESS_EVENT, {
+        comfy_bridge.send_to_front_end(PROGRESS_EVENT, {
             "node": self.unique_id, "step": report.step, "total": report.total, "loss": report.loss,
             "lr": report.lr, "seconds_per_step": report.seconds, "eta_seconds": remaining,
-        }, getattr(server, "client_id", None))
+        })
 
     def save(self, lora, describe, loop_state, step, final, overwrite):
         name = self.output_name if final else f"{self.output_name}_step{step}"
@@ -405,14 +398,8 @@ class TrainingRun:
             if path is None:
                 return None
         log.warning("[LoRA Lab] training %s at step %d; what was trained is saved as %s", why, self.step, path)
-        try:
-            from server import PromptServer
-            if getattr(PromptServer, "instance", None):
-                PromptServer.instance.send_sync("loralab.train.stopped", {
-                    "node": self.unique_id, "step": self.step, "reason": why, "saved": str(path)},
-                    getattr(PromptServer.instance, "client_id", None))
-        except ImportError:
-            pass
+        comfy_bridge.send_to_front_end("loralab.train.stopped", {
+            "node": self.unique_id, "step": self.step, "reason": why, "saved": str(path)})
         return path
 
     def save_final(self, lora, describe, loop_state, step, overwrite):

@@ -26,6 +26,7 @@ import folder_paths
 
 from ..trainer.examples import concat_conds
 from ..trainer.loop import autocast_for
+from .comfy_bridge import send_to_front_end
 
 log = logging.getLogger("LoRA Lab")
 PREVIEW_EVENT = "loralab.train.preview"
@@ -57,6 +58,7 @@ class TrainingPreviews:
             conds = [clip.encode_from_tokens(clip.tokenize(text)) for text in self.prompts]
             self.uncond = clip.encode_from_tokens(clip.tokenize("")).detach().clone()
         self.conds = [c.detach().clone() for c in conds]     # plain tensors: usable outside inference mode
+        self.sigmas = schedule(model.model, settings.steps).detach().clone()   # the same for every preview
         self.rendered: list[tuple[int, torch.Tensor]] = []    # (step, model-space latents of every prompt)
         self.shown: list[dict] = []                           # the quick pictures, as /view references
         self.failed: str | None = None
@@ -78,11 +80,12 @@ class TrainingPreviews:
         files = [self.quick_picture(latent, step, index) for index, latent in enumerate(latents)]
         self.shown += files
         log.info("[LoRA Lab] preview at step %d: %d picture(s) in %.1fs", step, len(files), time.perf_counter() - started)
-        self.announce(step, files)
+        send_to_front_end(PREVIEW_EVENT, {"node": self.unique_id, "step": step, "prompts": self.prompts,
+                                          "images": files})
 
     def sample(self, cond: torch.Tensor, device: torch.device) -> torch.Tensor:
         base = self.model.model
-        sigmas = schedule(base, self.settings.steps).to(device)
+        sigmas = self.sigmas.to(device)
         channels = getattr(base.latent_format, "latent_channels", 4)
         generator = torch.Generator().manual_seed(self.settings.seed)
         noise = torch.randn((1, channels, self.height // 8, self.width // 8), generator=generator).to(device)
@@ -110,16 +113,6 @@ class TrainingPreviews:
         name = f"preview_{self.unique_id or 'node'}_{os.getpid()}_{step:06d}_{index}.png"
         picture.save(os.path.join(folder, name))
         return {"filename": name, "subfolder": "loralab", "type": "temp"}
-
-    def announce(self, step: int, files: list[dict]) -> None:
-        try:
-            from server import PromptServer
-        except ImportError:
-            return
-        server = getattr(PromptServer, "instance", None)
-        if server is not None:
-            server.send_sync(PREVIEW_EVENT, {"node": self.unique_id, "step": step, "prompts": self.prompts,
-                                             "images": files}, getattr(server, "client_id", None))
 
     # --- after training ---------------------------------------------------------------------------
     def decoded(self, vae) -> torch.Tensor | None:
