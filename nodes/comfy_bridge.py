@@ -16,6 +16,7 @@ import comfy.model_management
 import comfy.sd
 
 from ..trainer.checkpointing import clone_inputs_of, gradient_checkpointing
+from ..trainer.examples import PictureSize, TextEncoding
 from ..trainer.network_shape import NetworkShape
 
 log = logging.getLogger("LoRA Lab")
@@ -51,7 +52,7 @@ def default_resolution(patcher) -> int:
     return 768 if family == "sd_v2" and predicts_v(patcher) else 512   # SD 2.x 768-v vs 512 base
 
 
-SUPPORTED_FAMILIES = ("sd_v1", "sd_v2")
+SUPPORTED_FAMILIES = ("sd_v1", "sd_v2", "sdxl_base_v1-0")
 
 
 def unsupported_family(patcher) -> str | None:
@@ -90,7 +91,19 @@ class ComfyDenoiser:
     def noisy_latents(self, latents, noise, sigma):
         return self.sampling.noise_scaling(sigma.view(-1, 1, 1, 1), noise, latents)
 
+    def conditioning(self, texts: list[TextEncoding], sizes: list[PictureSize], device) -> dict:
+        """The model's inputs besides the latents, made by ComfyUI's own ``extra_conds`` as KSampler does:
+        cross-attention states, and for SDXL the ``y`` vector of pooled text and size conditioning
+        (original size, crop, target size, as kohya trains). Gradients flow through it when a text
+        encoder trains."""
+        per_example = [self.base_model.extra_conds(**condition_arguments(text, size, device))
+                       for text, size in zip(texts, sizes)]
+        return {key: per_example[0][key].concat([conds[key] for conds in per_example[1:]]).to(device)
+                for key in per_example[0]}
+
     def denoise(self, noisy, sigma, cond):
+        if isinstance(cond, dict):
+            return self.base_model.apply_model(noisy, sigma, **cond)
         return self.base_model.apply_model(noisy, sigma, c_crossattn=cond)
 
     def output_error_scale(self, sigma):
@@ -98,6 +111,17 @@ class ComfyDenoiser:
         shape = (sigma.shape[0], 1, 1, 1)
         zeros = torch.zeros(shape, device=sigma.device)
         return -self.sampling.calculate_denoised(sigma, torch.ones(shape, device=sigma.device), zeros).view(-1)
+
+
+def condition_arguments(text: TextEncoding, size: PictureSize, device) -> dict:
+    """extra_conds' keyword arguments, named as ComfyUI's CLIPTextEncodeSDXL and samplers name them."""
+    arguments = {"cross_attn": text.cross_attn, "device": device,
+                 "width": size.original[0], "height": size.original[1],
+                 "crop_w": size.crop[0], "crop_h": size.crop[1],
+                 "target_width": size.target[0], "target_height": size.target[1]}
+    if text.pooled is not None:
+        arguments["pooled_output"] = text.pooled
+    return arguments
 
 
 # --- which layers get adapters, and their kohya names ---------------------------------------------
@@ -220,16 +244,26 @@ def trainable_unet(patcher, checkpointing: bool, clip=None):
 # --- the text encoder, when it trains too -----------------------------------------------------------
 def clip_lora_targets(clip) -> dict[str, str]:
     """{module path inside clip.cond_stage_model: kohya name} for kohya's text-encoder LoRA: the
-    self_attn q/k/v/out_proj and mlp fc1/fc2 Linears of every CLIP layer, named ``lora_te_...`` by
-    ComfyUI's own key map (SD1: clip_l; SD2: clip_h), so every saved key is one ComfyUI loads."""
+    self_attn q/k/v/out_proj and mlp fc1/fc2 Linears of every CLIP layer, named by ComfyUI's own key
+    map, so every saved key is one ComfyUI loads: ``lora_te_`` for SD1 (clip_l) and SD2 (clip_h);
+    ``lora_te1_`` (clip_l) and ``lora_te2_`` (clip_g) for SDXL, as kohya writes them."""
     key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
-    targets = {}
+    names_for_weight: dict[str, list[str]] = {}
     for lora_name, weight_key in key_map.items():
-        if lora_name.startswith("lora_te_") and weight_key.endswith(".weight"):
-            targets[weight_key[: -len(".weight")]] = lora_name
+        if lora_name.startswith(("lora_te_", "lora_te1_", "lora_te2_")) and "_text_model_encoder_layers_" in lora_name \
+                and weight_key.endswith(".weight"):      # the layers' Linears, not text_projection (2025-10 maps it)
+            names_for_weight.setdefault(weight_key[: -len(".weight")], []).append(lora_name)
+    # ComfyUI also maps SDXL's clip_l under the SD1 name; kohya's SDXL files use the numbered one.
+    targets = {path: min(names, key=lambda name: not name.startswith(("lora_te1_", "lora_te2_")))
+               for path, names in names_for_weight.items()}
     if not targets:
         raise RuntimeError(f"ComfyUI has no lora_te_ keys for {type(clip.cond_stage_model).__name__}")
     return targets
+
+
+def text_encoder_of(kohya_name: str) -> str:
+    """"text_encoder" (SD1/SD2, and SDXL's CLIP-L) or "text_encoder_2" (SDXL's OpenCLIP bigG)."""
+    return "text_encoder_2" if kohya_name.startswith("lora_te2_") else "text_encoder"
 
 
 @contextlib.contextmanager
@@ -252,13 +286,14 @@ def loaded_caption_encoder(clip, with_gradients: bool):
     """
     encoder = clip.cond_stage_model
 
-    def encode(caption: str) -> torch.Tensor:
+    def encode(caption: str) -> TextEncoding:
         tokens = clip.tokenize(caption)
         with torch.enable_grad() if with_gradients else torch.no_grad():
             encoder.reset_clip_options()
             if clip.layer_idx is not None:
                 encoder.set_clip_options({"layer": clip.layer_idx})
-            return encoder.encode_token_weights(tokens)[0]
+            encoded = encoder.encode_token_weights(tokens)     # (cond, pooled[, extras]) on 2025-10
+            return TextEncoding(encoded[0], encoded[1])
     return encode
 
 
@@ -291,9 +326,11 @@ def latent_space_name(patcher) -> str:
 
 
 def caption_encoder(clip):
-    def encode(caption: str) -> torch.Tensor:
+    """caption -> TextEncoding through ComfyUI's CLIP.encode_from_tokens (it loads the encoder)."""
+    def encode(caption: str) -> TextEncoding:
         with torch.no_grad():
-            return clip.encode_from_tokens(clip.tokenize(caption))
+            cond, pooled = clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True)
+            return TextEncoding(cond, pooled)
     return encode
 
 

@@ -232,12 +232,13 @@ def inject_adapters(model, network, clip, text_model, options, rank, alpha, seed
         parts["unet"] = InjectedLora(network, targets, rank=rank, alpha=alpha, ranks=ranks, alphas=alphas,
                                      dropout=options.network.dropout, seed=seed, device=device)
         if text_model is not None:
-            parts["text_encoder"] = InjectedLora(text_model, comfy_bridge.clip_lora_targets(clip), rank=rank,
-                                                 alpha=alpha, dropout=options.network.dropout, seed=seed,
-                                                 device=torch.device(clip.patcher.load_device))
-        groups = param_groups(parts["unet"].parameters(), learning_rate,
-                              parts["text_encoder"].parameters() if text_model is not None else (),
-                              options.text_encoder_lr or None)
+            for encoder, (root, targets) in text_encoder_targets(clip, text_model).items():
+                parts[encoder] = InjectedLora(root, targets, rank=rank, alpha=alpha, dropout=options.network.dropout,
+                                              seed=seed, device=torch.device(clip.patcher.load_device))
+        trained = {label: part.parameters() for label, part in parts.items()}
+        groups = param_groups(trained["unet"], learning_rate, trained.get("text_encoder", ()),
+                              options.text_encoder_lr or None, trained.get("text_encoder_2", ()),
+                              options.text_encoder_2_lr or None)
         return LoraSet(parts), groups
     except BaseException as error:
         for part in parts.values():         # nothing may stay injected in the shared model
@@ -245,16 +246,41 @@ def inject_adapters(model, network, clip, text_model, options, rank, alpha, seed
         if isinstance(error, (RuntimeError, ValueError)) and not isinstance(error, torch.cuda.OutOfMemoryError):
             where = "the text encoder" if "unet" in parts else "the UNet"
             raise user_error(NODE, "options", f"LoRA layers could not be added to {where} of this model ({error}).",
-                             "use network_preset 'kohya default' with train_text_encoder off, or load an SD1.5 / "
-                             "SD2.x checkpoint.") from None
+                             "use network_preset 'kohya default' with train_text_encoder off, or load an SD1.5, "
+                             "SD2.x or SDXL checkpoint.") from None
         raise
+
+
+def text_encoder_targets(clip, text_model) -> dict[str, tuple[torch.nn.Module, dict[str, str]]]:
+    """{"text_encoder" | "text_encoder_2": (the encoder's own module, {path inside it: kohya name})}.
+
+    Each text encoder gets its adapters in its own module (SDXL: clip_l and clip_g), so each can
+    learn at its own rate and peft never sees two adapter sets in one module tree.
+    """
+    by_encoder: dict[str, dict[str, str]] = {}
+    for path, name in comfy_bridge.clip_lora_targets(clip).items():
+        by_encoder.setdefault(comfy_bridge.text_encoder_of(name), {})[path] = name
+    parts = {}
+    for encoder, targets in by_encoder.items():
+        tops = {path.split(".", 1)[0] for path in targets}
+        if len(tops) == 1 and all("." in path for path in targets):
+            top = tops.pop()
+            parts[encoder] = (text_model.get_submodule(top), {path[len(top) + 1:]: n for path, n in targets.items()})
+        else:
+            parts[encoder] = (text_model, targets)
+    if len(parts) > 1 and any(root is text_model for root, _ in parts.values()):
+        raise RuntimeError("the text encoders' layers could not be told apart")
+    return parts
 
 
 def text_encoder_metadata(options, learning_rate) -> dict[str, str]:
     """kohya's keys for what was trained at which rate."""
     data = {"ss_network_train_unet_only": str(not options.train_text_encoder), "ss_unet_lr": str(float(learning_rate))}
     if options.train_text_encoder:
-        data["ss_text_encoder_lr"] = str(float(options.text_encoder_lr or learning_rate))
+        first = float(options.text_encoder_lr or learning_rate)
+        # kohya writes one rate, or SDXL's two as a list when they differ (its --text_encoder_lr a b).
+        second = float(options.text_encoder_2_lr or first)
+        data["ss_text_encoder_lr"] = str(first) if second == first else str([first, second])
     return data
 
 
@@ -271,7 +297,8 @@ def check_inputs(model, dataset, output_name, rank, alpha):
     unsupported = comfy_bridge.unsupported_family(model)
     if unsupported:
         raise user_error(NODE, "model", f"{unsupported} models cannot be trained yet; "
-                         f"LoRA Lab trains SD1.x and SD2.x models.", "load an SD1.5 or SD2.x checkpoint.")
+                         f"LoRA Lab trains SD1.x, SD2.x and SDXL models.",
+                         "load an SD1.5, SD2.x or SDXL base checkpoint.")
     if dataset is None or not getattr(dataset, "items", None):
         raise user_error(NODE, "dataset", "the dataset has no pictures.",
                          "check the folder in the dataset node and its report.")
@@ -317,10 +344,10 @@ class TrainingRun:
                 self.progress = comfy.utils.ProgressBar(report.total)
             self.progress.update_absolute(report.step, report.total)
             self.send_event(report)
-            if options.save_every_n_steps and report.step % options.save_every_n_steps == 0 \
-                    and report.step < report.total:
+            name = self.periodic_save_name(report, options, describe.per_epoch)
+            if name:
                 try:
-                    self.save(lora, describe, report.snapshot(), report.step, final=False, overwrite=True)
+                    self.save(lora, describe, report.snapshot(), report.step, final=False, overwrite=True, name=name)
                 except Exception as failed:     # a full disk must not end the run; the final save tries again
                     log.warning("[LoRA Lab] the save at step %d failed (%s: %s); training goes on",
                                 report.step, type(failed).__name__, failed)
@@ -332,6 +359,18 @@ class TrainingRun:
             comfy.model_management.throw_exception_if_processing_interrupted()
         return on_step
 
+    def periodic_save_name(self, report: StepReport, options, per_epoch: int) -> str | None:
+        """<name>_epoch<E> at the end of every save_every_n_epochs-th epoch, else <name>_step<N> every
+        save_every_n_steps steps; None when neither is due (or the final save is next)."""
+        if report.step >= report.total:
+            return None
+        every_epochs = options.save_every_n_epochs * per_epoch
+        if every_epochs and report.step % every_epochs == 0:
+            return f"{self.output_name}_epoch{report.step // per_epoch}"
+        if options.save_every_n_steps and report.step % options.save_every_n_steps == 0:
+            return f"{self.output_name}_step{report.step}"
+        return None
+
     def send_event(self, report: StepReport):
         remaining = (report.total - report.step) * report.seconds
         comfy_bridge.send_to_front_end(PROGRESS_EVENT, {
@@ -339,8 +378,8 @@ class TrainingRun:
             "lr": report.lr, "seconds_per_step": report.seconds, "eta_seconds": remaining,
         })
 
-    def save(self, lora, describe, loop_state, step, final, overwrite):
-        name = self.output_name if final else f"{self.output_name}_step{step}"
+    def save(self, lora, describe, loop_state, step, final, overwrite, name=None):
+        name = name or (self.output_name if final else f"{self.output_name}_step{step}")
         metadata = describe.metadata(step=step, started_at=self.started_at, finished_at=time.time())
         path = save_lora_file(training_files.loras_root(), name, lora.kohya_state_dict(), metadata,
                               overwrite=overwrite, dtype=self.save_dtype)

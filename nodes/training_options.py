@@ -63,6 +63,8 @@ class TrainingOptions:
     preview_seed: int = PreviewSettings.seed
     preview_steps: int = PreviewSettings.steps
     preview_cfg: float = PreviewSettings.cfg
+    text_encoder_2_lr: float = 0.0
+    save_every_n_epochs: int = 0
 
     @property
     def previews(self) -> PreviewSettings:
@@ -186,6 +188,14 @@ class LoraLabTrainingOptions:
                                  "The same seed every time, so previews show what the LoRA learned."}),
                 "preview_steps": ("INT", {"default": d.preview_steps, "min": 1, "max": 150}),
                 "preview_cfg": ("FLOAT", {"default": d.preview_cfg, "min": 0.0, "max": 30.0, "step": 0.5}),
+                # Added after the first release: kept last so saved workflows keep their widget values.
+                "text_encoder_2_lr": ("FLOAT", {"default": d.text_encoder_2_lr, "min": 0.0, "max": 1.0, "step": 1e-5,
+                                      "round": False, "tooltip":
+                                      "SDXL only: learning rate of the second text encoder (OpenCLIP bigG, "
+                                      "lora_te2_); 0 = the same as text_encoder_lr."}),
+                "save_every_n_epochs": ("INT", {"default": d.save_every_n_epochs, "min": 0, "max": 10_000, "tooltip":
+                                        "Also save <name>_epoch<E> at the end of every N epochs (epochs = pictures x "
+                                        "repeats / batch size steps); 0 = off. Works with save_every_n_steps."}),
             },
         }
 

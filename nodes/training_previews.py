@@ -24,9 +24,9 @@ import comfy.k_diffusion.sampling
 import comfy.samplers
 import folder_paths
 
-from ..trainer.examples import concat_conds
+from ..trainer.examples import PictureSize
 from ..trainer.loop import autocast_for
-from .comfy_bridge import send_to_front_end
+from .comfy_bridge import ComfyDenoiser, caption_encoder, send_to_front_end
 
 log = logging.getLogger("LoRA Lab")
 PREVIEW_EVENT = "loralab.train.preview"
@@ -54,10 +54,11 @@ class TrainingPreviews:
         self.model, self.settings, self.unique_id, self.precision = model, settings, unique_id, precision
         self.height, self.width = size
         self.prompts = settings.prompt_lines(trigger_word)
-        with torch.no_grad():
-            conds = [clip.encode_from_tokens(clip.tokenize(text)) for text in self.prompts]
-            self.uncond = clip.encode_from_tokens(clip.tokenize("")).detach().clone()
-        self.conds = [c.detach().clone() for c in conds]     # plain tensors: usable outside inference mode
+        self.denoiser = ComfyDenoiser(model)                 # builds the model's conditioning (SDXL: pooled, sizes)
+        encode = caption_encoder(clip)
+        # Stored copies are plain tensors: usable outside inference mode.
+        self.texts = [encode(text).stored() for text in self.prompts]
+        self.uncond = encode("").stored()
         self.sigmas = schedule(model.model, settings.steps).detach().clone()   # the same for every preview
         self.rendered: list[tuple[int, torch.Tensor]] = []    # (step, model-space latents of every prompt)
         self.shown: list[dict] = []                           # the quick pictures, as /view references
@@ -73,7 +74,7 @@ class TrainingPreviews:
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
                     autocast_for(device, self.precision):
-                latents = torch.cat([self.sample(cond, device) for cond in self.conds])
+                latents = torch.cat([self.sample(text, device) for text in self.texts])
         finally:
             lora.train(True)
         self.rendered.append((step, latents.float().cpu()))
@@ -83,17 +84,19 @@ class TrainingPreviews:
         send_to_front_end(PREVIEW_EVENT, {"node": self.unique_id, "step": step, "prompts": self.prompts,
                                           "images": files})
 
-    def sample(self, cond: torch.Tensor, device: torch.device) -> torch.Tensor:
+    def sample(self, text, device: torch.device) -> torch.Tensor:
         base = self.model.model
         sigmas = self.sigmas.to(device)
         channels = getattr(base.latent_format, "latent_channels", 4)
         generator = torch.Generator().manual_seed(self.settings.seed)
         noise = torch.randn((1, channels, self.height // 8, self.width // 8), generator=generator).to(device)
-        both = concat_conds([cond.to(device), self.uncond.to(device)])
+        # Conditioning as at inference after CLIPTextEncode: the picture's own size, uncropped.
+        size = PictureSize((self.width, self.height), (0, 0), (self.width, self.height))
+        both = self.denoiser.conditioning([text.to(device), self.uncond.to(device)], [size, size], device)
         cfg = self.settings.cfg
 
         def denoised(x, sigma, **_):
-            out = base.apply_model(torch.cat([x, x]), sigma.repeat(2), c_crossattn=both).float()
+            out = base.apply_model(torch.cat([x, x]), sigma.repeat(2), **both).float()
             positive, negative = out.chunk(2)
             return negative + cfg * (positive - negative)
         return comfy.k_diffusion.sampling.sample_euler(denoised, noise * sigmas[0], sigmas, disable=True)

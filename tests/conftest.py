@@ -77,6 +77,14 @@ def comfy(comfy_overlay):
     return types.SimpleNamespace(root=comfy_overlay, model_management=comfy.model_management)
 
 
+@pytest.fixture
+def leave_models_unpatched(comfy):
+    """Patched clones (LoraLoader, Train LoRA's outputs) share weights with a test's models, and ComfyUI
+    patches them in place when it loads one: hand them back unpatched after the test."""
+    yield
+    comfy.model_management.unload_all_models()
+
+
 @pytest.fixture(scope="session")
 def pack(comfy):
     """The pack's node modules, imported after ComfyUI (they import comfy and folder_paths)."""

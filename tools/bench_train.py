@@ -89,7 +89,7 @@ def run_text_encoder(patcher, latents, steps, text_encoder_trains: bool):
         caption = "sks, a striped pattern, blue"
         data = EncodedDataset(examples=[Example(latent=l.clone(), caption=caption, bucket=(1, 1), repeats=1)
                                         for l in latents],
-                              conds={caption: comfy_bridge.caption_encoder(clip)(caption).clone()})
+                              conds={caption: comfy_bridge.caption_encoder(clip)(caption).stored()})
         with comfy_bridge.trainable_unet(patcher, False, clip=clip if text_encoder_trains else None) as network, \
                 comfy_bridge.trainable_text_encoder(clip) as text_model:
             parts = {"unet": InjectedLora(network, comfy_bridge.unet_lora_targets(patcher), rank=RANK, alpha=RANK,
@@ -103,7 +103,8 @@ def run_text_encoder(patcher, latents, steps, text_encoder_trains: bool):
                 train(comfy_bridge.ComfyDenoiser(patcher), data, groups,
                       TrainSettings(steps=steps, batch_size=1, learning_rate=1e-4), torch.device("cpu"),
                       on_step=lambda report: times.append(report.seconds),
-                      encode_caption=comfy_bridge.trainable_caption_encoder(clip) if text_encoder_trains else None,
+                      encode_caption=(comfy_bridge.loaded_caption_encoder(clip, with_gradients=True)
+                                      if text_encoder_trains else None),
                       text_encoder_trains=text_encoder_trains)
     return times
 

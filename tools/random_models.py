@@ -229,3 +229,141 @@ def _make_it_look(model, seed: int, cross_attention_gain: float = 10.0) -> None:
                 value.copy_(torch.randn(value.shape, generator=generator) * std)
             elif "crossattention" in name and value.dim() >= 2:
                 value.mul_(cross_attention_gain)
+
+
+# --- SDXL (small UNet, real CLIP-L, small CLIP-G) ------------------------------------------------
+SDXL_CLIP_L_WIDTH = 768
+SDXL_SIZE_EMBED_WIDTH = 6 * 256   # encode_adm: height, width, crop_h, crop_w, target_height, target_width
+
+
+def sdxl_unet_config(model_channels: int = 32, pooled_dim: int = 256) -> dict:
+    """SDXL's UNet layout (three levels, attention only in the second and third, linear projections,
+    "sequential" size/pooled conditioning) at a chosen width, one transformer block per attention.
+
+    ``context_dim`` is CLIP-L's 768 plus the (small) CLIP-G's width, ``adm_in_channels`` that CLIP-G's
+    pooled width plus six 256-wide size embeddings, as in the real one (2048 and 2816). The keys are
+    those ComfyUI's model_detection produces for an SDXL checkpoint, in 2024-03 and 2025-10 alike.
+    """
+    return {
+        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+        "legacy": False, "num_classes": "sequential", "adm_in_channels": pooled_dim + SDXL_SIZE_EMBED_WIDTH,
+        "in_channels": 4, "model_channels": model_channels, "num_res_blocks": [2, 2, 2],
+        "transformer_depth": [0, 0, 1, 1, 1, 1], "channel_mult": [1, 2, 4], "transformer_depth_middle": 1,
+        "use_linear_in_transformer": True, "context_dim": SDXL_CLIP_L_WIDTH + pooled_dim,
+        "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1],
+        "use_temporal_attention": False, "use_temporal_resblock": False,
+    }
+
+
+def sdxl_model_patcher(model_channels: int = 32, seed: int = 0, pooled_dim: int = 256):
+    """An SDXL-architecture BaseModel (eps prediction, ComfyUI's model_base.SDXL) in a ModelPatcher on the CPU.
+
+    Pair it with ``sdxl_clip(g_width=pooled_dim)``: its cross-attention takes 768 + pooled_dim wide
+    context and its class embedding pooled_dim + 1536 wide ``y``.
+    """
+    import comfy.model_patcher
+    import comfy.supported_models
+    config = comfy.supported_models.SDXL(sdxl_unet_config(model_channels, pooled_dim))
+    # BASE forces 64-channel heads (unet_extra_config); a narrow test model needs fewer channels per head.
+    config.unet_config.update(num_heads=4, num_head_channels=-1)
+    with torch.inference_mode():
+        model = config.get_model({})
+        randomize_(model, seed)
+    model.eval()
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def _small_bigg_config(g_width: int, g_layers: int) -> dict:
+    """This ComfyUI's clip_config_bigg.json (OpenCLIP ViT-bigG text tower), narrowed and shortened."""
+    import json
+
+    import comfy.sdxl_clip
+    with open(Path(comfy.sdxl_clip.__file__).resolve().parent / "clip_config_bigg.json") as f:
+        config = json.load(f)
+    config.update(hidden_size=g_width, intermediate_size=4 * g_width, num_attention_heads=4,
+                  num_hidden_layers=g_layers, projection_dim=g_width)
+    return config
+
+
+_SDXL_CLIP_CLASSES = None
+
+
+def _sdxl_clip_classes():
+    """(SmallClipG, SmallSDXLClipModel), defined once ComfyUI is importable."""
+    global _SDXL_CLIP_CLASSES
+    if _SDXL_CLIP_CLASSES is not None:
+        return _SDXL_CLIP_CLASSES
+    import inspect
+
+    import comfy.sd1_clip
+    import comfy.sdxl_clip
+
+    class _SwapJsonConfig(comfy.sd1_clip.SDClipModel):
+        """Sits between SDXLClipG and SDClipModel in SmallClipG's MRO: SDXLClipG.__init__ runs as is
+        (its special tokens, layer, pooled and model_options settings for this ComfyUI version) and only
+        the json config it passes on is swapped for the small one."""
+
+        def __init__(self, *args, **kwargs):
+            kwargs["textmodel_json_config"] = self.__dict__["_loralab_g_config"]
+            super().__init__(*args, **kwargs)
+
+    class SmallClipG(comfy.sdxl_clip.SDXLClipG, _SwapJsonConfig):
+        """ComfyUI's SDXLClipG with a narrow, shallow OpenCLIP-bigG-style tower."""
+
+        def __init__(self, g_config_path: str, **kwargs):
+            self.__dict__["_loralab_g_config"] = g_config_path   # read by _SwapJsonConfig; not a Module attr
+            super().__init__(**kwargs)
+            del self.__dict__["_loralab_g_config"]
+
+    sdclip_params = set(inspect.signature(comfy.sd1_clip.SDClipModel.__init__).parameters)
+    clip_g_params = set(inspect.signature(comfy.sdxl_clip.SDXLClipG.__init__).parameters)
+
+    class SmallSDXLClipModel(comfy.sdxl_clip.SDXLClipModel):
+        """ComfyUI's SDXLClipModel (its encode_token_weights, set_clip_options, ...) with the real CLIP-L
+        and a small CLIP-G. ``g_config`` comes from ClipTarget.params; the rest is what comfy.sd.CLIP
+        passes: (device, dtype) in 2024-03, (device, dtype, model_options) in 2025-10."""
+
+        def __init__(self, g_config: dict, device="cpu", dtype=None, **kwargs):
+            import json
+            import tempfile
+            torch.nn.Module.__init__(self)
+            # As SDXLClipModel.__init__ builds clip_l; only keyword arguments this version knows are passed.
+            l_extra = {k: v for k, v in kwargs.items() if k in sdclip_params}
+            self.clip_l = comfy.sd1_clip.SDClipModel(layer="hidden", layer_idx=-2, device=device, dtype=dtype,
+                                                     layer_norm_hidden_state=False, **l_extra)
+            # SDClipModel reads its config from a path in 2024-03 (2025-10 also takes a dict): a temp file.
+            with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+                json.dump(g_config, f)
+            try:
+                g_extra = {k: v for k, v in kwargs.items() if k in clip_g_params}
+                self.clip_g = SmallClipG(f.name, device=device, dtype=dtype, **g_extra)
+            finally:
+                os.unlink(f.name)
+            width = self.clip_g.transformer.text_model.embeddings.token_embedding.weight.shape[1]
+            if width != g_config["hidden_size"]:
+                raise RuntimeError("this ComfyUI's SDXLClipG ignored the small config; sdxl_clip needs updating")
+            self.dtypes = {dtype}   # 2025-10's comfy.sd.CLIP reads it; harmless in 2024-03
+
+    _SDXL_CLIP_CLASSES = (SmallClipG, SmallSDXLClipModel)
+    return _SDXL_CLIP_CLASSES
+
+
+def sdxl_clip(seed: int = 1, g_width: int = 256, g_layers: int = 4):
+    """ComfyUI's SDXL text encoders (SDXLTokenizer, SDXLClipModel layout) with random weights.
+
+    ``clip_l`` is the real ViT-L/14 text tower, used as SDXL does (penultimate layer, no final norm);
+    ``clip_g`` an OpenCLIP-bigG-style tower ``g_width`` wide and ``g_layers`` deep (the real one is
+    1280 x 32) with SDXLClipG's settings. Encoding gives cond (B, 77, 768 + g_width) and pooled
+    (B, g_width), so it feeds ``sdxl_model_patcher(pooled_dim=g_width)``.
+    """
+    import comfy.sd
+    import comfy.sdxl_clip
+    import comfy.supported_models_base
+    _, model_class = _sdxl_clip_classes()
+    target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, model_class)
+    target.params["g_config"] = _small_bigg_config(g_width, g_layers)
+    with torch.inference_mode():
+        clip = comfy.sd.CLIP(target=target)
+        randomize_(clip.cond_stage_model, seed)
+    return clip

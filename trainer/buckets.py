@@ -59,7 +59,7 @@ def fit_to_bucket(image: Image.Image, bucket: Bucket) -> Image.Image:
     """Scale so the picture covers the bucket, then crop the centre: no padding, no stretching."""
     bucket_width, bucket_height = bucket
     width, height = image.size
-    scale = max(bucket_width / width, bucket_height / height)
+    scale = _cover_scale(width, height, bucket)
     crop_width, crop_height = bucket_width / scale, bucket_height / scale
     left, top = (width - crop_width) / 2, (height - crop_height) / 2
     downscaling = scale < 1
@@ -70,6 +70,17 @@ def fit_to_bucket(image: Image.Image, bucket: Bucket) -> Image.Image:
         # A cheap box-reduce first makes 4000px -> 512px several times faster, visually identical.
         reducing_gap=3.0 if downscaling else None,
     )
+
+
+def crop_offset(width: int, height: int, bucket: Bucket) -> tuple[int, int]:
+    """(left, top) of fit_to_bucket's centre crop, in pixels of the scaled picture: SDXL's
+    crop_top_left conditioning, as kohya computes it."""
+    scale = _cover_scale(width, height, bucket)
+    return round((width * scale - bucket[0]) / 2), round((height * scale - bucket[1]) / 2)
+
+
+def _cover_scale(width: int, height: int, bucket: Bucket) -> float:
+    return max(bucket[0] / width, bucket[1] / height)
 
 
 def group_into_batches(bucket_of_each_item: Sequence[Hashable], batch_size: int,

@@ -9,10 +9,46 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .buckets import fit_to_bucket, group_into_batches, make_buckets, nearest_bucket
+from .buckets import crop_offset, fit_to_bucket, group_into_batches, make_buckets, nearest_bucket
+
+
+@dataclass
+class TextEncoding:
+    """What a text encoder makes of one caption: per-token states for cross-attention and, for models
+    conditioned on it (SDXL), the pooled vector."""
+    cross_attn: torch.Tensor                 # (1,T,D)
+    pooled: torch.Tensor | None = None       # (1,P)
+
+    def stored(self) -> "TextEncoding":
+        """A detached float32 CPU copy, to keep between steps and runs."""
+        def keep(tensor):
+            return None if tensor is None else tensor.detach().to("cpu", torch.float32).clone()
+        return TextEncoding(keep(self.cross_attn), keep(self.pooled))
+
+    def to(self, device) -> "TextEncoding":
+        return TextEncoding(self.cross_attn.to(device), None if self.pooled is None else self.pooled.to(device))
+
+
+def as_text_encoding(value) -> TextEncoding:
+    """Encoders may return a bare cross-attention tensor (SD1/SD2 without pooled use, plain-torch tests)."""
+    return value if isinstance(value, TextEncoding) else TextEncoding(value)
+
+
+@dataclass(frozen=True)
+class PictureSize:
+    """Where a training picture came from, for SDXL's size conditioning (kohya's original_size,
+    crop_top_left and target_size); models without it ignore this."""
+    original: tuple[int, int]     # (width, height) of the file
+    crop: tuple[int, int]         # (left, top) of the crop in the scaled picture
+    target: tuple[int, int]       # (width, height) trained at: the bucket
+
+    @classmethod
+    def of(cls, width: int, height: int, bucket: tuple[int, int]) -> "PictureSize":
+        return cls((width, height), crop_offset(width, height, bucket), tuple(bucket))
+
 
 EncodePixels = Callable[[torch.Tensor], torch.Tensor]   # (1,H,W,3) in 0..1 -> (1,C,h,w) model-space latent
-EncodeCaption = Callable[[str], torch.Tensor]           # caption -> conditioning tensor (1,T,D)
+EncodeCaption = Callable[[str], "TextEncoding | torch.Tensor"]   # caption -> its encoding
 
 
 @dataclass
@@ -21,12 +57,16 @@ class Example:
     caption: str
     bucket: tuple[int, int]   # (width, height) in pixels
     repeats: int
+    size: PictureSize | None = None   # None: the picture was the bucket's size, uncropped
+
+    def picture_size(self) -> PictureSize:
+        return self.size or PictureSize(self.bucket, (0, 0), self.bucket)
 
 
 @dataclass
 class EncodedDataset:
     examples: list[Example]
-    conds: dict[str, torch.Tensor] = field(default_factory=dict)   # caption -> conditioning
+    conds: dict[str, TextEncoding] = field(default_factory=dict)   # caption -> its encoding (frozen encoder)
     buckets: dict[tuple[int, int], int] = field(default_factory=dict)  # bucket -> number of pictures
 
     def batch_plan(self, batch_size: int, seed: int) -> Iterator[list[int]]:
@@ -47,9 +87,14 @@ class EncodedDataset:
                                          batch_size, 0))
         return -(-batches // gradient_accumulation)
 
-    def collate(self, indices: Sequence[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        latents = torch.stack([self.examples[i].latent for i in indices]).to(device)
-        return latents, concat_conds([self.conds[self.examples[i].caption] for i in indices]).to(device)
+    def collate(self, indices: Sequence[int], device: torch.device
+                ) -> tuple[torch.Tensor, list[TextEncoding], list[PictureSize]]:
+        """A batch: stacked latents, and each example's caption encoding and picture size (the model
+        turns those into its conditioning: see loop.model_conditioning)."""
+        examples = [self.examples[i] for i in indices]
+        latents = torch.stack([ex.latent for ex in examples]).to(device)
+        return (latents, [as_text_encoding(self.conds[ex.caption]) for ex in examples],
+                [ex.picture_size() for ex in examples])
 
 
 def concat_conds(conds: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -87,10 +132,11 @@ def encode_dataset(dataset, resolution: int, encode_pixels: EncodePixels, encode
             latent = encode_pixels(pil_to_pixels(picture))[0].detach().to("cpu", torch.float32).clone()
             if latent_cache is not None:
                 latent_cache[key] = latent
-        encoded.examples.append(Example(latent=latent, caption=item.caption, bucket=bucket, repeats=item.repeats))
+        encoded.examples.append(Example(latent=latent, caption=item.caption, bucket=bucket, repeats=item.repeats,
+                                        size=PictureSize.of(item.width, item.height, bucket)))
         encoded.buckets[bucket] = encoded.buckets.get(bucket, 0) + 1
         if item.caption not in encoded.conds:
-            encoded.conds[item.caption] = encode_caption(item.caption).detach().to("cpu", torch.float32).clone()
+            encoded.conds[item.caption] = as_text_encoding(encode_caption(item.caption)).stored()
         if on_progress:
             on_progress(index + 1, total)
     return encoded

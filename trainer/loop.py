@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Protocol
 import torch
 
 from .caption_augment import CaptionAugment, TextEncodingMemo, augment_batch, varies
-from .examples import EncodedDataset, concat_conds
+from .examples import EncodedDataset, PictureSize, TextEncoding, as_text_encoding, concat_conds
 from .lr_schedules import make_scheduler
 from .noise import NoiseSettings, draw, loss_weights, weighted_mean
 from .optimizers import make_optimizer, trainable_parameters
@@ -33,8 +33,9 @@ class Denoiser(Protocol):
     def noisy_latents(self, latents: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """The forward process: clean latents and noise at ``sigma`` -> model input."""
 
-    def denoise(self, noisy: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """The model's estimate of the clean latents (differentiable through the adapters)."""
+    def denoise(self, noisy: torch.Tensor, sigma: torch.Tensor, cond) -> torch.Tensor:
+        """The model's estimate of the clean latents (differentiable through the adapters). ``cond`` is
+        what ``conditioning`` made, or the concatenated cross-attention states if it has none."""
 
     def output_error_scale(self, sigma: torch.Tensor) -> torch.Tensor:
         """s such that (error of the clean estimate) / s = error of the model's raw output.
@@ -42,6 +43,9 @@ class Denoiser(Protocol):
         The model's output is affine in its clean estimate, so dividing by s puts the loss in the
         model's own parameterization: eps for eps models (s = sigma), v for v models, and so on.
         """
+
+    # Optional: def conditioning(self, texts: list[TextEncoding], sizes: list[PictureSize], device) -> cond
+    # builds the model's conditioning for a batch (pooled output, SDXL's size conditioning).
 
 
 @dataclass
@@ -97,7 +101,16 @@ def autocast_for(device: torch.device, mixed_precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def denoising_loss(denoiser: Denoiser, latents: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor,
+def model_conditioning(denoiser: Denoiser, texts: list[TextEncoding], sizes: list[PictureSize],
+                       device: torch.device):
+    """The conditioning of one batch, made by the denoiser when it knows its model's inputs."""
+    build = getattr(denoiser, "conditioning", None)
+    if build is not None:
+        return build(texts, sizes, device)
+    return concat_conds([text.cross_attn for text in texts]).to(device)
+
+
+def denoising_loss(denoiser: Denoiser, latents: torch.Tensor, cond, noise: torch.Tensor,
                    u: torch.Tensor, noise_settings: NoiseSettings | None = None) -> torch.Tensor:
     """Mean squared error of the model's output at the timesteps ``u`` (also used to measure learning)."""
     sigma = denoiser.training_sigmas(u)
@@ -137,7 +150,7 @@ def train(denoiser: Denoiser, data: EncodedDataset, parameters: Iterable[torch.n
         raise ValueError("caption dropout/shuffle and text-encoder training need encode_caption: "
                          "captions are encoded per step")
     # Frozen text encoder: "" and recurring captions are encoded once. (A trained one: call it directly.)
-    text_for = TextEncodingMemo(lambda caption: encode_caption(caption).detach().to("cpu", torch.float32))
+    text_for = TextEncodingMemo(lambda caption: as_text_encoding(encode_caption(caption)).stored())
     scaler = _grad_scaler(device) if settings.mixed_precision == "fp16" or settings.loss_scaling else None
     start = resume.step if resume is not None else 0
     if resume is not None:
@@ -155,12 +168,13 @@ def train(denoiser: Denoiser, data: EncodedDataset, parameters: Iterable[torch.n
         step_loss = 0.0
         for micro in range(settings.gradient_accumulation):
             indices = next(batches)
-            latents, cond = data.collate(indices, device)
+            latents, texts, sizes = data.collate(indices, device)
             if captions_vary or text_encoder_trains:
                 captions = augment_batch([data.examples[i].caption for i in indices], settings.captions,
                                          settings.seed, step, micro)
                 encode = encode_caption if text_encoder_trains else text_for   # a trained encoder keeps its graph
-                cond = concat_conds([encode(caption) for caption in captions]).to(device)
+                texts = [as_text_encoding(encode(caption)) for caption in captions]
+            cond = model_conditioning(denoiser, [text.to(device) for text in texts], sizes, device)
             noise, u = draw(generator, tuple(latents.shape), settings.noise)
             with autocast_for(device, settings.mixed_precision):
                 loss = denoising_loss(denoiser, latents, cond, noise.to(device), u.to(device), settings.noise)
@@ -233,7 +247,8 @@ def measure_loss(denoiser: Denoiser, data: EncodedDataset, device: torch.device,
     total, count = 0.0, 0
     for index in range(len(data.examples)):
         for _ in range(draws):
-            latents, cond = data.collate([index], device)
+            latents, texts, sizes = data.collate([index], device)
+            cond = model_conditioning(denoiser, [text.to(device) for text in texts], sizes, device)
             noise, u = draw(generator, tuple(latents.shape), NoiseSettings())
             total += denoising_loss(denoiser, latents, cond, noise.to(device), u.to(device)).item()
             count += 1

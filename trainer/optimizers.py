@@ -51,16 +51,20 @@ def unavailable_reason(name: str) -> str | None:
 
 
 def param_groups(unet: Iterable[torch.nn.Parameter], unet_lr: float,
-                 text_encoder: Iterable[torch.nn.Parameter] = (), text_encoder_lr: float | None = None
+                 text_encoder: Iterable[torch.nn.Parameter] = (), text_encoder_lr: float | None = None,
+                 text_encoder_2: Iterable[torch.nn.Parameter] = (), text_encoder_2_lr: float | None = None
                  ) -> list[dict[str, Any]]:
-    """Groups named "unet" and "text_encoder" (each only if it has trainable parameters).
+    """Groups named "unet", "text_encoder" and "text_encoder_2" (SDXL's second encoder), each only if
+    it has trainable parameters.
 
-    ``text_encoder_lr=None`` means "same as the UNet". Pass several text encoders' parameters
-    together, or build more groups by hand in the same shape ({"params", "lr", "name"}).
+    ``text_encoder_lr=None`` means "same as the UNet"; ``text_encoder_2_lr=None`` "same as the first
+    text encoder". More groups can be built by hand in the same shape ({"params", "lr", "name"}).
     """
+    text_encoder_lr = float(unet_lr if text_encoder_lr is None else text_encoder_lr)
     groups = [{"name": "unet", "params": list(unet), "lr": float(unet_lr)},
-              {"name": "text_encoder", "params": list(text_encoder),
-               "lr": float(unet_lr if text_encoder_lr is None else text_encoder_lr)}]
+              {"name": "text_encoder", "params": list(text_encoder), "lr": text_encoder_lr},
+              {"name": "text_encoder_2", "params": list(text_encoder_2),
+               "lr": float(text_encoder_lr if text_encoder_2_lr is None else text_encoder_2_lr)}]
     return _normalise(groups, unet_lr)
 
 

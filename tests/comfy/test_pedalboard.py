@@ -48,10 +48,7 @@ def files(loras_dir, tiny_unet, sd15_clip):
     return {key: os.path.relpath(path, loras_dir) for key, path in paths.items()}
 
 
-@pytest.fixture(autouse=True)
-def leave_models_unpatched(comfy):
-    yield
-    comfy.model_management.unload_all_models()
+pytestmark = pytest.mark.usefixtures("leave_models_unpatched")     # (tests/conftest.py)
 
 
 @pytest.fixture

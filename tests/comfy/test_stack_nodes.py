@@ -84,11 +84,7 @@ def lora_files(loras_dir, tiny_unet, sd15_clip):
     return names
 
 
-@pytest.fixture(autouse=True)
-def leave_models_unpatched(comfy):
-    """Patched clones share weights with the session's tiny models: hand them back unpatched."""
-    yield
-    comfy.model_management.unload_all_models()
+pytestmark = pytest.mark.usefixtures("leave_models_unpatched")     # (tests/conftest.py)
 
 
 @pytest.fixture

@@ -87,7 +87,8 @@ def test_text_encoder_lora_trains_per_step_saves_te_keys_and_loads_in_comfyui(
         with comfy_bridge.trainable_text_encoder(fresh_clip) as text_model, \
                 InjectedLora(text_model, comfy_bridge.clip_lora_targets(fresh_clip), rank=4, alpha=4.0) as lora:
             lora.load_kohya_state_dict({k: v for k, v in tensors.items() if k.startswith("lora_te_")})
-            via_adapter = comfy_bridge.loaded_caption_encoder(fresh_clip, with_gradients=False)("sks, striped pattern 0").clone()
+            encode = comfy_bridge.loaded_caption_encoder(fresh_clip, with_gradients=False)
+            via_adapter = encode("sks, striped pattern 0").cross_attn.clone()
     effect = (via_adapter - plain).abs().max().item()
     mismatch = (via_loader - via_adapter).abs().max().item()
     assert effect > 1e-2, "the text-encoder LoRA changes nothing"

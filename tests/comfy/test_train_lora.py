@@ -417,15 +417,17 @@ def test_long_and_short_captions_share_a_batch(fresh_unet, sd15_clip, small_vae,
 def test_unsupported_model_family_fails_before_any_work(comfy, sd15_clip, small_vae, make_dataset):
     import comfy.model_patcher
     import comfy.supported_models
-    config = comfy.supported_models.SDXL(dict(random_models.sd15_unet_config(32), adm_in_channels=2816,
-                                              context_dim=2048, use_linear_in_transformer=True,
-                                              transformer_depth=[0, 0, 1, 1, 0, 0, 0, 0],
-                                              transformer_depth_output=[0] * 12, num_head_channels=64))
+    # The SDXL refiner (aesthetic-score conditioning, CLIP-G only) is not trained by LoRA Lab.
+    config = comfy.supported_models.SDXLRefiner(dict(random_models.sd15_unet_config(32), adm_in_channels=2560,
+                                                     context_dim=1280, use_linear_in_transformer=True,
+                                                     transformer_depth=[0, 0, 1, 1, 0, 0, 0, 0],
+                                                     transformer_depth_output=[0] * 12, num_head_channels=64))
     patcher = comfy.model_patcher.ModelPatcher(config.get_model({}), load_device=torch.device("cpu"),
                                                offload_device=torch.device("cpu"))
     with pytest.raises(ValueError) as error:
-        run_train(patcher, sd15_clip, small_vae, make_dataset(1), "sdxl", steps=1)
-    assert "SDXL" in str(error.value) and "model" in str(error.value) and "Fix:" in str(error.value)
+        run_train(patcher, sd15_clip, small_vae, make_dataset(1), "refiner", steps=1)
+    message = str(error.value)
+    assert "SDXLRefiner" in message and "model" in message and "Fix:" in message and "SDXL" in message
 
 
 def test_kohya_options_train_together(fresh_unet, sd15_clip, small_vae, make_dataset, loras_dir):

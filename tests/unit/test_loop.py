@@ -85,7 +85,8 @@ def test_every_batch_comes_from_one_bucket():
     for _ in range(20):
         batch = next(plan)
         assert len({data.examples[i].bucket for i in batch}) == 1
-        latents, _ = data.collate(batch, torch.device("cpu"))  # stacking only works within a bucket
+        latents, texts, sizes = data.collate(batch, torch.device("cpu"))  # stacking only works within a bucket
+        assert len(texts) == len(sizes) == len(batch) == latents.shape[0]
         seen += len(batch)
     assert seen > 0
     # kohya arithmetic: 8 pictures x 2 repeats; per bucket 8 -> batches of 3: ceil(8/3) = 3 each.

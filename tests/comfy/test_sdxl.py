@@ -1,0 +1,204 @@
+"""SDXL: a small SDXL-shaped UNet (ComfyUI's own SDXL class: label embedding of pooled text + sizes)
+and ComfyUI's SDXL text encoder (real CLIP-L beside a narrow OpenCLIP-bigG-style tower), random weights.
+
+What must hold: the model's ``y`` input is the pooled text with kohya's size conditioning (original
+size, crop, target size, each as a 256-wide timestep embedding written out here), the trained file
+carries ``lora_unet_`` / ``lora_te1_`` / ``lora_te2_`` keys that ComfyUI's LoraLoader loads with none
+left over, each text encoder learns at its own rate, and the shared models come back unchanged.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import random_models
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # the train tests' helpers and fixtures
+from test_train_lora import (SIZE, assert_base_untouched, encoded_training_set, make_dataset,  # noqa: F401,E402
+                             options, pattern_pixels, run_train, training_loss, weights_snapshot, loras_dir)
+
+# Module-scoped models: whatever a test loads with a LoRA patched in is unpatched before the next one.
+pytestmark = pytest.mark.usefixtures("leave_models_unpatched")
+TE_MODULES = ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1", "mlp_fc2")
+
+
+@pytest.fixture(scope="module")
+def sdxl_unet(comfy):
+    return random_models.sdxl_model_patcher(model_channels=32, seed=11)
+
+
+@pytest.fixture(scope="module")
+def sdxl_clip(comfy):
+    return random_models.sdxl_clip(seed=12)
+
+
+def size_embedding(value: float, dim: int = 256) -> torch.Tensor:
+    """The sinusoidal embedding SDXL's label input uses for each size number (cos half, then sin half)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+    args = value * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)])
+
+
+def test_the_model_is_sdxl_and_y_is_pooled_text_plus_kohyas_size_conditioning(sdxl_unet, sdxl_clip, small_vae,
+                                                                                make_dataset):
+    from lora_lab.nodes import comfy_bridge
+    from lora_lab.trainer.dataset import dataset_from_pixels
+    assert comfy_bridge.model_family(sdxl_unet) == "sdxl_base_v1-0"
+    assert comfy_bridge.unsupported_family(sdxl_unet) is None
+    assert comfy_bridge.default_resolution(sdxl_unet) == 1024
+
+    # A portrait 50x90 picture at resolution 64: it lands in a bucket it must be cropped into.
+    with torch.inference_mode():
+        dataset = dataset_from_pixels(pattern_pixels(1, height=90, width=50), ["sks, tall picture"])
+    data = encoded_training_set(sdxl_unet, sdxl_clip, small_vae, dataset)
+    example = data.examples[0]
+    bucket_w, bucket_h = example.bucket
+    scale = max(bucket_w / 50, bucket_h / 90)
+    crop = (round((50 * scale - bucket_w) / 2), round((90 * scale - bucket_h) / 2))
+    assert example.size.original == (50, 90) and example.size.target == (bucket_w, bucket_h)
+    assert example.size.crop == crop and crop != (0, 0), "the test needs a picture that is cropped"
+
+    latents, texts, sizes = data.collate([0], torch.device("cpu"))
+    text = texts[0]
+    assert text.cross_attn.shape == (1, 77, 768 + 256) and text.pooled.shape == (1, 256)
+    with torch.no_grad():
+        cond = comfy_bridge.ComfyDenoiser(sdxl_unet).conditioning(texts, sizes, torch.device("cpu"))
+    assert set(cond) == {"c_crossattn", "y"}
+    assert torch.equal(cond["c_crossattn"], text.cross_attn)
+    # kohya / SGM order: original (h, w), crop (top, left), target (h, w)
+    numbers = [90, 50, crop[1], crop[0], bucket_h, bucket_w]
+    expected = torch.cat([text.pooled[0]] + [size_embedding(n) for n in numbers])
+    assert cond["y"].shape == (1, 256 + 6 * 256)
+    assert torch.allclose(cond["y"][0], expected, atol=1e-5), (cond["y"][0] - expected).abs().max()
+
+
+def test_sdxl_lora_learns_and_previews_render(sdxl_unet, sdxl_clip, small_vae, make_dataset, loras_dir):
+    dataset = make_dataset(4)
+    data = encoded_training_set(sdxl_unet, sdxl_clip, small_vae, dataset)
+    unet_before = weights_snapshot(sdxl_unet)
+    unet_flags = [p.requires_grad for p in sdxl_unet.model.parameters()]
+    base_loss = training_loss(sdxl_unet, data)
+
+    # LoCon: this narrow SDXL has attention only at 4x4 and 2x2 latents for 64-pixel pictures, too little
+    # for a clear drop in 40 steps (measured: 1.09 -> 1.08 with attention layers, -> 0.63 with convs too).
+    result = run_train(sdxl_unet, sdxl_clip, small_vae, dataset, "sdxl_learns", steps=40, learning_rate=2e-3,
+                       rank=8, alpha=8.0, options=options(save_precision="fp32", network_preset="LoCon (+conv)",
+                                                          preview_every_n_steps=20, preview_steps=2))
+    assert_base_untouched(sdxl_unet, unet_before, unet_flags)
+    model_out, _, lora_name, _, previews = result["result"]
+    trained_loss = training_loss(model_out, data)      # through ComfyUI's own LoRA patching
+    assert trained_loss < 0.8 * base_loss, f"no learning: {base_loss:.4f} -> {trained_loss:.4f}"
+    assert previews.shape == (4, SIZE, SIZE, 3), "two prompts at steps 20 and 40, with SDXL's conditioning"
+    assert "previews stopped" not in result["ui"]["text"][0]
+    with safe_open(str(loras_dir / lora_name), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_network_train_unet_only"] == "True"
+
+
+def test_sdxl_te1_te2_keys_own_rates_and_comfyuis_loader(sdxl_unet, sdxl_clip, small_vae, make_dataset, loras_dir,
+                                                         caplog):
+    import comfy.lora
+    import comfy.model_management
+    import nodes as comfy_nodes
+    from lora_lab.nodes import comfy_bridge
+    from lora_lab.trainer.lora import InjectedLora
+    dataset = make_dataset(3)
+    unet_before, clip_before = weights_snapshot(sdxl_unet), weights_snapshot(sdxl_clip.patcher)
+    unet_flags = [p.requires_grad for p in sdxl_unet.model.parameters()]
+    clip_flags = [p.requires_grad for p in sdxl_clip.patcher.model.parameters()]
+
+    # The second encoder at a rate too small to move it: each encoder has its own param group.
+    settings = options(train_text_encoder=True, text_encoder_lr=5e-3, text_encoder_2_lr=1e-9, save_precision="fp32")
+    result = run_train(sdxl_unet, sdxl_clip, small_vae, dataset, "sdxl_te", steps=4, batch_size=3,
+                       options=settings, learning_rate=1e-2)
+    assert_base_untouched(sdxl_unet, unet_before, unet_flags)
+    assert_base_untouched(sdxl_clip.patcher, clip_before, clip_flags)
+    lora_name = result["result"][2]
+
+    with safe_open(str(loras_dir / lora_name), "pt") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+        meta = f.metadata()
+    modules = {key.split(".", 1)[0] for key in tensors}
+    te1 = {m for m in modules if m.startswith("lora_te1_")}
+    te2 = {m for m in modules if m.startswith("lora_te2_")}
+    assert te1 == {f"lora_te1_text_model_encoder_layers_{n}_{m}" for n in range(12) for m in TE_MODULES}
+    assert te2 == {f"lora_te2_text_model_encoder_layers_{n}_{m}" for n in range(4) for m in TE_MODULES}
+    unet = modules - te1 - te2
+    assert unet and all(m.startswith("lora_unet_") for m in unet)
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q" in unet, "kohya's SDXL (LDM) names"
+    assert not any(m.startswith("lora_te_") for m in modules), "SDXL files use lora_te1_/lora_te2_"
+
+    def moved(names):
+        return max(tensors[f"{m}.lora_up.weight"].abs().max().item() for m in names)
+    assert moved(te1) > 1e-3 and moved(te2) < 1e-6, (moved(te1), moved(te2))
+    assert meta["ss_text_encoder_lr"] == str([0.005, 1e-9]) and meta["ss_network_train_unet_only"] == "False"
+
+    key_map = comfy.lora.model_lora_keys_unet(sdxl_unet.model, {})
+    key_map = comfy.lora.model_lora_keys_clip(sdxl_clip.cond_stage_model, key_map)
+    assert modules <= set(key_map), sorted(modules - set(key_map))[:5]
+    with caplog.at_level(logging.WARNING), torch.inference_mode():
+        loader_model, _ = comfy_nodes.LoraLoader().load_lora(sdxl_unet, sdxl_clip, lora_name, 1.0, 1.0)
+    assert "not loaded" not in caplog.text.lower()
+
+    # The UNet with the file through ComfyUI equals the adapter fed the same file, with y conditioning.
+    g = torch.Generator().manual_seed(0)
+    x, sigma = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([2.0, 0.5])
+    cond = {"c_crossattn": torch.randn(2, 77, 1024, generator=g), "y": torch.randn(2, 1792, generator=g)}
+    with torch.no_grad():
+        comfy.model_management.load_models_gpu([loader_model])
+        via_loader = loader_model.model.apply_model(x, sigma, **cond).clone()
+        comfy.model_management.load_models_gpu([sdxl_unet])
+        plain = sdxl_unet.model.apply_model(x, sigma, **cond).clone()
+        with comfy_bridge.trainable_unet(sdxl_unet, checkpointing=False) as network:
+            with InjectedLora(network, comfy_bridge.unet_lora_targets(sdxl_unet), rank=4, alpha=4.0) as lora:
+                lora.load_kohya_state_dict({k: v for k, v in tensors.items() if k.startswith("lora_unet_")})
+                via_adapter = sdxl_unet.model.apply_model(x, sigma, **cond).clone()
+    assert not torch.allclose(via_adapter, plain, atol=1e-4), "the LoRA changes nothing"
+    assert torch.allclose(via_loader, via_adapter, atol=1e-4, rtol=1e-4), (via_loader - via_adapter).abs().max()
+    assert_base_untouched(sdxl_unet, unet_before, unet_flags)
+
+
+def test_sdxl_resume_equals_an_uninterrupted_run(sdxl_unet, sdxl_clip, small_vae, make_dataset, loras_dir):
+    """Mixed buckets and sizes, then a save at step 2 resumed to 5 == 5 steps straight."""
+    import comfy.model_management
+    import comfy.utils
+    from lora_lab.trainer.dataset import dataset_from_pixels
+    with torch.inference_mode():
+        wide = dataset_from_pixels(pattern_pixels(2, height=48, width=96), ["sks, wide"])
+        tall = dataset_from_pixels(pattern_pixels(2, height=96, width=48, seed=1), ["sks, tall"])
+    pictures = [wide.load_image(0), wide.load_image(1), tall.load_image(0), tall.load_image(1)]
+
+    class Mixed(type(wide)):
+        def load_image(self, index, max_side=None):
+            return pictures[index]
+    mixed = Mixed(items=wide.items + tuple(replace(i, key=i.key + "b") for i in tall.items))
+
+    exact = options(save_precision="fp32")
+    straight = run_train(sdxl_unet, sdxl_clip, small_vae, mixed, "sdxl_straight", steps=5, options=exact)
+
+    def press_cancel_after_step_2(value, total, *_, **__):
+        if total == 5 and value == 2:           # the training bar (encoding counts 4 pictures)
+            comfy.model_management.interrupt_current_processing(True)
+    comfy.utils.set_progress_bar_global_hook(press_cancel_after_step_2)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            run_train(sdxl_unet, sdxl_clip, small_vae, mixed, "sdxl_split", steps=5, options=exact)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        comfy.model_management.interrupt_current_processing(False)
+    resumed = run_train(sdxl_unet, sdxl_clip, small_vae, mixed, "sdxl_split", steps=5,
+                        options=options(resume_from="sdxl_split_step2.safetensors", save_precision="fp32"))
+    assert resumed["ui"]["loss"] == pytest.approx(straight["ui"]["loss"][2:], rel=1e-6)
+    with safe_open(str(loras_dir / straight["result"][2]), "pt") as a, \
+            safe_open(str(loras_dir / resumed["result"][2]), "pt") as b:
+        assert set(a.keys()) == set(b.keys())
+        worst = max((a.get_tensor(k) - b.get_tensor(k)).abs().max().item() for k in a.keys())
+    assert worst < 1e-6, worst
