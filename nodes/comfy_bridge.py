@@ -17,7 +17,7 @@ import comfy.sd
 
 from ..trainer.checkpointing import clone_inputs_of, gradient_checkpointing
 from ..trainer.examples import PictureSize, TextEncoding
-from ..trainer.network_shape import NetworkShape
+from ..trainer.network_shape import DIT_BLOCKS, NetworkShape
 
 log = logging.getLogger("LoRA Lab")
 
@@ -28,10 +28,15 @@ def model_sampling(patcher):
 
 
 def model_family(patcher) -> str:
-    """A short name for the base model family, as kohya's ss_base_model_version spells it."""
+    """A short name for the base model family, as kohya's ss_base_model_version spells it.
+
+    By ComfyUI's model config class, not isinstance: a subclass (FluxInpaint, ...) is
+    another model that needs its own support (refused by unsupported_family under its own name).
+    """
     config_name = type(getattr(patcher.model, "model_config", None)).__name__
     families = {"SD15": "sd_v1", "SD20": "sd_v2", "SD21UnclipL": "sd_v2", "SD21UnclipH": "sd_v2",
-                "SDXL": "sdxl_base_v1-0", "SDXLRefiner": "sdxl_refiner_v1-0", "SSD1B": "sdxl_base_v1-0"}
+                "SDXL": "sdxl_base_v1-0", "SDXLRefiner": "sdxl_refiner_v1-0", "SSD1B": "sdxl_base_v1-0",
+                "SD3": "sd3", "Flux": "flux1", "FluxSchnell": "flux1"}   # SD3 / Flux: ComfyUI mid-2024 on
     return families.get(config_name, config_name.lower() or "unknown")
 
 
@@ -47,12 +52,13 @@ def base_model_version(patcher) -> str:
 
 def default_resolution(patcher) -> int:
     family = model_family(patcher)
-    if family.startswith("sdxl"):
+    if family.startswith("sdxl") or family in FLOW_FAMILIES:
         return 1024
     return 768 if family == "sd_v2" and predicts_v(patcher) else 512   # SD 2.x 768-v vs 512 base
 
 
-SUPPORTED_FAMILIES = ("sd_v1", "sd_v2", "sdxl_base_v1-0")
+FLOW_FAMILIES = ("sd3", "flux1")      # flow matching (model_sampling CONST), DiT blocks, 16-channel latents
+SUPPORTED_FAMILIES = ("sd_v1", "sd_v2", "sdxl_base_v1-0", *FLOW_FAMILIES)
 
 
 def unsupported_family(patcher) -> str | None:
@@ -126,6 +132,8 @@ def condition_arguments(text: TextEncoding, size: PictureSize, device) -> dict:
 
 # --- which layers get adapters, and their kohya names ---------------------------------------------
 UNET_BLOCKS = ("SpatialTransformer", "ResBlock", "Downsample", "Upsample")
+# SD3's JointBlock, Flux's DoubleStreamBlock / SingleStreamBlock (trainer.network_shape.DIT_BLOCKS).
+DENOISER_BLOCKS = UNET_BLOCKS + DIT_BLOCKS
 
 
 def unet_lora_targets(patcher, shape: NetworkShape | None = None) -> dict[str, str]:
@@ -134,11 +142,15 @@ def unet_lora_targets(patcher, shape: NetworkShape | None = None) -> dict[str, s
 
 
 def unet_lora_layers(patcher, shape: NetworkShape) -> dict[str, tuple[str, str]]:
-    """{module path: (kohya name, "linear" | "conv")} for every UNet layer the shape trains.
+    """{module path: (kohya name, "linear" | "conv")} for every UNet / DiT layer the shape trains.
 
     Names come from ComfyUI's own LoRA key map, so every saved key is one ComfyUI maps (no "lora key
     not loaded"). SD1/SD2 files use the diffusers-style names kohya and A1111 write
-    (``lora_unet_down_blocks_0_resnets_0_conv1``); SDXL uses the LDM names kohya writes.
+    (``lora_unet_down_blocks_0_resnets_0_conv1``); SDXL uses the LDM names kohya writes. SD3 and Flux
+    use the module path, as kohya's lora_sd3 / lora_flux write it and ComfyUI maps it for every weight
+    (``lora_unet_joint_blocks_0_x_block_attn_qkv``, ``lora_unet_double_blocks_0_img_attn_qkv``,
+    ``lora_unet_single_blocks_0_linear1``), never diffusers' split to_q/to_k/to_v (slices of the fused
+    qkv). Which Linears of the DiT blocks each preset trains: trainer/network_shape.py.
     """
     base_model = patcher.model
     key_map = comfy.lora.model_lora_keys_unet(base_model, {})
@@ -146,11 +158,12 @@ def unet_lora_layers(patcher, shape: NetworkShape) -> dict[str, tuple[str, str]]
     for lora_name, weight_key in key_map.items():
         if lora_name.startswith("lora_unet_"):
             names_for_weight.setdefault(weight_key, []).append(lora_name)
-    prefer_ldm_names = model_family(patcher).startswith("sdxl")
+    family = model_family(patcher)
+    prefer_ldm_names = family.startswith("sdxl") or family in FLOW_FAMILIES
     layers = {}
     for block_path, block in base_model.diffusion_model.named_modules():
         block_kind = type(block).__name__
-        if block_kind not in UNET_BLOCKS:
+        if block_kind not in DENOISER_BLOCKS:
             continue
         for inner_path, layer in block.named_modules():
             if isinstance(layer, torch.nn.Linear):
@@ -226,17 +239,25 @@ def detach_from_inference_mode(module: torch.nn.Module) -> int:
 
 @contextlib.contextmanager
 def trainable_unet(patcher, checkpointing: bool, clip=None):
-    """The UNet ready for adapters: fully loaded, autograd-safe weights, 2024-03's in-place trap
-    defused, optional gradient checkpointing. Everything but the weight copies is undone on exit.
-    ``clip``: a text encoder that trains too, loaded alongside (see load_fully)."""
+    """The UNet (or SD3 / Flux DiT) ready for adapters: fully loaded, autograd-safe weights, in-place
+    traps defused, optional gradient checkpointing. Everything but the weight copies is undone on exit.
+    ``clip``: a text encoder that trains too, loaded alongside (see load_fully).
+
+    In-place traps: a block that adds into a tensor a LayerNorm saved for backward (2024-03's
+    BasicTransformerBlock ``x += n``; Flux's DoubleStreamBlock ``txt += ...`` and SingleStreamBlock
+    ``x += ...``). Every LayerNorm in those blocks sees a private copy of its input.
+    """
     load_fully(patcher, [clip.patcher] if clip is not None else [])
     network = patcher.model.diffusion_model
     detach_from_inference_mode(network)
     transformer_blocks = [m for m in network.modules() if type(m).__name__ == "BasicTransformerBlock"]
-    norms = [m for block in transformer_blocks for m in block.modules() if isinstance(m, torch.nn.LayerNorm)]
+    dit_blocks = [m for m in network.modules() if type(m).__name__ in DIT_BLOCKS]
+    norms = [m for block in transformer_blocks + dit_blocks for m in block.modules()
+             if isinstance(m, torch.nn.LayerNorm)]
     # Modules the UNet calls through __call__ (TimestepEmbedSequential is bypassed by
-    # forward_timestep_embed, so wrapping it would do nothing): transformer blocks and res blocks.
-    checkpointed = transformer_blocks + [m for m in network.modules() if type(m).__name__ == "ResBlock"]
+    # forward_timestep_embed, so wrapping it would do nothing): transformer blocks and res blocks;
+    # in SD3 / Flux the joint, double and single blocks (Flux passes img= / txt= as keywords).
+    checkpointed = transformer_blocks + [m for m in network.modules() if type(m).__name__ == "ResBlock"] + dit_blocks
     with clone_inputs_of(norms), gradient_checkpointing(checkpointed, enabled=checkpointing):
         yield network
 
@@ -253,9 +274,12 @@ def clip_lora_targets(clip) -> dict[str, str]:
         if lora_name.startswith(("lora_te_", "lora_te1_", "lora_te2_")) and "_text_model_encoder_layers_" in lora_name \
                 and weight_key.endswith(".weight"):      # the layers' Linears, not text_projection (2025-10 maps it)
             names_for_weight.setdefault(weight_key[: -len(".weight")], []).append(lora_name)
-    # ComfyUI also maps SDXL's clip_l under the SD1 name; kohya's SDXL files use the numbered one.
-    targets = {path: min(names, key=lambda name: not name.startswith(("lora_te1_", "lora_te2_")))
-               for path, names in names_for_weight.items()}
+    # ComfyUI maps a clip_l under both the SD1 name and "lora_te1_"; kohya numbers the encoders only
+    # when there are two (SDXL).
+    two_encoders = any(name.startswith("lora_te2_") for names in names_for_weight.values() for name in names)
+    prefixes = ("lora_te1_", "lora_te2_") if two_encoders else ("lora_te_",)
+    targets = {path: chosen[0] for path, names in names_for_weight.items()
+               if (chosen := [name for name in names if name.startswith(prefixes)])}
     if not targets:
         raise RuntimeError(f"ComfyUI has no lora_te_ keys for {type(clip.cond_stage_model).__name__}")
     return targets

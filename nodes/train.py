@@ -15,6 +15,7 @@ import comfy.utils
 
 from ..trainer import caption_augment
 from ..trainer.examples import encode_dataset
+from ..trainer.frozen_weights import frozen_weights_in
 from ..trainer.latent_disk_cache import EncodeDatasetCache, LatentDiskCache, describe as describe_cache
 from ..trainer.lora import InjectedLora, LoraSet
 from ..trainer.lora_file import load_lora_file, save_lora_file
@@ -83,7 +84,7 @@ class LoraLabTrainLora:
     def train_lora(self, model, clip, vae, dataset, output_name, resolution, steps, epochs, batch_size,
                    learning_rate, rank, alpha, seed, trigger_word="", options=None, unique_id=None):
         options = options or TrainingOptions()
-        check_inputs(model, dataset, output_name, rank, alpha)
+        check_inputs(model, dataset, output_name, rank, alpha, options)
         resolution = resolution or comfy_bridge.default_resolution(model)
         device = torch.device(model.load_device)
         run = TrainingRun(training_files.free_base_name(output_name, options.overwrite_existing), unique_id,
@@ -164,6 +165,11 @@ def encode_for_training(model, clip, vae, dataset, resolution, use_disk_cache: b
 
 def check_noise_settings(model, settings):
     kind = comfy_bridge.prediction_type(comfy_bridge.model_sampling(model))
+    if settings.noise.min_snr_gamma > 0 and kind == "flow":
+        raise user_error(NODE, "options", "min_snr_gamma weights the loss by the signal-to-noise ratio of eps- and "
+                         "v-prediction models (SD1.x, SD2.x, SDXL); this model is trained by flow matching (SD3, "
+                         "Flux.1), where that weighting does not apply.",
+                         "set min_snr_gamma to 0 in Training Options (flow models train with the plain loss).")
     if settings.noise.min_snr_gamma > 0 and kind not in ("eps", "v"):
         raise user_error(NODE, "options", f"min_snr_gamma applies to eps and v prediction; this model predicts {kind}.",
                          "set min_snr_gamma to 0 in Training Options.")
@@ -181,6 +187,8 @@ def train_adapters(model, clip, data, settings, options, rank, alpha, seed, devi
     try:
         with comfy_bridge.trainable_unet(model, options.gradient_checkpointing,
                                          clip=clip if clip_in_loop else None) as network, \
+                frozen_weights_in(network, HALF_PRECISION.get(settings.mixed_precision),
+                                  training_files.parking_folder()), \
                 (comfy_bridge.trainable_text_encoder(clip) if text_encoder_trains
                  else contextlib.nullcontext()) as text_model, \
                 torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -220,6 +228,11 @@ def train_adapters(model, clip, data, settings, options, rank, alpha, seed, devi
         raise user_error(NODE, "model", f"{too_big}.", f"free VRAM (close other models),{clip_advice} lower the "
                          "resolution or batch size, turn on gradient checkpointing, or start ComfyUI with "
                          "--normalvram.") from None
+
+
+# bf16/fp16 training: the frozen UNet weights train in that precision too (as ComfyUI's own trainer
+# does), the shared fp32 originals set aside and put back bitwise afterwards (trainer/frozen_weights.py).
+HALF_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def inject_adapters(model, network, clip, text_model, options, rank, alpha, seed, device, learning_rate):
@@ -293,12 +306,24 @@ def load_resumed_weights(lora, resume, options):
                          "was trained with.") from None
 
 
-def check_inputs(model, dataset, output_name, rank, alpha):
+FLOW_FAMILY_NAMES = {"sd3": "SD3", "flux1": "Flux.1"}
+
+
+def check_inputs(model, dataset, output_name, rank, alpha, options=None):
     unsupported = comfy_bridge.unsupported_family(model)
     if unsupported:
         raise user_error(NODE, "model", f"{unsupported} models cannot be trained yet; "
-                         f"LoRA Lab trains SD1.x, SD2.x and SDXL models.",
-                         "load an SD1.5, SD2.x or SDXL base checkpoint.")
+                         f"LoRA Lab trains SD1.x, SD2.x, SDXL, SD3 and Flux.1 (dev, schnell) models.",
+                         "load an SD1.5, SD2.x, SDXL, SD3 or Flux.1 base checkpoint.")
+    family = comfy_bridge.model_family(model)
+    if options is not None and options.train_text_encoder and family in FLOW_FAMILY_NAMES:
+        # kohya rarely trains these text encoders (Flux: CLIP-L only, T5-XXL not at all); LoRA Lab trains the
+        # CLIP text encoders of SD1.x/SD2.x/SDXL only.
+        raise user_error(NODE, "options", f"train_text_encoder is not supported for {FLOW_FAMILY_NAMES[family]} "
+                         "models: LoRA Lab trains the CLIP text encoders of SD1.x, SD2.x and SDXL only (T5-XXL "
+                         "cannot carry a LoRA here).",
+                         "turn train_text_encoder off in Training Options: the LoRA then trains the "
+                         f"{FLOW_FAMILY_NAMES[family]} transformer alone, as kohya does by default.")
     if dataset is None or not getattr(dataset, "items", None):
         raise user_error(NODE, "dataset", "the dataset has no pictures.",
                          "check the folder in the dataset node and its report.")

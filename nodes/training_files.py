@@ -40,6 +40,14 @@ def latent_cache_folder() -> str:
     return str(user_folder("latent-cache"))
 
 
+def parking_folder() -> str:
+    """Where the fp32 base weights wait during half-precision training on the CPU: ComfyUI's temp
+    folder, which ComfyUI empties at start-up (so a crash leaves nothing behind for long)."""
+    folder = os.path.join(folder_paths.get_temp_directory(), "loralab")
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
+
 def check_output_name(name: str, node: str) -> None:
     """Refuse, before any training, a name the save would refuse or fail on hours later."""
     try:
@@ -115,6 +123,7 @@ class Description:
             "ss_seed": str(self.settings.seed),
             "ss_mixed_precision": self.settings.mixed_precision,
             "ss_num_epochs": str(self.epochs),
+            "ss_epoch": str(step // self.per_epoch if self.per_epoch else 0),     # epochs completed at this save
             "loralab_total_steps": str(self.settings.steps),
             "loralab_dataset_fingerprint": self.dataset.fingerprint(),
             **self.extra,

@@ -5,7 +5,10 @@
 
 Same model (SD1.5 architecture, random weights; channels 32 = 10 M, 64 = 37 M, 320 = the real 860 M),
 same data (4 latents, batch 1), LoRA rank 8 on kohya's default targets, fp32, PyTorch attention, CPU.
-- ours : the pack's path (comfy_bridge + InjectedLora + trainer.loop.train)
+- ours : the pack's path (comfy_bridge + InjectedLora + trainer.loop.train), its defaults
+- ours_ckpt: the same with gradient checkpointing on (``--which ours_ckpt``)
+- ours_bf16: bf16 autocast, frozen weights in bf16 (fp32 originals parked in a file) and gradient
+  checkpointing: ComfyUI's trainer's defaults, the like-for-like comparison (``--which ours_bf16``)
 - bare : peft injected by hand and a minimal loop over the same apply_model — the floor
 - comfy: ComfyUI's own TrainLoraNode at its defaults (ComfyUI >= 2025-06 only)
 - te_off / te_on: the node's path with a real SD1 CLIP, text-encoder LoRA off (captions encoded once)
@@ -46,7 +49,7 @@ def child(which: str, channels: int, size: int, steps: int) -> dict:
     latents = torch.randn(4, 4, size // 8, size // 8, generator=g)
     cond = torch.randn(1, 77, 768, generator=g)
     params_m = sum(p.numel() for p in patcher.model.diffusion_model.parameters()) / 1e6
-    runner = {"ours": run_ours, "bare": run_bare, "comfy": run_comfy,
+    runner = {"ours": run_ours, "ours_ckpt": run_ours_checkpointed, "ours_bf16": run_ours_bf16, "bare": run_bare, "comfy": run_comfy,
               "te_off": run_text_encoder_off, "te_on": run_text_encoder_on, "disk_cache": run_disk_cache}[which]
     with torch.inference_mode():   # as ComfyUI executes nodes
         times = runner(patcher, latents, cond, steps)
@@ -56,9 +59,10 @@ def child(which: str, channels: int, size: int, steps: int) -> dict:
             "params_m": params_m}
 
 
-def run_ours(patcher, latents, cond, steps):
+def run_ours(patcher, latents, cond, steps, checkpointing: bool = False, precision: str = "fp32"):
     import torch
     from lora_lab.nodes import comfy_bridge
+    from lora_lab.trainer.frozen_weights import frozen_weights_in
     from lora_lab.trainer.examples import EncodedDataset, Example
     from lora_lab.trainer.lora import InjectedLora
     from lora_lab.trainer.loop import TrainSettings, train
@@ -66,12 +70,23 @@ def run_ours(patcher, latents, cond, steps):
     with torch.inference_mode(False):
         data = EncodedDataset(examples=[Example(latent=l.clone(), caption="c", bucket=(1, 1), repeats=1)
                                         for l in latents], conds={"c": cond.clone()})
-        with comfy_bridge.trainable_unet(patcher, checkpointing=False) as network:
+        half = {"bf16": torch.bfloat16}.get(precision)
+        with comfy_bridge.trainable_unet(patcher, checkpointing=checkpointing) as network, \
+                frozen_weights_in(network, half, tempfile.gettempdir()):
             with InjectedLora(network, comfy_bridge.unet_lora_targets(patcher), rank=RANK, alpha=RANK, seed=0) as lora:
                 train(comfy_bridge.ComfyDenoiser(patcher), data, lora.parameters(),
-                      TrainSettings(steps=steps, batch_size=1, learning_rate=1e-4), torch.device("cpu"),
+                      TrainSettings(steps=steps, batch_size=1, learning_rate=1e-4, mixed_precision=precision),
+                      torch.device("cpu"),
                       on_step=lambda report: times.append(report.seconds))
     return times
+
+
+def run_ours_checkpointed(patcher, latents, cond, steps):
+    return run_ours(patcher, latents, cond, steps, checkpointing=True)
+
+
+def run_ours_bf16(patcher, latents, cond, steps):
+    return run_ours(patcher, latents, cond, steps, checkpointing=True, precision="bf16")
 
 
 def run_text_encoder(patcher, latents, steps, text_encoder_trains: bool):
@@ -199,7 +214,9 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=256, help="training size in pixels (latents are size/8)")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--which", nargs="+", default=["ours", "bare", "comfy"],
-                        help="also: te_off te_on (text-encoder LoRA off/on), disk_cache (latent cache cold/warm)")
+                        help="also: ours_ckpt (gradient checkpointing on), ours_bf16 (ComfyUI's trainer's "
+                             "defaults: bf16, checkpointing), te_off te_on (text-encoder LoRA "
+                             "off/on), disk_cache (latent cache cold/warm)")
     parser.add_argument("--child", nargs=2, metavar=("WHICH", "CHANNELS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -211,7 +228,7 @@ def main(argv=None) -> int:
     load = os.getloadavg()[0]
     print(f"{comfyui_home.comfyui_version_label(root)}; CPU x{os.cpu_count()} (load {load:.1f}); fp32; "
           f"{args.size}px; batch 1; LoRA rank {RANK}; {args.steps} steps, median after warm-up")
-    print(f"{'UNet':>14} {'which':>6} {'s/step':>8} {'peak RSS':>10} {'vs bare':>8}")
+    print(f"{'UNet':>14} {'which':>9} {'s/step':>8} {'peak RSS':>10} {'vs bare':>8}")
     for channels in args.channels:
         rows = {}
         for which in args.which:
@@ -221,7 +238,7 @@ def main(argv=None) -> int:
                                   str(args.size), "--steps", str(args.steps)], capture_output=True, text=True)
             line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
             if line is None:
-                print(f"{channels:>14} {which:>6} failed: {out.stderr.strip().splitlines()[-1:]}")
+                print(f"{channels:>14} {which:>9} failed: {out.stderr.strip().splitlines()[-1:]}")
                 continue
             rows[which] = json.loads(line[len("RESULT "):])
         if "disk_cache" in rows:
@@ -230,7 +247,7 @@ def main(argv=None) -> int:
                   f"({cold / max(warm, 1e-9):.1f}x)")
         for which, r in rows.items():
             ratio = r["seconds_per_step"] / rows["bare"]["seconds_per_step"] if "bare" in rows else float("nan")
-            print(f"{r['params_m']:>11.0f} M {which:>6} {r['seconds_per_step']:>8.3f} "
+            print(f"{r['params_m']:>11.0f} M {which:>9} {r['seconds_per_step']:>8.3f} "
                   f"{r['peak_rss_mb']:>8.0f}MB " + (f"{ratio:>7.2f}x" if ratio == ratio else f"{'-':>8}"), flush=True)
     return 0
 

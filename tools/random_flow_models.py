@@ -109,3 +109,76 @@ def flux_model_patcher(seed: int = 0, **config):
     unet = flux_unet_config(**config)
     family = comfy.supported_models.Flux if unet["guidance_embed"] else comfy.supported_models.FluxSchnell
     return _patcher(family(unet), seed)
+
+
+# --- what else a flow model needs to train: a 16-channel VAE and its text encoders -----------------
+SMALL_FLOW_VAE_DDCONFIG = {"double_z": True, "z_channels": 16, "resolution": 256, "in_channels": 3, "out_ch": 3,
+                           "ch": 32, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 1, "attn_resolutions": [],
+                           "dropout": 0.0}
+
+
+def small_flow_vae(seed: int = 2):
+    """A KL VAE like SD3's and Flux's (8x down, 16 latent channels) at a quarter of the width, random weights.
+
+    The real ones are 128 wide with two res blocks per level and no quant convs; this one keeps
+    ComfyUI's plain AutoencoderKL (with quant convs), which encodes to the same 16-channel latents.
+    """
+    import comfy.ldm.models.autoencoder
+    import comfy.sd
+    with torch.inference_mode():
+        torch.manual_seed(seed)
+        model = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=SMALL_FLOW_VAE_DDCONFIG, embed_dim=16)
+        randomize_(model, seed)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        vae = comfy.sd.VAE(sd=state, config={"params": {"ddconfig": SMALL_FLOW_VAE_DDCONFIG, "embed_dim": 16}})
+    vae.latent_channels = 16     # an explicit config leaves ComfyUI's default of 4 (used by tiled encoding)
+    return vae
+
+
+def _random_clip(target, seed: int, model_options: dict | None = None):
+    import comfy.sd
+    with torch.inference_mode():
+        clip = comfy.sd.CLIP(target=target, model_options=model_options or {})
+        randomize_(clip.cond_stage_model, seed)
+        # T5's layer norms (T5LayerNorm, torch.empty in ComfyUI) scale by 1, as a trained T5's roughly do.
+        for module in clip.cond_stage_model.modules():
+            if type(module).__name__ == "T5LayerNorm":
+                module.weight.fill_(1.0)
+    return clip
+
+
+def sd3_clip(seed: int = 1):
+    """ComfyUI's SD3 text encoder (SD3Tokenizer, SD3ClipModel) with CLIP-L only and random weights.
+
+    That is a real SD3 setup (TripleCLIPLoader without G and T5 files): CLIP-L's penultimate layer
+    padded to 4096 wide, and the pooled vector CLIP-L's 768 followed by 1280 zeros for the missing
+    CLIP-G. Encoding gives cond (B, 77, 4096) and pooled (B, 2048), so it feeds
+    ``sd3_model_patcher(context_dim=4096, pooled_dim=2048)``.
+    """
+    import comfy.supported_models_base
+    import comfy.text_encoders.sd3_clip as sd3
+    target = comfy.supported_models_base.ClipTarget(sd3.SD3Tokenizer, sd3.sd3_clip(clip_l=True, clip_g=False, t5=False))
+    return _random_clip(target, seed)
+
+
+TINY_T5 = {"d_model": 32, "d_ff": 64, "num_layers": 2, "num_heads": 2, "d_kv": 16}
+
+
+def flux_clip(seed: int = 1, t5: dict | None = None):
+    """ComfyUI's Flux text encoder (FluxTokenizer, FluxClipModel): the real CLIP-L and a tiny T5, random weights.
+
+    The T5 is narrowed through ComfyUI's own ``t5xxl_model_config`` model option (SDClipModel applies
+    ``<model_name>_model_config`` over its json config; ComfyUI 2024-08 and later). Encoding gives
+    cond (B, 256, d_model) from T5 (Flux's T5 pads to 256 tokens) and pooled (B, 768) from CLIP-L, so it
+    feeds ``flux_model_patcher(context_dim=d_model, pooled_dim=768)``. The real T5-XXL: d_model 4096,
+    d_ff 10240, 24 layers, 64 heads of 64.
+    """
+    import comfy.supported_models_base
+    import comfy.text_encoders.flux as flux
+    config = dict(TINY_T5, **(t5 or {}))
+    target = comfy.supported_models_base.ClipTarget(flux.FluxTokenizer, flux.flux_clip())
+    clip = _random_clip(target, seed, {"t5xxl_model_config": config})
+    width = clip.cond_stage_model.t5xxl.transformer.shared.weight.shape[1]
+    if width != config["d_model"]:
+        raise RuntimeError("this ComfyUI ignored t5xxl_model_config; flux_clip needs updating")
+    return clip

@@ -26,10 +26,10 @@ def gradient_checkpointing(modules: Iterable[torch.nn.Module], enabled: bool = T
                 def run(*args, _forward=original, **kwargs):
                     if not torch.is_grad_enabled():
                         return _forward(*args, **kwargs)
-                    # checkpoint keeps the input to recompute from in backward, but some blocks add into
-                    # their input in place (ComfyUI 2024-03's ``x += n``): they get a copy, and the kept
-                    # input stays as it was.
-                    return checkpoint(_on_a_copy, _forward, *args, use_reentrant=False, **kwargs)
+                    # checkpoint keeps the inputs to recompute from in backward, but some blocks add into
+                    # their inputs in place (ComfyUI 2024-03's ``x += n``, Flux's ``txt += ...`` on a
+                    # keyword argument): they get copies, and the kept inputs stay as they were.
+                    return checkpoint(_on_copies, _forward, *args, use_reentrant=False, **kwargs)
 
                 module.forward = run
                 wrapped.append(module)
@@ -39,8 +39,14 @@ def gradient_checkpointing(modules: Iterable[torch.nn.Module], enabled: bool = T
             del module.forward
 
 
-def _on_a_copy(forward, first, *args, **kwargs):
-    return forward(first.clone() if torch.is_tensor(first) else first, *args, **kwargs)
+def _on_copies(forward, *args, **kwargs):
+    """``forward`` on copies of every tensor argument, positional or keyword (Flux's blocks take
+    ``img=`` / ``txt=`` as keywords only)."""
+    return forward(*(_copy(value) for value in args), **{name: _copy(value) for name, value in kwargs.items()})
+
+
+def _copy(value):
+    return value.clone() if torch.is_tensor(value) else value
 
 
 @contextlib.contextmanager

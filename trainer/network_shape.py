@@ -1,11 +1,24 @@
-"""Which layers of the UNet carry a LoRA, and at which rank/alpha: kohya's network presets.
+"""Which layers of the denoiser carry a LoRA, and at which rank/alpha: kohya's network presets.
 
-  preset            layers (SD1/SD2/SDXL UNet, as kohya's networks/lora.py picks them)
-  attention only    to_q / to_k / to_v / to_out of every attention layer
-  kohya default     every Linear and 1x1 conv inside the transformer blocks (attention, feed-forward,
-                    proj_in/proj_out): kohya's plain LoRA
-  LoCon (+conv)     kohya default + the ResBlocks (both 3x3 convs, the 1x1 skip conv, the time-embedding
-                    Linear) and the down/upsample convs: kohya's LoRA with ``conv_dim`` (LyCORIS "locon")
+  preset            SD1/SD2/SDXL UNet (kohya's networks/lora.py)     SD3 / Flux.1 DiT (kohya's lora_sd3 / lora_flux)
+  attention only    to_q / to_k / to_v / to_out of every attention   the attention's qkv and output projections:
+                    layer                                            Flux double blocks img_attn/txt_attn .qkv .proj,
+                                                                     Flux single blocks linear1 + linear2 (see below),
+                                                                     SD3 joint blocks' context/x attn(2) .qkv .proj
+  kohya default     every Linear and 1x1 conv inside the transformer every Linear inside the DiT blocks: attention,
+                    blocks (attention, feed-forward, proj_in/out):   MLP and the modulation Linears (Flux img_mod.lin,
+                    kohya's plain LoRA                               txt_mod.lin, modulation.lin; SD3 adaLN_modulation.1)
+  LoCon (+conv)     kohya default + the ResBlocks (both 3x3 convs,   the same as kohya default: DiT blocks hold no convs
+                    the 1x1 skip conv, the time-embedding Linear)
+                    and the down/upsample convs: kohya's LoRA with
+                    ``conv_dim`` (LyCORIS "locon")
+
+The DiT blocks are Flux's DoubleStreamBlock and SingleStreamBlock and SD3's JointBlock; layers outside
+them (img_in, txt_in, time/vector/guidance embedders, final layer) are not trained, as in kohya's
+defaults. A Flux single block fuses the attention into its two Linears: ``linear1`` makes q, k, v and
+the MLP input in one matrix, ``linear2`` projects the attention output and the MLP output back. kohya
+trains them whole (its files have no sliced keys), so "attention only" trains both whole too: leaving
+them out would leave most of Flux (38 of its 57 blocks) without an adapter.
 
 As in kohya, ``conv_rank`` / ``conv_alpha`` apply to convolutions with a kernel larger than 1x1 only;
 Linear and 1x1 layers use ``rank`` / ``alpha``. 0 means "the same as rank / alpha".
@@ -22,6 +35,11 @@ PRESETS = (KOHYA_DEFAULT, ATTENTION_ONLY, LOCON)
 
 # ComfyUI's CrossAttention: to_q, to_k, to_v and to_out = Sequential(Linear, Dropout).
 _ATTENTION_PROJECTION = re.compile(r"(?:^|\.)attn\d+\.(?:to_q|to_k|to_v|to_out\.0)$")
+# The DiT blocks of the flow-matching models (ComfyUI class names), and their attention Linears:
+# Flux DoubleStreamBlock img_attn/txt_attn.{qkv,proj}, SingleStreamBlock linear1/linear2 (fused, see
+# the module doc), SD3 JointBlock {context,x}_block.attn.{qkv,proj} (and SD3.5's x_block.attn2).
+DIT_BLOCKS = ("DoubleStreamBlock", "SingleStreamBlock", "JointBlock")
+_DIT_ATTENTION = re.compile(r"^(?:(?:img|txt)_attn\.(?:qkv|proj)|linear[12]|(?:context|x)_block\.attn2?\.(?:qkv|proj))$")
 
 
 @dataclass(frozen=True)
@@ -47,8 +65,9 @@ class NetworkShape:
     def part_of(self, block_kind: str, inner_path: str, layer_kind: str, kernel: tuple[int, ...] = ()) -> str | None:
         """'linear' or 'conv' (which rank/alpha applies) when this layer is a target, else None.
 
-        ``block_kind``: the class name of the UNet block holding the layer (SpatialTransformer,
-        ResBlock, Downsample, Upsample); ``inner_path``: the layer's path inside that block;
+        ``block_kind``: the class name of the block holding the layer (UNet: SpatialTransformer,
+        ResBlock, Downsample, Upsample; DiT: DoubleStreamBlock, SingleStreamBlock, JointBlock);
+        ``inner_path``: the layer's path inside that block;
         ``layer_kind``: "Linear" or "Conv2d"; ``kernel``: a conv's kernel size.
         """
         pointwise = layer_kind == "Linear" or tuple(kernel) in ((1, 1), (1,))
@@ -56,6 +75,12 @@ class NetworkShape:
             if not pointwise:
                 return None
             if self.preset == ATTENTION_ONLY and not _ATTENTION_PROJECTION.search(inner_path):
+                return None
+            return "linear"
+        if block_kind in DIT_BLOCKS:
+            if layer_kind != "Linear":
+                return None
+            if self.preset == ATTENTION_ONLY and not _DIT_ATTENTION.search(inner_path):
                 return None
             return "linear"
         if self.trains_convs and block_kind in ("ResBlock", "Downsample", "Upsample"):

@@ -375,11 +375,48 @@ def test_periodic_saves_and_schedules(fresh_unet, sd15_clip, small_vae, make_dat
         assert f.metadata()["ss_steps"] == "2"
 
 
+def test_saves_every_n_epochs_beside_every_n_steps(fresh_unet, sd15_clip, small_vae, make_dataset, loras_dir):
+    # 3 pictures x 2 repeats, batch 2 -> 3 steps per epoch; 3 epochs = 9 steps. Epoch saves at steps 3
+    # and 6 (the last epoch is the final file), step saves at 4 and 8.
+    result = run_train(fresh_unet, sd15_clip, small_vae, make_dataset(3, repeats=2), "by_epoch", steps=999, epochs=3,
+                       options=options(save_every_n_epochs=1, save_every_n_steps=4))
+    assert result["result"][2] == "by_epoch.safetensors"
+    saved = sorted(p.name for p in loras_dir.glob("by_epoch*.safetensors"))
+    assert saved == ["by_epoch.safetensors", "by_epoch_epoch1.safetensors", "by_epoch_epoch2.safetensors",
+                     "by_epoch_step4.safetensors", "by_epoch_step8.safetensors"], saved
+    for name, steps, epoch in [("by_epoch_epoch1", "3", "1"), ("by_epoch_epoch2", "6", "2"), ("by_epoch_step4", "4", "1"),
+                               ("by_epoch", "9", "3")]:
+        with safe_open(str(loras_dir / f"{name}.safetensors"), "pt") as f:
+            assert (f.metadata()["ss_steps"], f.metadata()["ss_epoch"]) == (steps, epoch), name
+    # An epoch save resumes like any other: from step 6 on.
+    resumed = run_train(fresh_unet, sd15_clip, small_vae, make_dataset(3, repeats=2), "from_epoch2", steps=999,
+                        epochs=3, options=options(resume_from="by_epoch_epoch2.safetensors"))
+    assert len(resumed["ui"]["loss"]) == 3
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mixed_precision_runs(fresh_unet, sd15_clip, small_vae, make_dataset, loras_dir, precision):
-    result = run_train(fresh_unet, sd15_clip, small_vae, make_dataset(2), f"mp_{precision}", steps=2,
-                       options=options(precision=precision))
+def test_mixed_precision_trains_half_precision_weights_and_restores_the_fp32_base(
+        fresh_unet, sd15_clip, small_vae, make_dataset, loras_dir, precision):
+    import comfy.utils
+    before = weights_snapshot(fresh_unet)
+    flags = [p.requires_grad for p in fresh_unet.model.parameters()]
+    seen = []
+
+    def look_at_the_weights(value, total, *_, **__):
+        if total == 2:                                  # the training bar (encoding counts 3 pictures)
+            network = fresh_unet.model.diffusion_model
+            seen.append({module.weight.dtype for name, module in network.named_modules()
+                         if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and "lora_" not in name})
+    comfy.utils.set_progress_bar_global_hook(look_at_the_weights)
+    try:
+        result = run_train(fresh_unet, sd15_clip, small_vae, make_dataset(3), f"mp_{precision}", steps=2,
+                           options=options(precision=precision))
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert seen and all(dtypes == {half} for dtypes in seen), seen
     assert all(math.isfinite(v) for v in result["ui"]["loss"])
+    assert_base_untouched(fresh_unet, before, flags)            # the fp32 originals are back, bitwise
     with safe_open(str(loras_dir / result["result"][2]), "pt") as f:
         assert f.metadata()["ss_mixed_precision"] == precision
 
