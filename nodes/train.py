@@ -260,7 +260,7 @@ def inject_adapters(model, network, clip, text_model, options, rank, alpha, seed
             where = "the text encoder" if "unet" in parts else "the UNet"
             raise user_error(NODE, "options", f"LoRA layers could not be added to {where} of this model ({error}).",
                              "use network_preset 'kohya default' with train_text_encoder off, or load an SD1.5, "
-                             "SD2.x or SDXL checkpoint.") from None
+                             "SD2.x, SDXL, SD3 or Flux.1 checkpoint.") from None
         raise
 
 

@@ -122,7 +122,9 @@ class LoraLabTrainingOptions:
                 "gradient_checkpointing": ("BOOLEAN", {"default": d.gradient_checkpointing,
                                                        "tooltip": "Less memory, about 30% slower."}),
                 "precision": (list(PRECISIONS), {"default": d.precision, "tooltip":
-                              "auto = bf16 (or fp16 with loss scaling) on a GPU, fp32 on the CPU."}),
+                              "auto = bf16 (or fp16 with loss scaling) on a GPU, fp32 on the CPU. With bf16/fp16 "
+                              "the frozen model weights train in that precision too (less memory); your loaded "
+                              "model gets its exact weights back afterwards."}),
                 "dropout": ("FLOAT", {"default": d.dropout, "min": 0.0, "max": 0.9, "step": 0.05, "tooltip":
                             "network_dropout: dropout on the LoRA layers' input while training; 0 = off."}),
                 "save_every_n_steps": ("INT", {"default": d.save_every_n_steps, "min": 0, "max": 1_000_000,
@@ -162,7 +164,9 @@ class LoraLabTrainingOptions:
                                    "Which layers learn. kohya default: attention, feed-forward and proj_in/out of "
                                    "the transformer blocks. attention only: to_q/k/v/out (smaller, gentler). "
                                    "LoCon (+conv): also the ResBlock and down/upsample convolutions (more detail "
-                                   "and style, bigger file)."}),
+                                   "and style, bigger file). SD3/Flux: kohya default = every Linear of the "
+                                   "transformer blocks; attention only = attention qkv/proj (Flux single blocks' "
+                                   "fused linear1/linear2 whole); LoCon = kohya default (no convolutions)."}),
                 "conv_rank": ("INT", {"default": d.conv_rank, "min": 0, "max": 256, "tooltip":
                               "LoCon: rank of the 3x3 convolutions (kohya conv_dim); 0 = same as rank."}),
                 "conv_alpha": ("FLOAT", {"default": d.conv_alpha, "min": 0.0, "max": 256.0, "step": 0.5, "tooltip":

@@ -13,6 +13,11 @@ narrower and shallower:
 * Flux: hidden 64, 2 heads of 32, rotary axes [4, 14, 14] (the real [16, 56, 56] / 4), one double
   and one single block, guidance embedding on (Flux dev). ``in_channels`` is the latent's 16; the
   model packs 2x2 patches itself, so its img_in Linear takes 64.
+
+To train them: ``small_flow_vae`` (16 latent channels, as SD3's and Flux's VAEs), ``sd3_clip`` (ComfyUI's
+SD3 text encoder with CLIP-L only: pair with ``sd3_model_patcher(context_dim=4096, pooled_dim=2048)``) and
+``flux_clip`` (ComfyUI's Flux text encoder, CLIP-L and a tiny T5: pair with
+``flux_model_patcher(context_dim=TINY_T5["d_model"], pooled_dim=768)``).
 """
 from __future__ import annotations
 

@@ -1,17 +1,19 @@
 """Which layers of the denoiser carry a LoRA, and at which rank/alpha: kohya's network presets.
 
-  preset            SD1/SD2/SDXL UNet (kohya's networks/lora.py)     SD3 / Flux.1 DiT (kohya's lora_sd3 / lora_flux)
-  attention only    to_q / to_k / to_v / to_out of every attention   the attention's qkv and output projections:
-                    layer                                            Flux double blocks img_attn/txt_attn .qkv .proj,
-                                                                     Flux single blocks linear1 + linear2 (see below),
-                                                                     SD3 joint blocks' context/x attn(2) .qkv .proj
-  kohya default     every Linear and 1x1 conv inside the transformer every Linear inside the DiT blocks: attention,
-                    blocks (attention, feed-forward, proj_in/out):   MLP and the modulation Linears (Flux img_mod.lin,
-                    kohya's plain LoRA                               txt_mod.lin, modulation.lin; SD3 adaLN_modulation.1)
-  LoCon (+conv)     kohya default + the ResBlocks (both 3x3 convs,   the same as kohya default: DiT blocks hold no convs
-                    the 1x1 skip conv, the time-embedding Linear)
-                    and the down/upsample convs: kohya's LoRA with
-                    ``conv_dim`` (LyCORIS "locon")
+  preset            layers (SD1/SD2/SDXL UNet, as kohya's networks/lora.py picks them)
+  attention only    to_q / to_k / to_v / to_out of every attention layer
+  kohya default     every Linear and 1x1 conv inside the transformer blocks (attention, feed-forward,
+                    proj_in/proj_out): kohya's plain LoRA
+  LoCon (+conv)     kohya default + the ResBlocks (both 3x3 convs, the 1x1 skip conv, the time-embedding
+                    Linear) and the down/upsample convs: kohya's LoRA with ``conv_dim`` (LyCORIS "locon")
+
+  preset            layers (SD3 / Flux.1 DiT, as kohya's networks/lora_sd3.py / lora_flux.py pick them)
+  attention only    the attention's qkv and output projections: Flux double blocks' img_attn / txt_attn
+                    .qkv and .proj, Flux single blocks' linear1 and linear2 (see below), SD3 joint blocks'
+                    context_block / x_block attn(2) .qkv and .proj
+  kohya default     every Linear inside the DiT blocks: attention, MLP and the modulation Linears (Flux
+                    img_mod.lin, txt_mod.lin, modulation.lin; SD3 adaLN_modulation.1)
+  LoCon (+conv)     the same as kohya default: DiT blocks hold no convolutions
 
 The DiT blocks are Flux's DoubleStreamBlock and SingleStreamBlock and SD3's JointBlock; layers outside
 them (img_in, txt_in, time/vector/guidance embedders, final layer) are not trained, as in kohya's
@@ -39,7 +41,8 @@ _ATTENTION_PROJECTION = re.compile(r"(?:^|\.)attn\d+\.(?:to_q|to_k|to_v|to_out\.
 # Flux DoubleStreamBlock img_attn/txt_attn.{qkv,proj}, SingleStreamBlock linear1/linear2 (fused, see
 # the module doc), SD3 JointBlock {context,x}_block.attn.{qkv,proj} (and SD3.5's x_block.attn2).
 DIT_BLOCKS = ("DoubleStreamBlock", "SingleStreamBlock", "JointBlock")
-_DIT_ATTENTION = re.compile(r"^(?:(?:img|txt)_attn\.(?:qkv|proj)|linear[12]|(?:context|x)_block\.attn2?\.(?:qkv|proj))$")
+_DIT_ATTENTION = re.compile(r"^(?:(?:img|txt)_attn\.(?:qkv|proj)|linear[12]"
+                            r"|(?:context|x)_block\.attn2?\.(?:qkv|proj))$")
 
 
 @dataclass(frozen=True)

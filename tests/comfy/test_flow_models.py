@@ -33,6 +33,17 @@ FLUX_SINGLE = ("linear1", "linear2", "modulation_lin")
 SD3_SIDE = ("attn_qkv", "attn_proj", "mlp_fc1", "mlp_fc2", "adaLN_modulation_1")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These DiTs are tiny: a step is dozens of small ops, and torch's thread pool costs more than it gives
+    (measured: 0.06 s a step on one thread, 0.25 s on two, and 5 s on two while another process keeps the
+    two cores busy). Put back afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def flow_models(comfy, comfyui_root):
     """tools/random_flow_models, when this ComfyUI has SD3 and Flux (mid-2024 on); else the module skips."""
@@ -131,6 +142,21 @@ def test_the_loss_is_the_flow_matching_mse_at_the_shifted_sigmas(which, request)
     assert abs(loss - eps_loss) > 0.5 * flow_loss, "flow and eps targets must be told apart by this check"
 
 
+def test_flux_schnell_is_flux1_and_other_flux_variants_are_refused_by_name(flow_models):
+    import types
+
+    import comfy.supported_models
+    from lora_lab.nodes import comfy_bridge
+    schnell = flow_models.flux_model_patcher(seed=26, guidance_embed=False)
+    assert type(schnell.model.model_config).__name__ == "FluxSchnell"
+    assert comfy_bridge.model_family(schnell) == "flux1" and comfy_bridge.unsupported_family(schnell) is None
+    assert comfy_bridge.prediction_type(comfy_bridge.model_sampling(schnell)) == "flow"
+    # Flux Fill (FluxInpaint, a Flux subclass with 96 input channels) is another model: refused by its name.
+    fill = comfy.supported_models.FluxInpaint(dict(flow_models.flux_unet_config(), in_channels=96))
+    assert comfy_bridge.unsupported_family(types.SimpleNamespace(model=types.SimpleNamespace(model_config=fill))) \
+        == "FluxInpaint"
+
+
 def test_presets_pick_the_dit_blocks_linears_by_kohyas_names(flux_unet, sd3_unet):
     import comfy.lora
     from lora_lab.nodes import comfy_bridge
@@ -153,7 +179,8 @@ def test_presets_pick_the_dit_blocks_linears_by_kohyas_names(flux_unet, sd3_unet
                    | {f"lora_unet_joint_blocks_1_x_block_{m}" for m in SD3_SIDE}
                    | {"lora_unet_joint_blocks_1_context_block_attn_qkv",
                       "lora_unet_joint_blocks_1_context_block_adaLN_modulation_1"})
-    sd3_attention = {name for name, _ in comfy_bridge.unet_lora_layers(sd3_unet, NetworkShape("attention only")).values()}
+    sd3_attention = {name for name, _ in
+                     comfy_bridge.unet_lora_layers(sd3_unet, NetworkShape("attention only")).values()}
     assert sd3_attention == {n for n in sd3 if n.endswith(("attn_qkv", "attn_proj"))}
 
 

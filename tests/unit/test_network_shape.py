@@ -28,6 +28,30 @@ def test_presets_pick_kohyas_layers():
     assert locon.part_of("Downsample", "op", "Conv2d", (3, 3)) == "conv"
 
 
+
+def test_presets_on_sd3_and_flux_blocks():
+    """kohya's lora_flux / lora_sd3: every Linear of the DiT blocks; attention only = their qkv and output
+    projections, with Flux's single blocks trained whole (linear1/linear2 hold the fused attention)."""
+    default, attention, locon = NetworkShape(KOHYA_DEFAULT), NetworkShape(ATTENTION_ONLY), NetworkShape(LOCON)
+    double = ["img_mod.lin", "img_attn.qkv", "img_attn.proj", "img_mlp.0", "img_mlp.2",
+              "txt_mod.lin", "txt_attn.qkv", "txt_attn.proj", "txt_mlp.0", "txt_mlp.2"]
+    single = ["linear1", "linear2", "modulation.lin"]
+    joint = [f"{side}_block.{m}" for side in ("context", "x")
+             for m in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1")] + ["x_block.attn2.qkv"]
+    layers = ([("DoubleStreamBlock", p) for p in double] + [("SingleStreamBlock", p) for p in single]
+              + [("JointBlock", p) for p in joint])
+    for block, path in layers:
+        assert default.part_of(block, path, "Linear") == "linear", (block, path)
+        assert locon.part_of(block, path, "Linear") == "linear", (block, path)    # no convs: same as default
+    picked = {(block, path) for block, path in layers if attention.part_of(block, path, "Linear")}
+    assert picked == {("DoubleStreamBlock", f"{s}_attn.{p}") for s in ("img", "txt") for p in ("qkv", "proj")} | {
+        ("SingleStreamBlock", "linear1"), ("SingleStreamBlock", "linear2")} | {
+        ("JointBlock", f"{side}_block.attn.{p}") for side in ("context", "x") for p in ("qkv", "proj")} | {
+        ("JointBlock", "x_block.attn2.qkv")}
+    for shape in (default, attention, locon):
+        assert shape.part_of("DoubleStreamBlock", "img_attn.norm.query_norm", "RMSNorm") is None
+        assert shape.part_of("JointBlock", "x_block.attn.qkv", "Conv2d", (1, 1)) is None
+
 def test_conv_rank_alpha_default_to_the_main_ones_and_go_into_metadata():
     locon = NetworkShape(LOCON, dropout=0.1, conv_rank=2, conv_alpha=1.0)
     assert locon.rank_alpha("conv", 8, 4.0) == (2, 1.0) and locon.rank_alpha("linear", 8, 4.0) == (8, 4.0)
