@@ -319,3 +319,15 @@ def test_flux_previews_render(flux_unet, flux_clip, flow_vae, make_dataset):
     assert torch.isfinite(previews).all() and previews.max() > 0
     assert "previews stopped" not in result["ui"]["text"][0]
     assert len(result["ui"]["images"]) == 2
+
+
+@pytest.mark.parametrize("which", ["flux", "sd3"])
+def test_bf16_training_of_a_flow_model_restores_the_fp32_base(which, flow_vae, make_dataset, request):
+    """Half-precision frozen weights (trainer/frozen_weights.py) meet the DiTs' RMSNorms and modulation."""
+    unet, clip = request.getfixturevalue(f"{which}_unet"), request.getfixturevalue(f"{which}_clip")
+    before = weights_snapshot(unet)
+    flags = [p.requires_grad for p in unet.model.parameters()]
+    result = run_train(unet, clip, flow_vae, make_dataset(2), f"{which}_bf16", steps=2, learning_rate=1e-2,
+                       options=options(precision="bf16"))
+    assert all(math.isfinite(v) for v in result["ui"]["loss"])
+    assert_base_untouched(unet, before, flags)
