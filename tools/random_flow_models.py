@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from random_models import randomize_
+from random_models import patcher_for, randomize_
 
 
 def sd3_unet_config(depth: int = 2, context_dim: int = 64, pooled_dim: int = 32, pos_embed_max_size: int = 64,
@@ -83,15 +83,7 @@ def _finish_init_(model: torch.nn.Module) -> None:
 
 
 def _patcher(config, seed: int):
-    import comfy.model_patcher
-    # Built inside inference mode, as ComfyUI's loaders build models while executing a node.
-    with torch.inference_mode():
-        model = config.get_model({})
-        randomize_(model, seed)
-        _finish_init_(model)
-    model.eval()
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    return patcher_for(config, seed, finish=_finish_init_)
 
 
 def sd3_model_patcher(seed: int = 0, **config):

@@ -54,13 +54,21 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 def sd15_model_patcher(model_channels: int = 32, seed: int = 0):
     """An SD1.5-architecture BaseModel (eps prediction) in a ModelPatcher on the CPU."""
-    import comfy.model_patcher
     import comfy.supported_models
-    config = comfy.supported_models.SD15(sd15_unet_config(model_channels))
+    return patcher_for(comfy.supported_models.SD15(sd15_unet_config(model_channels)), seed)
+
+
+def patcher_for(config, seed: int, state_dict: dict | None = None, finish=None):
+    """``config.get_model`` with random weights in a ModelPatcher on the CPU. ``state_dict``: what
+    ComfyUI's detection reads when building (e.g. SD2's v-prediction tell); ``finish(model)``: any
+    initialisation randomize_ cannot do."""
+    import comfy.model_patcher
     # Built inside inference mode, as ComfyUI's loaders build models while executing a node.
     with torch.inference_mode():
-        model = config.get_model({})
+        model = config.get_model(state_dict or {})
         randomize_(model, seed)
+        if finish is not None:
+            finish(model)
     model.eval()
     cpu = torch.device("cpu")
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
@@ -72,19 +80,13 @@ def sd2_v_model_patcher(model_channels: int = 32, seed: int = 0):
     ComfyUI decides eps vs v for SD2 from the checkpoint (``SD20.model_type``: a spread-out
     ``output_blocks.11.1...norm1.bias``); that same detection is fed a tensor that says "v".
     """
-    import comfy.model_patcher
     import comfy.supported_models
     unet = dict(sd15_unet_config(model_channels), context_dim=1024, use_linear_in_transformer=True)
     config = comfy.supported_models.SD20(unet)
     # SD20 forces 64-channel heads (its unet_extra_config); a narrow test model needs fewer channels per head.
     config.unet_config.update(num_heads=4, num_head_channels=-1)
     says_v = {"output_blocks.11.1.transformer_blocks.0.norm1.bias": torch.linspace(-1, 1, model_channels)}
-    with torch.inference_mode():
-        model = config.get_model(says_v)
-        randomize_(model, seed)
-    model.eval()
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    return patcher_for(config, seed, says_v)
 
 
 def sd2_clip(seed: int = 1):
@@ -261,17 +263,11 @@ def sdxl_model_patcher(model_channels: int = 32, seed: int = 0, pooled_dim: int 
     Pair it with ``sdxl_clip(g_width=pooled_dim)``: its cross-attention takes 768 + pooled_dim wide
     context and its class embedding pooled_dim + 1536 wide ``y``.
     """
-    import comfy.model_patcher
     import comfy.supported_models
     config = comfy.supported_models.SDXL(sdxl_unet_config(model_channels, pooled_dim))
     # BASE forces 64-channel heads (unet_extra_config); a narrow test model needs fewer channels per head.
     config.unet_config.update(num_heads=4, num_head_channels=-1)
-    with torch.inference_mode():
-        model = config.get_model({})
-        randomize_(model, seed)
-    model.eval()
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    return patcher_for(config, seed)
 
 
 def _small_bigg_config(g_width: int, g_layers: int) -> dict:
