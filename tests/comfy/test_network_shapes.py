@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # the train tests' helpers and fixtures
 from test_train_lora import SIZE, options, run_train, weights_snapshot, assert_base_untouched  # noqa: F401
-from test_train_lora import make_dataset, loras_dir, fresh_unet  # noqa: F401  (fixtures)
+from test_train_lora import make_dataset, fresh_unet  # noqa: F401  (fixtures)
 
 
 def modules_and_meta(path):

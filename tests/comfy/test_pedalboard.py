@@ -28,12 +28,6 @@ HERO_FREQUENCY = {"10_hero": {"hero": 12, "red cape": 7, "city": 2, "night": 1}}
 
 
 @pytest.fixture(scope="module")
-def loras_dir(comfy):
-    import folder_paths
-    return Path(folder_paths.get_folder_paths("loras")[0])
-
-
-@pytest.fixture(scope="module")
 def files(loras_dir, tiny_unet, sd15_clip):
     """style: UNet + CLIP, stored trigger word and kohya metadata; hero: tag frequency only (in a subfolder);
     detail: UNet only, no metadata."""

@@ -22,7 +22,7 @@ import random_models
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # the train tests' helpers and fixtures
 from test_train_lora import (SIZE, assert_base_untouched, encoded_training_set, make_dataset,  # noqa: F401,E402
-                             options, pattern_pixels, run_train, training_loss, weights_snapshot, loras_dir)
+                             options, pattern_pixels, run_train, training_loss, weights_snapshot)
 
 # Module-scoped models: whatever a test loads with a LoRA patched in is unpatched before the next one.
 pytestmark = pytest.mark.usefixtures("leave_models_unpatched")

@@ -61,12 +61,6 @@ def write_lora(folder: Path, name: str, tensors: dict, metadata: dict | None = N
 
 
 @pytest.fixture(scope="module")
-def loras_dir(comfy):
-    import folder_paths
-    return Path(folder_paths.get_folder_paths("loras")[0])
-
-
-@pytest.fixture(scope="module")
 def lora_files(loras_dir, tiny_unet, sd15_clip):
     """style: UNet + CLIP, stored trigger word; chars/hero: UNet + CLIP, kohya tag frequency only;
     detail: UNet only, no metadata."""

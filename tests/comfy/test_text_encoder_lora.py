@@ -12,7 +12,7 @@ from safetensors import safe_open
 import random_models
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # the train tests' helpers and fixtures
-from test_train_lora import (assert_base_untouched, fresh_unet, loras_dir, make_dataset,  # noqa: F401,E402
+from test_train_lora import (assert_base_untouched, fresh_unet, make_dataset,  # noqa: F401,E402
                              options, run_train, weights_snapshot)
 
 TE_MODULES = ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1", "mlp_fc2")
@@ -113,23 +113,13 @@ def test_the_text_encoder_learns_at_its_own_rate(fresh_unet, fresh_clip, small_v
 
 
 def test_error_and_cancel_leave_the_shared_clip_bitwise_unchanged(fresh_unet, fresh_clip, small_vae, make_dataset,
-                                                                  loras_dir, monkeypatch):
+                                                                  loras_dir, loss_fails_at_call):
     import comfy.model_management
     import comfy.utils
-    from lora_lab.trainer import loop
     untouched = Untouched(fresh_unet, fresh_clip.patcher)
     te = options(train_text_encoder=True)
 
-    real_loss, calls = loop.denoising_loss, []
-
-    def failing_on_third_call(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("simulated CUDA error")
-        return real_loss(*args, **kwargs)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(loop, "denoising_loss", failing_on_third_call)
+    with loss_fails_at_call(3):
         with pytest.raises(RuntimeError, match="simulated"):
             run_train(fresh_unet, fresh_clip, small_vae, make_dataset(2), "te_crash", steps=10, options=te)
     untouched.check()

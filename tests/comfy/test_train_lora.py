@@ -39,13 +39,6 @@ def make_dataset(pack):
 
 
 @pytest.fixture
-def loras_dir(comfy):
-    import folder_paths
-    from pathlib import Path
-    return Path(folder_paths.get_folder_paths("loras")[0])
-
-
-@pytest.fixture
 def fresh_unet(comfy):
     return random_models.sd15_model_patcher(model_channels=32, seed=5)
 
@@ -217,21 +210,11 @@ def test_cancel_while_encoding_stops_before_training(fresh_unet, sd15_clip, smal
 
 
 def test_an_error_inside_training_keeps_the_work_and_restores_the_model(fresh_unet, sd15_clip, small_vae,
-                                                                       make_dataset, loras_dir, monkeypatch):
-    from lora_lab.trainer import loop
+                                                                       make_dataset, loras_dir, loss_fails_at_call):
     dataset = make_dataset(2)
     before = weights_snapshot(fresh_unet)
     flags = [p.requires_grad for p in fresh_unet.model.parameters()]
-    real_loss, calls = loop.denoising_loss, []
-
-    def failing_on_third_call(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("simulated CUDA error")
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "denoising_loss", failing_on_third_call)
-    with pytest.raises(RuntimeError, match="simulated"):
+    with loss_fails_at_call(3), pytest.raises(RuntimeError, match="simulated"):
         run_train(fresh_unet, sd15_clip, small_vae, dataset, "crashes", steps=10)
     assert (loras_dir / "crashes_step2.safetensors").is_file()
     assert_base_untouched(fresh_unet, before, flags)

@@ -16,7 +16,7 @@ import random_models
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # the train tests' helpers and fixtures
 from test_train_lora import (SIZE, assert_base_untouched, encoded_training_set, make_dataset,  # noqa: F401,E402
-                             options, run_train, training_loss, weights_snapshot, loras_dir)
+                             options, run_train, training_loss, weights_snapshot)
 
 
 @pytest.fixture(scope="module")

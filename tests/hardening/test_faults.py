@@ -201,23 +201,13 @@ def test_cancel_at_a_random_step(fresh_unet, sd15_clip, small_vae, dataset, lora
 
 
 @pytest.mark.parametrize("failing_call", ERROR_CALLS)
-def test_exception_at_a_random_step(fresh_unet, sd15_clip, small_vae, dataset, loras, failing_call, monkeypatch,
-                                    caplog, hardening):
-    from lora_lab.trainer import loop
+def test_exception_at_a_random_step(fresh_unet, sd15_clip, small_vae, dataset, loras, failing_call,
+                                    loss_fails_at_call, caplog, hardening):
     before = snapshot(fresh_unet)
     name = f"hardening_crash{failing_call}"
-    real_loss, calls = loop.denoising_loss, []
-
-    def failing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == failing_call:
-            raise RuntimeError("simulated CUDA error: an illegal memory access was encountered")
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "denoising_loss", failing)
-    with caplog.at_level(logging.WARNING), pytest.raises(RuntimeError, match="simulated CUDA error"):
+    with loss_fails_at_call(failing_call, "simulated CUDA error: an illegal memory access was encountered"), \
+            caplog.at_level(logging.WARNING), pytest.raises(RuntimeError, match="simulated CUDA error"):
         train(fresh_unet, sd15_clip, small_vae, dataset, name, steps=5)
-    monkeypatch.setattr(loop, "denoising_loss", real_loss)
     done = failing_call - 1
     partial = loras / f"{name}_step{done}.safetensors"
     assert partial.is_file()
