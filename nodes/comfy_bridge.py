@@ -344,6 +344,49 @@ def vae_fingerprint(vae, patcher, resolution: int) -> str:
     return fingerprint(encoder, extra=f"{latent_space_name(patcher)}:{resolution}")
 
 
+def model_fingerprint(patcher) -> str:
+    """Identifies what a run trains on top of: the diffusion model's weights (names, shapes, dtypes of
+    all, a sample of 16), the patches the graph put on it before training (LoRAs, with strengths),
+    its sampling (prediction type, sigmas) and the names of any model_options patches. Patches made
+    of other objects fold in by type; function objects by name only, so only what they are, not
+    where in memory, counts."""
+    from ..trainer.latent_disk_cache import vae_fingerprint as fingerprint
+    sampling = model_sampling(patcher)
+    sigmas = getattr(sampling, "sigmas", None)
+    patches = []
+    for key in sorted(getattr(patcher, "patches", {}) or {}):
+        tensors: list[torch.Tensor] = []
+        patches.append([key, _describe_patch(patcher.patches[key], tensors)])
+        if tensors:
+            patches.append(fingerprint(tensors, sample_tensors=4, max_elements=1 << 12))
+    transformer_options = (getattr(patcher, "model_options", {}) or {}).get("transformer_options", {})
+    extra = repr([model_family(patcher), type(patcher.model).__name__, prediction_type(sampling),
+                  fingerprint([sigmas]) if isinstance(sigmas, torch.Tensor) else None, patches,
+                  sorted(getattr(patcher, "object_patches", {}) or {}),
+                  sorted(k for k in (getattr(patcher, "model_options", {}) or {}) if k != "transformer_options"),
+                  sorted(transformer_options)])
+    return fingerprint(patcher.model.diffusion_model.state_dict(), extra=extra, sample_tensors=16)
+
+
+def _describe_patch(value, tensors: list, depth: int = 0):
+    """Numbers and strings as they are, tensors by position in ``tensors``, objects by type and fields."""
+    if isinstance(value, torch.Tensor):
+        tensors.append(value)
+        return f"tensor{len(tensors) - 1}"
+    if isinstance(value, (int, float, str, bool)) or value is None:
+        return value
+    if depth > 6:
+        return type(value).__name__
+    if isinstance(value, (list, tuple)):
+        return [_describe_patch(v, tensors, depth + 1) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _describe_patch(v, tensors, depth + 1) for k, v in sorted(value.items(), key=str)}
+    if callable(value) and not hasattr(value, "__dict__"):
+        return getattr(value, "__qualname__", type(value).__name__)
+    fields = getattr(value, "__dict__", None)
+    return [type(value).__name__, _describe_patch(fields, tensors, depth + 1) if isinstance(fields, dict) else None]
+
+
 def latent_space_name(patcher) -> str:
     """Latents are stored after process_latent_in, so they are only valid for one latent format."""
     return type(getattr(patcher.model, "latent_format", None)).__name__

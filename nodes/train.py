@@ -13,10 +13,10 @@ import torch
 import comfy.model_management
 import comfy.utils
 
-from ..trainer import caption_augment
+from ..trainer import caption_augment, finished_runs
 from ..trainer.examples import encode_dataset
 from ..trainer.frozen_weights import frozen_weights_in
-from ..trainer.latent_disk_cache import EncodeDatasetCache, LatentDiskCache, describe as describe_cache
+from ..trainer.latent_disk_cache import EncodeDatasetCache, LatentDiskCache, describe as describe_cache, vae_fingerprint
 from ..trainer.lora import InjectedLora, LoraSet
 from ..trainer.lora_file import load_lora_file, save_lora_file
 from ..trainer.loop import NonFiniteLoss, StepReport, TrainSettings, train
@@ -118,6 +118,13 @@ class LoraLabTrainLora:
             if resume and resume.step >= settings.steps:
                 raise user_error(NODE, "steps", f"'{options.resume_from}' already has {resume.step} steps; "
                                  f"steps is {settings.steps}.", f"set steps above {resume.step} to train further.")
+            run.identity = identity_of_run(model, data, settings, options, resolution, rank, alpha, trigger_word,
+                                           resume)
+            finished = run.identity and finished_runs.find_finished(
+                training_files.loras_root(), training_files.base_name(output_name), run.identity)
+            if finished:
+                del data
+                return reuse_finished(model, clip, finished, run, describe)
             if options.previews.every_n_steps:      # prompts encoded now: CLIP is not loaded mid-run
                 run.previews = TrainingPreviews(model, clip, options.previews, trigger_word, (resolution, resolution),
                                                 unique_id, settings.mixed_precision)
@@ -136,6 +143,45 @@ class LoraLabTrainLora:
             ui["images"] = run.previews.shown          # ComfyUI shows them on the node after the run
         return {"ui": ui, "result": (model_out, clip_out, lora_name, curve,
                                      previews if previews is not None else empty_previews())}
+
+
+# Options that cannot change the trained weights or the file: a finished run stays reusable when
+# only these differ (trainer/finished_runs.py).
+NOT_IN_RUN_IDENTITY = ("save_every_n_steps", "save_every_n_epochs", "keep_last_saves", "overwrite_existing",
+                       "latent_disk_cache", "gradient_checkpointing", "preview_every_n_steps", "preview_prompts",
+                       "preview_seed", "preview_steps", "preview_cfg")
+
+
+def identity_of_run(model, data, settings, options, resolution, rank, alpha, trigger_word, resume) -> str | None:
+    """The run's identity (finished_runs), or None when the base model cannot be loaded to look at
+    (too big for the device: training will say so)."""
+    try:
+        comfy_bridge.load_fully(model)    # the base weights, not a LoRA a sampler left patched in
+    except comfy_bridge.PartiallyLoaded:
+        return None
+    return finished_runs.run_identity(
+        data=finished_runs.data_fingerprint(data), model=comfy_bridge.model_fingerprint(model),
+        settings={"options": finished_runs.settings_of(options, NOT_IN_RUN_IDENTITY), "resolution": resolution,
+                  "steps": settings.steps, "batch_size": settings.batch_size, "learning_rate": settings.learning_rate,
+                  "rank": rank, "alpha": alpha, "seed": settings.seed, "trigger_word": trigger_word,
+                  "precision": settings.mixed_precision, "loss_scaling": settings.loss_scaling,
+                  "resume": [resume.step, vae_fingerprint(resume.tensors)] if resume else None})
+
+
+def reuse_finished(model, clip, path, run, describe):
+    """The outputs of a finished run with the same identity, from its file: nothing is trained."""
+    tensors, metadata = load_lora_file(path)
+    lora_name = os.path.relpath(path, training_files.loras_root())
+    losses = finished_runs.loss_history(metadata)
+    log.info("[LoRA Lab] %s was trained from the same pictures, captions, model and settings; reusing it", path)
+    model_out, clip_out = comfy_bridge.apply_lora(model, clip, tensors)
+    curve = torch.from_numpy(loss_curve_image(losses, title=f"{lora_name} loss (reused)")).unsqueeze(0)
+    text = "\n".join([f"Reused {lora_name} in {training_files.loras_root()}: it was trained from these same "
+                      "pictures, captions, model and settings, so nothing was trained again.",
+                      "To train again, change a setting (the seed, say) or delete or rename that file.",
+                      describe.arithmetic()])
+    return {"ui": {"text": [text], "loss": losses[-5000:]},
+            "result": (model_out, clip_out, lora_name, curve, empty_previews())}
 
 
 def encode_for_training(model, clip, vae, dataset, resolution, use_disk_cache: bool):
@@ -359,6 +405,7 @@ class TrainingRun:
         self.saved_step = 0
         self.cache_report = ""
         self.previews: TrainingPreviews | None = None
+        self.identity: str | None = None      # finished_runs: written into the final save
 
     def step_callback(self, lora, describe, options):
         def on_step(report: StepReport):
@@ -406,6 +453,10 @@ class TrainingRun:
     def save(self, lora, describe, loop_state, step, final, overwrite, name=None):
         name = name or (self.output_name if final else f"{self.output_name}_step{step}")
         metadata = describe.metadata(step=step, started_at=self.started_at, finished_at=time.time())
+        if final:       # only a finished run can stand in for the same run queued again
+            metadata[finished_runs.LOSS_HISTORY_KEY] = finished_runs.loss_history_text(self.losses)
+            if self.identity:
+                metadata[finished_runs.RUN_IDENTITY_KEY] = self.identity
         path = save_lora_file(training_files.loras_root(), name, lora.kohya_state_dict(), metadata,
                               overwrite=overwrite, dtype=self.save_dtype)
         try:

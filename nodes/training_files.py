@@ -69,14 +69,18 @@ def check_output_name(name: str, node: str) -> None:
                              "file, so it cannot hold the LoRA.", "choose another subfolder name, or a plain name.")
 
 
+def base_name(output_name: str) -> str:
+    """The name as a path inside the loras folder, without .safetensors ("mychar/v1")."""
+    return str(lora_relative_path(output_name.strip()))[: -len(".safetensors")]
+
+
 def free_base_name(output_name: str, overwrite: bool) -> str:
     """The name this run saves under, settled before training starts.
 
     Unless overwriting, the first of name, name_2, name_3... with neither a final file nor any
     ``_step<N>`` save of an earlier run, so a run's periodic saves never replace another run's.
     """
-    relative = lora_relative_path(output_name.strip())          # validates, adds .safetensors
-    base = str(relative)[: -len(".safetensors")]
+    base = base_name(output_name)          # validates
     if overwrite:
         return base
     root = Path(loras_root())

@@ -77,6 +77,19 @@ def test_train_then_sample_on_the_next_node(server, dataset_folder):
     assert not [e for e in events if e.get("type") == "loralab.train.progress"]
     assert not (server.overlay / "models" / "loras" / "e2e_lora_2.safetensors").exists()
 
+    # The Caption node's write_sidecars rewrites the caption files: same text, new times. The dataset's
+    # signature changes, so ComfyUI runs Train LoRA again; it finds its finished run and reuses it.
+    for sidecar in (server.overlay / "input" / dataset_folder).rglob("*.txt"):
+        sidecar.write_text(sidecar.read_text(encoding="utf-8"), encoding="utf-8")
+    events.clear()
+    history = server.run(train_and_sample_prompt(dataset_folder, "e2e_lora"), timeout=600, on_event=events.append)
+    assert not [e for e in events if e.get("type") == "loralab.train.progress"]
+    assert any(e.get("type") == "executing" and e["data"].get("node") == "3" for e in events), \
+        "Train LoRA did not run again: the test no longer checks reuse"
+    assert "Reused e2e_lora.safetensors" in history["outputs"]["3"]["text"][0]
+    assert not (server.overlay / "models" / "loras" / "e2e_lora_2.safetensors").exists()
+    assert history["outputs"]["9"]["images"], "the sampler after a reused LoRA made no picture"
+
 
 def test_bad_dataset_folder_is_reported_by_node_and_input(server):
     from comfyui_server import ComfyExecutionError

@@ -569,3 +569,45 @@ def test_previews_render_at_the_right_steps_without_changing_the_training(fresh_
     assert len(shown["ui"]["images"]) == 4 and all(i["type"] == "temp" for i in shown["ui"]["images"])
     assert plain["result"][4].shape[0] == 1 and "images" not in plain["ui"]
     assert_base_untouched(fresh_unet, before, flags)
+
+
+def test_the_same_run_queued_again_reuses_its_file_and_any_real_change_trains(fresh_unet, sd15_clip, small_vae,
+                                                                               make_dataset, loras_dir, monkeypatch):
+    """An upstream node re-ran with equal results (the Caption node wrote its sidecars, ComfyUI was
+    restarted): the finished run is found by its identity and reused, even after a sampler used the
+    trained MODEL; anything that shapes the weights trains anew."""
+    import comfy.model_management
+    from lora_lab.nodes import train as train_node
+    trained = []
+    real_train = train_node.train
+    monkeypatch.setattr(train_node, "train", lambda *a, **k: trained.append(1) or real_train(*a, **k))
+
+    first = run_train(fresh_unet, sd15_clip, small_vae, make_dataset(2), "again", steps=3)
+    assert first["result"][2] == "again.safetensors" and trained == [1]
+    before = weights_snapshot(fresh_unet)
+    comfy.model_management.load_models_gpu([first["result"][0]])   # as KSampler does: the LoRA patched in
+
+    again = run_train(fresh_unet, sd15_clip, small_vae, make_dataset(2), "again", steps=3)   # equal, new objects
+    assert trained == [1], "an identical run was trained again"
+    assert again["result"][2] == "again.safetensors" and not (loras_dir / "again_2.safetensors").exists()
+    assert "Reused again.safetensors" in again["ui"]["text"][0]
+    assert again["ui"]["loss"] == pytest.approx(first["ui"]["loss"], rel=1e-4)
+    assert again["result"][0].patches.keys() == first["result"][0].patches.keys() != set()
+    assert tuple(again["result"][3].shape) == tuple(first["result"][3].shape)        # the loss chart
+    assert_base_untouched(fresh_unet, before, [p.requires_grad for p in fresh_unet.model.parameters()])
+
+    changes = [dict(learning_rate=2e-3), dict(options=options(noise_offset=0.05)),
+               dict(dataset=make_dataset(2, captions=["sks, striped", "sks, blocks"])),
+               dict(model=first["result"][0])]                          # trained on top of a LoRA: another base
+    for number, change in enumerate(changes, start=2):
+        args = dict(model=fresh_unet, clip=sd15_clip, vae=small_vae, dataset=make_dataset(2), name="again")
+        args.update(change)
+        result = run_train(args.pop("model"), args.pop("clip"), args.pop("vae"), args.pop("dataset"),
+                           args.pop("name"), steps=3, **args)
+        assert result["result"][2] == f"again_{number}.safetensors", change
+    assert len(trained) == 1 + len(changes)
+
+    # Settings that cannot change the weights (previews, periodic saves) reuse the file.
+    kept = run_train(fresh_unet, sd15_clip, small_vae, make_dataset(2), "again", steps=3,
+                     options=options(save_every_n_steps=2, keep_last_saves=1, gradient_checkpointing=True))
+    assert kept["result"][2] == "again.safetensors" and len(trained) == 1 + len(changes)
