@@ -107,6 +107,23 @@ class ComfyDenoiser:
         return {key: per_example[0][key].concat([conds[key] for conds in per_example[1:]]).to(device)
                 for key in per_example[0]}
 
+    def batch_groups(self, texts: list[TextEncoding], sizes: list[PictureSize], device) -> list[list[int]]:
+        """Positions whose conditioning ComfyUI can put in one batch (its own ``can_concat``, as its
+        samplers decide): SD1/SDXL repeat shorter token sequences to a common length, but SD3/Flux's T5
+        states of different lengths cannot share a batch."""
+        per_example = [self.base_model.extra_conds(**condition_arguments(text, size, device))
+                       for text, size in zip(texts, sizes)]
+        groups: list[list[int]] = []
+        for index, conds in enumerate(per_example):
+            home = next((group for group in groups if all(
+                key in conds and per_example[group[0]][key].can_concat(conds[key]) for key in per_example[group[0]])),
+                None)
+            if home is None:
+                groups.append([index])
+            else:
+                home.append(index)
+        return groups
+
     def denoise(self, noisy, sigma, cond):
         if isinstance(cond, dict):
             return self.base_model.apply_model(noisy, sigma, **cond)

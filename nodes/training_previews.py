@@ -26,7 +26,7 @@ import folder_paths
 
 from ..trainer.examples import PictureSize
 from ..trainer.loop import autocast_for
-from .comfy_bridge import ComfyDenoiser, caption_encoder, send_to_front_end
+from .comfy_bridge import ComfyDenoiser, caption_encoder, model_family, send_to_front_end
 
 log = logging.getLogger("LoRA Lab")
 PREVIEW_EVENT = "loralab.train.preview"
@@ -61,12 +61,26 @@ class TrainingPreviews:
         # as at inference after CLIPTextEncode: the picture's own size, uncropped). Made once per run.
         picture = PictureSize((self.width, self.height), (0, 0), (self.width, self.height))
         denoiser, cpu = ComfyDenoiser(model), torch.device("cpu")
+        # Flux.1 is guidance-distilled: ComfyUI's Flux workflows sample it at cfg 1 (the guidance is an
+        # input, 3.5), and classifier-free guidance on top burns the picture. So: the prompt alone.
+        self.cfg = 1.0 if model_family(model) == "flux1" else settings.cfg
         with torch.no_grad():
-            self.conds = [denoiser.conditioning([text, uncond], [picture, picture], cpu) for text in texts]
+            self.passes = [self.model_passes(denoiser, text, uncond, picture, cpu) for text in texts]
         self.sigmas = schedule(model.model, settings.steps).detach().clone()   # the same for every preview
         self.rendered: list[tuple[int, torch.Tensor]] = []    # (step, model-space latents of every prompt)
         self.shown: list[dict] = []                           # the quick pictures, as /view references
         self.failed: str | None = None
+
+    def model_passes(self, denoiser, text, uncond, picture, device) -> list[tuple[int, dict]]:
+        """The conditionings one denoising step runs: [prompt] at cfg 1; [prompt and empty, batched];
+        or [prompt], [empty] in two passes when they cannot share a batch (SD3 / Flux T5 lengths)."""
+        if self.cfg == 1.0:
+            groups = [[text]]
+        elif len(denoiser.batch_groups([text, uncond], [picture, picture], device)) == 1:
+            groups = [[text, uncond]]
+        else:
+            groups = [[text], [uncond]]
+        return [(len(group), denoiser.conditioning(group, [picture] * len(group), device)) for group in groups]
 
     def due(self, step: int) -> bool:
         return self.failed is None and self.settings.every_n_steps > 0 and step % self.settings.every_n_steps == 0
@@ -78,7 +92,7 @@ class TrainingPreviews:
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
                     autocast_for(device, self.precision):
-                latents = torch.cat([self.sample(cond, device) for cond in self.conds])
+                latents = torch.cat([self.sample(passes, device) for passes in self.passes])
         finally:
             lora.train(True)
         self.rendered.append((step, latents.float().cpu()))
@@ -88,17 +102,21 @@ class TrainingPreviews:
         send_to_front_end(PREVIEW_EVENT, {"node": self.unique_id, "step": step, "prompts": self.prompts,
                                           "images": files})
 
-    def sample(self, cond: dict, device: torch.device) -> torch.Tensor:
+    def sample(self, passes: list[tuple[int, dict]], device: torch.device) -> torch.Tensor:
         base = self.model.model
         sigmas = self.sigmas.to(device)
         channels = getattr(base.latent_format, "latent_channels", 4)
         generator = torch.Generator().manual_seed(self.settings.seed)
         noise = torch.randn((1, channels, self.height // 8, self.width // 8), generator=generator).to(device)
-        both = {key: value.to(device) for key, value in cond.items()}
-        cfg = self.settings.cfg
+        passes = [(rows, {key: value.to(device) for key, value in cond.items()}) for rows, cond in passes]
+        cfg = self.cfg
 
         def denoised(x, sigma, **_):
-            out = base.apply_model(torch.cat([x, x]), sigma.repeat(2), **both).float()
+            outputs = [base.apply_model(x.repeat(rows, 1, 1, 1), sigma.repeat(rows), **cond).float()
+                       for rows, cond in passes]
+            out = torch.cat(outputs)
+            if cfg == 1.0:
+                return out
             positive, negative = out.chunk(2)
             return negative + cfg * (positive - negative)
         return comfy.k_diffusion.sampling.sample_euler(denoised, noise * sigmas[0], sigmas, disable=True)

@@ -110,6 +110,35 @@ def model_conditioning(denoiser: Denoiser, texts: list[TextEncoding], sizes: lis
     return concat_conds([text.cross_attn for text in texts]).to(device)
 
 
+def batch_groups(denoiser: Denoiser, texts: list[TextEncoding], sizes: list[PictureSize],
+                 device: torch.device) -> list[list[int]]:
+    """Positions in a batch that go through the model together: all of them, unless the denoiser
+    says some conditionings cannot share a batch (SD3/Flux T5 states of different token lengths)."""
+    split = getattr(denoiser, "batch_groups", None)
+    if split is None or len(texts) < 2:
+        return [list(range(len(texts)))]
+    return split(texts, sizes, device)
+
+
+def batch_loss(denoiser: Denoiser, latents: torch.Tensor, texts: list[TextEncoding], sizes: list[PictureSize],
+               noise: torch.Tensor, u: torch.Tensor, device: torch.device, settings: "TrainSettings") -> torch.Tensor:
+    """The batch's loss. Conditionings that cannot share a batch go through the model in sub-batches,
+    each weighted by its share of the batch: the same mean as one pass."""
+    texts = [text.to(device) for text in texts]
+    groups = batch_groups(denoiser, texts, sizes, device)
+    if len(groups) == 1:                      # the usual case: the batch as it is, in one pass
+        cond = model_conditioning(denoiser, texts, sizes, device)
+        with autocast_for(device, settings.mixed_precision):
+            return denoising_loss(denoiser, latents, cond, noise, u, settings.noise)
+    total = torch.zeros((), device=device)
+    for group in groups:
+        cond = model_conditioning(denoiser, [texts[i] for i in group], [sizes[i] for i in group], device)
+        with autocast_for(device, settings.mixed_precision):
+            part = denoising_loss(denoiser, latents[group], cond, noise[group], u[group], settings.noise)
+        total = total + part * (len(group) / len(texts))
+    return total
+
+
 def denoising_loss(denoiser: Denoiser, latents: torch.Tensor, cond, noise: torch.Tensor,
                    u: torch.Tensor, noise_settings: NoiseSettings | None = None) -> torch.Tensor:
     """Mean squared error of the model's output at the timesteps ``u`` (also used to measure learning)."""
@@ -174,10 +203,8 @@ def train(denoiser: Denoiser, data: EncodedDataset, parameters: Iterable[torch.n
                                          settings.seed, step, micro)
                 encode = encode_caption if text_encoder_trains else text_for   # a trained encoder keeps its graph
                 texts = [as_text_encoding(encode(caption)) for caption in captions]
-            cond = model_conditioning(denoiser, [text.to(device) for text in texts], sizes, device)
             noise, u = draw(generator, tuple(latents.shape), settings.noise)
-            with autocast_for(device, settings.mixed_precision):
-                loss = denoising_loss(denoiser, latents, cond, noise.to(device), u.to(device), settings.noise)
+            loss = batch_loss(denoiser, latents, texts, sizes, noise.to(device), u.to(device), device, settings)
             if not math.isfinite(loss.item()):
                 optimizer.zero_grad(set_to_none=True)
                 raise NonFiniteLoss(step + 1, loss.item())

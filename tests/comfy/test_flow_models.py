@@ -331,3 +331,29 @@ def test_bf16_training_of_a_flow_model_restores_the_fp32_base(which, flow_vae, m
                        options=options(precision="bf16"))
     assert all(math.isfinite(v) for v in result["ui"]["loss"])
     assert_base_untouched(unet, before, flags)
+
+
+def test_flux_previews_sample_at_cfg_1_as_a_guidance_distilled_model_wants(flux_unet, flux_clip):
+    from lora_lab.nodes.training_previews import PreviewSettings, TrainingPreviews
+    previews = TrainingPreviews(flux_unet, flux_clip, PreviewSettings(every_n_steps=1, cfg=7.0), "sks", (SIZE, SIZE),
+                                "1", "fp32")
+    assert previews.cfg == 1.0
+    assert all([rows for rows, _ in passes] == [1] for passes in previews.passes), "an empty-prompt pass ran"
+
+
+def test_sd3_trains_batches_whose_captions_encode_to_other_token_lengths(sd3_unet, sd3_clip, flow_vae, make_dataset,
+                                                                          loras_dir):
+    """SD3's text states cannot share a batch when their token counts differ (ComfyUI's CONDRegular): a
+    caption over 75 tokens beside a short one is trained in sub-batches, and so is a long preview prompt."""
+    from lora_lab.nodes import comfy_bridge
+    long_caption = "sks, " + ", ".join(f"a small detail number {i}" for i in range(30))
+    captions = ["sks, a short caption", long_caption]
+    encode = comfy_bridge.caption_encoder(sd3_clip)
+    assert len({encode(c).cross_attn.shape[1] for c in captions}) == 2, "the test needs two token lengths"
+    result = run_train(sd3_unet, sd3_clip, flow_vae, make_dataset(2, captions=captions), "sd3_mixed_lengths",
+                       steps=2, batch_size=2,
+                       options=options(preview_every_n_steps=2, preview_steps=2, preview_prompts=long_caption))
+    assert result["result"][2] == "sd3_mixed_lengths.safetensors"
+    assert all(math.isfinite(loss) for loss in result["ui"]["loss"]) and len(result["ui"]["loss"]) == 2
+    assert "previews stopped" not in result["ui"]["text"][0]
+    assert result["result"][4].shape[0] == 1 and result["result"][4].max() > 0

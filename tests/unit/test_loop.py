@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from lora_lab.trainer.examples import EncodedDataset, Example
+from lora_lab.trainer.examples import EncodedDataset, Example, TextEncoding
 from lora_lab.trainer.loop import (LoopState, NonFiniteLoss, TrainSettings, denoising_loss, measure_loss,
                                    train)
 
@@ -157,3 +157,39 @@ def test_loss_is_measured_in_the_models_own_output_space():
         model.noisy_latents(latents, noise, sigma), sigma, torch.zeros(2, 7, 16))) / sigma.view(-1, 1, 1, 1)
     expected = (eps - noise).pow(2).mean()
     assert torch.allclose(denoising_loss(model, latents, torch.zeros(2, 7, 16), noise, u), expected, rtol=1e-4)
+
+
+class SplittingDenoiser(TinyEpsDenoiser):
+    """As SD3/Flux in ComfyUI: texts of other token lengths cannot share a batch (no concat_conds)."""
+
+    def conditioning(self, texts, sizes, device):
+        lengths = {text.cross_attn.shape[1] for text in texts}
+        assert len(lengths) == 1, "texts of different lengths reached one batch"
+        return torch.cat([text.cross_attn for text in texts]).to(device)
+
+    def batch_groups(self, texts, sizes, device):
+        groups = {}
+        for index, text in enumerate(texts):
+            groups.setdefault(text.cross_attn.shape[1], []).append(index)
+        return list(groups.values())
+
+
+def test_a_batch_whose_texts_cannot_share_a_pass_goes_in_sub_batches_with_the_same_mean_loss():
+    from lora_lab.trainer.loop import batch_loss
+    data = toy_data(n=4)
+    long_caption = "sks, picture 0"
+    data.conds[long_caption] = TextEncoding(torch.randn(1, 14, 16, generator=torch.Generator().manual_seed(3)))
+    model = SplittingDenoiser()
+    latents, texts, sizes = data.collate([0, 1, 2, 3], torch.device("cpu"))
+    assert sorted(t.cross_attn.shape[1] for t in texts) == [7, 7, 14, 14]
+    g = torch.Generator().manual_seed(0)
+    noise, u = torch.randn(latents.shape, generator=g), torch.rand(4, generator=g)
+    settings = TrainSettings(steps=1)
+    together = batch_loss(model, latents, texts, sizes, noise, u, torch.device("cpu"), settings)
+    one_by_one = [batch_loss(model, latents[[i]], [texts[i]], [sizes[i]], noise[[i]], u[[i]], torch.device("cpu"),
+                             settings) for i in range(4)]
+    assert together.item() == pytest.approx(sum(l.item() for l in one_by_one) / 4, rel=1e-5)
+    # ...and a whole run with batch 4 trains (it would fail in conditioning if the lengths were mixed)
+    trained = train(model, data, model.parameters(), TrainSettings(steps=3, batch_size=4, learning_rate=1e-3),
+                    torch.device("cpu"))
+    assert trained.step == 3
