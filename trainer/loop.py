@@ -8,6 +8,7 @@ model's own output parameterization, step AdamW, report.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from .examples import EncodedDataset, PictureSize, TextEncoding, as_text_encodin
 from .lr_schedules import make_scheduler
 from .noise import NoiseSettings, draw, loss_weights, weighted_mean
 from .optimizers import make_optimizer, trainable_parameters
+
+log = logging.getLogger("LoRA Lab")
 
 
 class Denoiser(Protocol):
@@ -183,7 +186,8 @@ def train(denoiser: Denoiser, data: EncodedDataset, parameters: Iterable[torch.n
     scaler = _grad_scaler(device) if settings.mixed_precision == "fp16" or settings.loss_scaling else None
     start = resume.step if resume is not None else 0
     if resume is not None:
-        _restore(resume, optimizer, scheduler, scaler)
+        _restore(resume, optimizer, scheduler, scaler, chosen=("lr", "initial_lr", "weight_decay",
+                                                                *settings.optimizer_args))
 
     # A private generator for noise, timesteps and batch order: same seed, same run.
     generator = torch.Generator().manual_seed(settings.seed)
@@ -250,14 +254,24 @@ def _snapshot(step, optimizer, scheduler, scaler) -> LoopState:
                      scaler.state_dict() if scaler else None, rng)
 
 
-def _restore(resume: LoopState, optimizer, scheduler, scaler) -> None:
+def _restore(resume: LoopState, optimizer, scheduler, scaler, chosen: tuple[str, ...]) -> None:
+    """The saved optimizer state (moments, step counts) under this run's own settings: the ``chosen``
+    hyperparameters of every param group (learning rate, weight decay, optimizer_args) keep the values
+    this run was given, as the saved file records them, and the schedule continues from the saved
+    step over this run's rates and length."""
+    ours = [{key: group[key] for key in chosen if key in group} for group in optimizer.param_groups]
     if resume.optimizer is not None:
+        saved = [group.get("initial_lr", group.get("lr")) for group in resume.optimizer.get("param_groups", [])]
         optimizer.load_state_dict(resume.optimizer)
-    if resume.scheduler is not None:
-        scheduler.load_state_dict(resume.scheduler)
-    else:
-        for _ in range(resume.step):
-            scheduler.step()
+        for group, values in zip(optimizer.param_groups, ours):
+            group.update(values)
+        now = [values.get("initial_lr", values.get("lr")) for values in ours]
+        if saved != now:
+            log.warning("[LoRA Lab] resuming with learning rate %s (the save was trained at %s)", now, saved)
+    scheduler.last_epoch = resume.step
+    for group, base, multiplier in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * multiplier(resume.step)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]   # what get_last_lr() reports
     if scaler is not None and resume.scaler:
         scaler.load_state_dict(resume.scaler)
     if resume.rng:

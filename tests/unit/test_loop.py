@@ -193,3 +193,36 @@ def test_a_batch_whose_texts_cannot_share_a_pass_goes_in_sub_batches_with_the_sa
     trained = train(model, data, model.parameters(), TrainSettings(steps=3, batch_size=4, learning_rate=1e-3),
                     torch.device("cpu"))
     assert trained.step == 3
+
+
+def test_a_resumed_run_learns_at_its_own_rate_from_the_saved_step_of_its_own_schedule(caplog):
+    from lora_lab.trainer.lr_schedules import lr_multiplier
+    captured = {}
+
+    def stop_after_three(report):
+        if report.step == 3:
+            captured["state"] = report.snapshot()
+            raise KeyboardInterrupt
+
+    torch.manual_seed(0)
+    model = TinyEpsDenoiser()
+    first = TrainSettings(steps=6, batch_size=2, learning_rate=1e-3, lr_schedule="linear", seed=3)
+    with pytest.raises(KeyboardInterrupt):
+        train(model, toy_data(), params_of(model), first, torch.device("cpu"), on_step=stop_after_three)
+    again = TrainSettings(steps=10, batch_size=2, learning_rate=4e-4, lr_schedule="cosine", seed=3, weight_decay=0.2)
+    rates, optimizers = [], []
+    real_step = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        optimizers.append([(g["lr"], g["weight_decay"]) for g in self.param_groups])
+        return real_step(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.optim.AdamW, "step", spy)
+        with caplog.at_level("WARNING", logger="LoRA Lab"):
+            train(model, toy_data(), params_of(model), again, torch.device("cpu"), resume=captured["state"],
+                  on_step=lambda report: rates.append(report.lr))
+    expected = [4e-4 * lr_multiplier("cosine", step, 10) for step in range(3, 10)]
+    assert rates == pytest.approx(expected, rel=1e-9)
+    assert optimizers[0] == [(pytest.approx(expected[0]), 0.2)]
+    assert "resuming with learning rate" in caplog.text
