@@ -95,9 +95,9 @@ class LoraLabTrainLora:
                       if options.resume_from else None)
             data, run.cache_report = encode_for_training(model, clip, vae, dataset, resolution,
                                                          options.latent_disk_cache)
-            per_epoch = data.steps_per_epoch(batch_size, options.gradient_accumulation)
+            epoch_plan = data.epochs(batch_size, options.gradient_accumulation)
             settings = TrainSettings(
-                steps=epochs * per_epoch if epochs > 0 else steps, batch_size=batch_size,
+                steps=epoch_plan.steps_for(epochs) if epochs > 0 else steps, batch_size=batch_size,
                 learning_rate=learning_rate, lr_schedule=options.lr_schedule, warmup_steps=options.warmup_steps,
                 gradient_accumulation=options.gradient_accumulation, max_grad_norm=options.max_grad_norm,
                 mixed_precision=options.resolved_precision(device), seed=seed,
@@ -111,7 +111,7 @@ class LoraLabTrainLora:
             describe = training_files.Description(
                 output_name=run.output_name, family=comfy_bridge.base_model_version(model), rank=rank, alpha=alpha,
                 resolution=resolution, settings=settings, dataset=dataset, buckets=data.buckets,
-                trigger_word=trigger_word, per_epoch=per_epoch,
+                trigger_word=trigger_word, epoch_plan=epoch_plan,
                 epochs=epochs, extra={**options.network.metadata(rank, alpha),
                                       **text_encoder_metadata(options, learning_rate)},
                 v_parameterization=comfy_bridge.predicts_v(model))
@@ -416,7 +416,7 @@ class TrainingRun:
                 self.progress = comfy.utils.ProgressBar(report.total)
             self.progress.update_absolute(report.step, report.total)
             self.send_event(report)
-            name = self.periodic_save_name(report, options, describe.per_epoch)
+            name = self.periodic_save_name(report, options, describe.epoch_plan)
             if name:
                 try:
                     self.save(lora, describe, report.snapshot(), report.step, final=False, overwrite=True, name=name)
@@ -431,14 +431,15 @@ class TrainingRun:
             comfy.model_management.throw_exception_if_processing_interrupted()
         return on_step
 
-    def periodic_save_name(self, report: StepReport, options, per_epoch: int) -> str | None:
-        """<name>_epoch<E> at the end of every save_every_n_epochs-th epoch, else <name>_step<N> every
-        save_every_n_steps steps; None when neither is due (or the final save is next)."""
+    def periodic_save_name(self, report: StepReport, options, epoch_plan) -> str | None:
+        """<name>_epoch<E> at the step that completes every save_every_n_epochs-th epoch, else
+        <name>_step<N> every save_every_n_steps steps; None when neither is due (or the final save is next)."""
         if report.step >= report.total:
             return None
-        every_epochs = options.save_every_n_epochs * per_epoch
-        if every_epochs and report.step % every_epochs == 0:
-            return f"{self.output_name}_epoch{report.step // per_epoch}"
+        every = options.save_every_n_epochs
+        done, before = epoch_plan.completed_at(report.step), epoch_plan.completed_at(report.step - 1)
+        if every and done // every > before // every:
+            return f"{self.output_name}_epoch{done}"
         if options.save_every_n_steps and report.step % options.save_every_n_steps == 0:
             return f"{self.output_name}_step{report.step}"
         return None

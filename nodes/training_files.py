@@ -13,6 +13,7 @@ import folder_paths
 
 from ..trainer.paths import is_inside
 from ..trainer.lora_file import kohya_metadata, load_lora_file, lora_relative_path, tag_frequency
+from ..trainer.examples import Epochs
 from ..trainer.loop import LoopState, TrainSettings
 from .messages import user_error
 
@@ -111,7 +112,7 @@ class Description:
     dataset: object
     buckets: dict
     trigger_word: str
-    per_epoch: int
+    epoch_plan: Epochs
     epochs: int
     extra: dict = field(default_factory=dict)
     v_parameterization: bool = False
@@ -126,8 +127,10 @@ class Description:
             "ss_lr_scheduler": self.settings.lr_schedule,
             "ss_seed": str(self.settings.seed),
             "ss_mixed_precision": self.settings.mixed_precision,
-            "ss_num_epochs": str(self.epochs),
-            "ss_epoch": str(step // self.per_epoch if self.per_epoch else 0),     # epochs completed at this save
+            # kohya: the epochs the run was set to (from steps: the epochs those steps start), and those done
+            "ss_num_epochs": str(self.epochs or -(-self.settings.steps * self.epoch_plan.accumulation
+                                                 // max(1, self.epoch_plan.batches))),
+            "ss_epoch": str(self.epoch_plan.completed_at(step)),
             "loralab_total_steps": str(self.settings.steps),
             "loralab_dataset_fingerprint": self.dataset.fingerprint(),
             **self.extra,
@@ -143,11 +146,17 @@ class Description:
     def arithmetic(self) -> str:
         images = len(self.dataset.items)
         shown = sum(item.repeats for item in self.dataset.items)
-        text = (f"{images} pictures x repeats = {shown} per epoch; batch {self.settings.batch_size} -> "
-                f"{self.per_epoch} steps per epoch")
+        plan = self.epoch_plan
+        text = f"{images} pictures x repeats = {shown} per epoch; batch {self.settings.batch_size} -> "
+        if plan.accumulation > 1:
+            text += (f"{plan.batches} batches per epoch (one bucket each) / gradient accumulation {plan.accumulation}"
+                     f" = {plan.batches / plan.accumulation:.2f} steps per epoch")
+        else:
+            text += f"{plan.batches} steps per epoch (batches fill one bucket each)"
         if self.epochs:
             return text + f"; {self.epochs} epochs = {self.settings.steps} steps"
-        return text + f"; {self.settings.steps} steps = {self.settings.steps / max(1, self.per_epoch):.1f} epochs"
+        shown_epochs = self.settings.steps * plan.accumulation / max(1, plan.batches)
+        return text + f"; {self.settings.steps} steps = {shown_epochs:.1f} epochs"
 
 
 # --- resume ---------------------------------------------------------------------------------------

@@ -83,9 +83,12 @@ class EncodedDataset:
 
     def steps_per_epoch(self, batch_size: int, gradient_accumulation: int = 1) -> int:
         """Optimizer steps per epoch: batches (per bucket, rounded up) / accumulation, rounded up."""
+        return self.epochs(batch_size, gradient_accumulation).steps
+
+    def epochs(self, batch_size: int, gradient_accumulation: int = 1) -> "Epochs":
         batches = len(group_into_batches([ex.bucket for ex in self.examples for _ in range(ex.repeats)],
                                          batch_size, 0))
-        return -(-batches // gradient_accumulation)
+        return Epochs(batches, gradient_accumulation)
 
     def collate(self, indices: Sequence[int], device: torch.device
                 ) -> tuple[torch.Tensor, list[TextEncoding], list[PictureSize]]:
@@ -95,6 +98,29 @@ class EncodedDataset:
         latents = torch.stack([ex.latent for ex in examples]).to(device)
         return (latents, [as_text_encoding(self.conds[ex.caption]) for ex in examples],
                 [ex.picture_size() for ex in examples])
+
+
+@dataclass(frozen=True)
+class Epochs:
+    """Epoch arithmetic in optimizer steps. An epoch shows every picture x repeats, in ``batches``
+    batches (each from one bucket). With gradient accumulation several batches make one step and the
+    batch plan runs on across epoch ends, so an epoch may end inside a step: counting in batches keeps
+    N epochs exactly N epochs of pictures, as kohya counts them."""
+    batches: int               # per epoch
+    accumulation: int = 1      # batches per optimizer step
+
+    @property
+    def steps(self) -> int:
+        """Steps per epoch, rounded up (for reports)."""
+        return -(-self.batches // self.accumulation)
+
+    def steps_for(self, epochs: int) -> int:
+        """Steps that show ``epochs`` epochs of pictures (the last step may run a little past the end)."""
+        return -(-epochs * self.batches // self.accumulation)
+
+    def completed_at(self, step: int) -> int:
+        """Whole epochs shown after ``step`` steps."""
+        return step * self.accumulation // self.batches if self.batches else 0
 
 
 def concat_conds(conds: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -411,6 +411,25 @@ def test_epochs_use_the_kohya_arithmetic(fresh_unet, sd15_clip, small_vae, make_
     assert "3 steps per epoch" in result["ui"]["text"][0] and "2 epochs = 6 steps" in result["ui"]["text"][0]
 
 
+def test_epochs_with_gradient_accumulation_count_batches_as_kohya_does(fresh_unet, sd15_clip, small_vae, make_dataset,
+                                                                      loras_dir):
+    # 5 pictures, batch 2 -> 3 batches an epoch; accumulation 2 -> 1.5 steps an epoch: 4 epochs = 6 steps,
+    # epochs 1..3 end inside steps 2, 3 and 5 (batches 3, 6, 9 of 2 per step)
+    result = run_train(fresh_unet, sd15_clip, small_vae, make_dataset(5), "accumulated", steps=999, epochs=4,
+                       options=options(gradient_accumulation=2, save_every_n_epochs=1))
+    assert len(result["ui"]["loss"]) == 6
+    assert "3 batches per epoch" in result["ui"]["text"][0] and "4 epochs = 6 steps" in result["ui"]["text"][0]
+    for name, steps, epoch in [("accumulated_epoch1", "2", "1"), ("accumulated_epoch2", "3", "2"),
+                               ("accumulated_epoch3", "5", "3"), ("accumulated", "6", "4")]:
+        with safe_open(str(loras_dir / f"{name}.safetensors"), "pt") as f:
+            meta = f.metadata()
+            assert (meta["ss_steps"], meta["ss_epoch"], meta["ss_num_epochs"]) == (steps, epoch, "4"), name
+    by_steps = run_train(fresh_unet, sd15_clip, small_vae, make_dataset(5), "accumulated_by_steps", steps=7,
+                         options=options(gradient_accumulation=2))
+    with safe_open(str(loras_dir / by_steps["result"][2]), "pt") as f:
+        assert f.metadata()["ss_num_epochs"] == "5"           # 7 steps x 2 batches / 3 = 4.7: five epochs begun
+
+
 def test_requeue_with_another_learning_rate_reuses_the_latents(fresh_unet, sd15_clip, make_dataset):
     vae = random_models.small_vae(seed=9)
     real_encode, calls = vae.encode, []

@@ -226,3 +226,17 @@ def test_a_resumed_run_learns_at_its_own_rate_from_the_saved_step_of_its_own_sch
     assert rates == pytest.approx(expected, rel=1e-9)
     assert optimizers[0] == [(pytest.approx(expected[0]), 0.2)]
     assert "resuming with learning rate" in caplog.text
+
+
+def test_epochs_with_gradient_accumulation_show_exactly_that_many_epochs_of_pictures():
+    """5 pictures x 1 repeat, batch 2 -> 3 batches an epoch; accumulation 2: 10 epochs = 30 batches = 15 steps
+    (not 10 x ceil(3/2) = 20 steps = 13.3 epochs)."""
+    data = toy_data(n=5)
+    for example in data.examples:
+        example.repeats = 1
+    plan = data.epochs(batch_size=2, gradient_accumulation=2)
+    assert (plan.batches, plan.steps, plan.steps_for(10)) == (3, 2, 15)
+    batches = data.batch_plan(2, seed=0)
+    shown = [sum(len(next(batches)) for _ in range(2)) for _ in range(plan.steps_for(10))]
+    assert sum(shown) == 10 * 5
+    assert [plan.completed_at(step) for step in (1, 2, 3, 14, 15)] == [0, 1, 2, 9, 10]
