@@ -14,6 +14,7 @@ import comfy.model_management
 import comfy.utils
 
 from ..trainer import caption_augment, finished_runs
+from ..trainer.dataset import DatasetError
 from ..trainer.examples import encode_dataset
 from ..trainer.frozen_weights import frozen_weights_in
 from ..trainer.latent_disk_cache import EncodeDatasetCache, LatentDiskCache, describe as describe_cache, vae_fingerprint
@@ -21,7 +22,8 @@ from ..trainer.lora import InjectedLora, LoraSet
 from ..trainer.lora_file import load_lora_file, save_lora_file
 from ..trainer.loop import NonFiniteLoss, StepReport, TrainSettings, train
 from ..trainer.loss_plot import loss_curve_image
-from ..trainer.optimizers import lr_advice, param_groups, parse_optimizer_args
+from ..trainer.optimizers import (OptimizerUnavailable, lr_advice, make_optimizer, param_groups,
+                                  parse_optimizer_args)
 from . import comfy_bridge, training_files
 from .training_previews import TrainingPreviews, empty_previews
 from .messages import LoraLabError, user_error
@@ -85,6 +87,7 @@ class LoraLabTrainLora:
                    learning_rate, rank, alpha, seed, trigger_word="", options=None, unique_id=None):
         options = options or TrainingOptions()
         check_inputs(model, dataset, output_name, rank, alpha, options)
+        check_optimizer(options, learning_rate)
         resolution = resolution or comfy_bridge.default_resolution(model)
         device = torch.device(model.load_device)
         run = TrainingRun(training_files.free_base_name(output_name, options.overwrite_existing), unique_id,
@@ -115,6 +118,11 @@ class LoraLabTrainLora:
                 epochs=epochs, extra={**options.network.metadata(rank, alpha),
                                       **text_encoder_metadata(options, learning_rate)},
                 v_parameterization=comfy_bridge.predicts_v(model))
+            if resume and resume.step >= settings.steps and epochs > 0:
+                done = epoch_plan.completed_at(resume.step)
+                raise user_error(NODE, "epochs", f"'{options.resume_from}' already has {resume.step} steps "
+                                 f"({done} epochs); {epochs} epochs are {settings.steps} steps.",
+                                 f"set epochs above {done} to train further.")
             if resume and resume.step >= settings.steps:
                 raise user_error(NODE, "steps", f"'{options.resume_from}' already has {resume.step} steps; "
                                  f"steps is {settings.steps}.", f"set steps above {resume.step} to train further.")
@@ -202,9 +210,13 @@ def encode_for_training(model, clip, vae, dataset, resolution, use_disk_cache: b
         disk = LatentDiskCache(training_files.latent_cache_folder(),
                                comfy_bridge.vae_fingerprint(vae, model, resolution))
         cache = EncodeDatasetCache(disk, memory=memory)
-    data = encode_dataset(dataset, resolution, comfy_bridge.pixel_encoder(vae, model),
-                          comfy_bridge.caption_encoder(clip), latent_cache=cache,
-                          cache_key=f"{resolution}:{comfy_bridge.latent_space_name(model)}", on_progress=on_progress)
+    try:
+        data = encode_dataset(dataset, resolution, comfy_bridge.pixel_encoder(vae, model),
+                              comfy_bridge.caption_encoder(clip), latent_cache=cache,
+                              cache_key=f"{resolution}:{comfy_bridge.latent_space_name(model)}",
+                              on_progress=on_progress)
+    except DatasetError as error:      # a picture changed, vanished or became a link leading out since the scan
+        raise user_error(NODE, "dataset", error.problem, error.fix) from None
     _trim(memory)
     return data, (describe_cache(disk.stats) if disk else "latent disk cache: off")
 
@@ -263,6 +275,12 @@ def train_adapters(model, clip, data, settings, options, rank, alpha, seed, devi
                 raise user_error(NODE, "learning_rate", f"{bad}. {run.last_save_text()}",
                                  "lower the learning rate, use fp32 or bf16 precision, or check the dataset "
                                  "for broken pictures.") from None
+            except torch.cuda.OutOfMemoryError:
+                run.save_partial(lora, describe, "stopped: the GPU ran out of memory")
+                raise user_error(NODE, "batch_size", f"the GPU ran out of memory at step {run.step + 1}. "
+                                 f"{run.last_save_text()}", "turn on gradient_checkpointing in Training Options, "
+                                 "lower batch_size or resolution, use bf16 (or fp16) precision, or close other "
+                                 "models; then resume from the last save.") from None
             except Exception as error:
                 run.save_partial(lora, describe, f"stopped by an error ({type(error).__name__})")
                 raise
@@ -378,6 +396,24 @@ def check_inputs(model, dataset, output_name, rank, alpha, options=None):
     training_files.check_output_name(output_name, NODE)
     if alpha > rank * 4:
         log.warning("[LoRA Lab] alpha %.3g is more than 4x rank %d: the LoRA will be very strong", alpha, rank)
+
+
+def check_optimizer(options, learning_rate):
+    """Build the chosen optimizer once over a stand-in parameter, so optimizer_args it does not take
+    (Prodigy's d_coef given to AdamW, say) fail now, not after the dataset is encoded."""
+    try:
+        args = parse_optimizer_args(options.optimizer_args)
+        make_optimizer(options.optimizer, [torch.nn.Parameter(torch.zeros(2))], learning_rate,
+                       **{"weight_decay": options.weight_decay, **args})
+    except OptimizerUnavailable as missing:
+        raise user_error(NODE, "options", f"{missing}", f"install the package or choose AdamW in Training "
+                         "Options.") from None
+    except (TypeError, ValueError) as bad:
+        raise user_error(NODE, "options", f"the {options.optimizer} optimizer does not accept optimizer_args "
+                         f"'{options.optimizer_args}' ({bad}).",
+                         f"remove or correct optimizer_args in Training Options: they must be keyword arguments of "
+                         f"{options.optimizer} (d_coef and decouple are Prodigy's; AdamW takes betas, eps and "
+                         "amsgrad).") from None
 
 
 def _trim(cache: dict):

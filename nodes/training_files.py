@@ -1,6 +1,7 @@
 """Where Train LoRA writes, what it writes into the file's metadata, and how a run resumes."""
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -79,7 +80,7 @@ def free_base_name(output_name: str, overwrite: bool) -> str:
     """The name this run saves under, settled before training starts.
 
     Unless overwriting, the first of name, name_2, name_3... with neither a final file nor any
-    ``_step<N>`` save of an earlier run, so a run's periodic saves never replace another run's.
+    ``_step<N>`` / ``_epoch<E>`` save of an earlier run, so a run's periodic saves never replace another run's.
     """
     base = base_name(output_name)          # validates
     if overwrite:
@@ -87,8 +88,9 @@ def free_base_name(output_name: str, overwrite: bool) -> str:
     root = Path(loras_root())
     for number in range(1, 10_000):
         candidate = base if number == 1 else f"{base}_{number}"
+        stem = glob.escape(Path(candidate).name)      # a name like "char[v2]" is not a pattern
         taken = (root / f"{candidate}.safetensors").exists() or any(
-            (root / candidate).parent.glob(f"{Path(candidate).name}_step*.safetensors"))
+            next((root / candidate).parent.glob(f"{stem}_{kind}*.safetensors"), None) for kind in ("step", "epoch"))
         if not taken:
             return candidate
     raise RuntimeError(f"no free name left for {base!r}")

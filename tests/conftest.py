@@ -96,18 +96,18 @@ def loras_dir(comfy) -> Path:
 
 @pytest.fixture
 def loss_fails_at_call(pack):
-    """``with loss_fails_at_call(n):`` the training loss raises RuntimeError(message) on its n-th call,
+    """``with loss_fails_at_call(n):`` the training loss raises ``error(message)`` on its n-th call,
     as a GPU error mid-training would; the real loss is back after the block."""
     from lora_lab.trainer import loop
 
     @contextlib.contextmanager
-    def failing(call: int, message: str = "simulated CUDA error"):
+    def failing(call: int, message: str = "simulated CUDA error", error: type = RuntimeError):
         real_loss, calls = loop.denoising_loss, []
 
         def loss(*args, **kwargs):
             calls.append(1)
             if len(calls) == call:
-                raise RuntimeError(message)
+                raise error(message)
             return real_loss(*args, **kwargs)
         loop.denoising_loss = loss
         try:

@@ -220,6 +220,44 @@ def test_an_error_inside_training_keeps_the_work_and_restores_the_model(fresh_un
     assert_base_untouched(fresh_unet, before, flags)
 
 
+def test_gpu_out_of_memory_keeps_the_work_and_says_what_to_change(fresh_unet, sd15_clip, small_vae, make_dataset,
+                                                                   loras_dir, loss_fails_at_call):
+    before = weights_snapshot(fresh_unet)
+    flags = [p.requires_grad for p in fresh_unet.model.parameters()]
+    with loss_fails_at_call(3, "CUDA out of memory. Tried to allocate 2.00 GiB", torch.cuda.OutOfMemoryError), \
+            pytest.raises(ValueError) as error:
+        run_train(fresh_unet, sd15_clip, small_vae, make_dataset(2), "out_of_memory", steps=10)
+    text = str(error.value)
+    assert "Train LoRA › batch_size" in text and "ran out of memory at step 3" in text
+    assert "gradient_checkpointing" in text and "out_of_memory_step2.safetensors" in text
+    assert (loras_dir / "out_of_memory_step2.safetensors").is_file()
+    assert_base_untouched(fresh_unet, before, flags)
+
+
+def test_optimizer_args_the_optimizer_does_not_take_are_refused_before_any_work(fresh_unet, sd15_clip, small_vae,
+                                                                                make_dataset, loras_dir, monkeypatch):
+    from lora_lab.nodes import train as train_node
+    monkeypatch.setattr(train_node, "encode_for_training", lambda *a, **k: pytest.fail("the dataset was encoded"))
+    with pytest.raises(ValueError) as error:
+        run_train(fresh_unet, sd15_clip, small_vae, make_dataset(2), "bad_args", steps=2,
+                  options=options(optimizer="AdamW", optimizer_args="d_coef=2 decouple=True"))
+    text = str(error.value)
+    assert "Train LoRA › options" in text and "optimizer_args" in text and "d_coef" in text and "Fix:" in text
+    assert not list(loras_dir.glob("bad_args*"))
+
+
+def test_a_picture_changed_since_the_scan_is_reported_by_train_lora(fresh_unet, sd15_clip, small_vae, tmp_path):
+    from PIL import Image
+    from lora_lab.trainer.dataset import scan_folder
+    for i in range(2):
+        Image.fromarray((pattern_pixels(1, seed=i)[0].numpy() * 255).astype("uint8")).save(tmp_path / f"p{i}.png")
+    dataset = scan_folder(str(tmp_path))
+    (tmp_path / "p1.png").unlink()
+    with pytest.raises(ValueError) as error:
+        run_train(fresh_unet, sd15_clip, small_vae, dataset, "vanished", steps=2)
+    assert "Train LoRA › dataset" in str(error.value) and "Fix:" in str(error.value)
+
+
 def test_non_finite_loss_stops_with_a_clear_message(fresh_unet, sd15_clip, small_vae, make_dataset, monkeypatch):
     from lora_lab.trainer import loop
     monkeypatch.setattr(loop, "denoising_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
@@ -304,6 +342,15 @@ def test_existing_file_is_never_overwritten_by_default(fresh_unet, sd15_clip, sm
     result = run_train(fresh_unet, sd15_clip, small_vae, dataset, "taken", steps=1)
     assert existing.read_bytes() == b"someone's LoRA"
     assert result["result"][2] == "taken_2.safetensors"
+
+
+def test_a_new_run_never_takes_a_name_whose_periodic_saves_exist(pack, loras_dir):
+    from lora_lab.nodes.training_files import free_base_name
+    for leftover in ("by_epochs_epoch2", "char[v2]_step10", "char[v2]_2_epoch1"):   # runs killed before the end
+        (loras_dir / f"{leftover}.safetensors").write_bytes(b"an earlier run's save")
+    assert free_base_name("by_epochs", overwrite=False) == "by_epochs_2"
+    assert free_base_name("char[v2]", overwrite=False) == "char[v2]_3"      # brackets are not a glob pattern
+    assert free_base_name("by_epochs", overwrite=True) == "by_epochs"
 
 
 @pytest.mark.parametrize("bad_name", ["../escape", "/abs/path", "CON", "a\x00b"])
@@ -409,6 +456,15 @@ def test_epochs_use_the_kohya_arithmetic(fresh_unet, sd15_clip, small_vae, make_
     result = run_train(fresh_unet, sd15_clip, small_vae, make_dataset(3, repeats=2), "epochs", steps=999, epochs=2)
     assert len(result["ui"]["loss"]) == 6
     assert "3 steps per epoch" in result["ui"]["text"][0] and "2 epochs = 6 steps" in result["ui"]["text"][0]
+
+
+def test_resuming_a_run_that_already_has_its_epochs_names_epochs(fresh_unet, sd15_clip, small_vae, make_dataset,
+                                                                 loras_dir):
+    first = run_train(fresh_unet, sd15_clip, small_vae, make_dataset(3, repeats=2), "two_epochs", steps=999, epochs=2)
+    with pytest.raises(ValueError) as error:
+        run_train(fresh_unet, sd15_clip, small_vae, make_dataset(3, repeats=2), "two_epochs_more", steps=999,
+                  epochs=2, options=options(resume_from=first["result"][2]))
+    assert "Train LoRA › epochs" in str(error.value) and "set epochs above 2" in str(error.value)
 
 
 def test_epochs_with_gradient_accumulation_count_batches_as_kohya_does(fresh_unet, sd15_clip, small_vae, make_dataset,
