@@ -17,11 +17,14 @@ from ..trainer import caption_augment, finished_runs
 from ..trainer.dataset import DatasetError
 from ..trainer.examples import encode_dataset
 from ..trainer.frozen_weights import frozen_weights_in
-from ..trainer.latent_disk_cache import EncodeDatasetCache, LatentDiskCache, describe as describe_cache, vae_fingerprint
+from ..trainer.latent_disk_cache import (EncodeDatasetCache, LatentDiskCache, describe as describe_cache,
+                                        vae_fingerprint)
 from ..trainer.lora import InjectedLora, LoraSet
 from ..trainer.lora_file import load_lora_file, save_lora_file
 from ..trainer.loop import NonFiniteLoss, StepReport, TrainSettings, train
 from ..trainer.loss_plot import loss_curve_image
+from ..trainer.lr_schedules import schedule_notes
+from ..trainer.noise import notes_for
 from ..trainer.optimizers import (OptimizerUnavailable, lr_advice, make_optimizer, param_groups,
                                   parse_optimizer_args)
 from . import comfy_bridge, training_files
@@ -110,6 +113,10 @@ class LoraLabTrainLora:
                 weight_decay=options.weight_decay, lr_cycles=options.lr_cycles, noise=options.noise,
                 captions=options.captions)
             check_noise_settings(model, settings)
+            run.notes = (notes_for(comfy_bridge.prediction_type(comfy_bridge.model_sampling(model)), settings.noise)
+                         + schedule_notes(settings.lr_schedule, settings.warmup_steps, settings.steps))
+            for note in run.notes:
+                log.warning("[LoRA Lab] %s", note)
             trigger_word = trigger_word or training_files.shared_first_tag(dataset)
             describe = training_files.Description(
                 output_name=run.output_name, family=comfy_bridge.base_model_version(model), rank=rank, alpha=alpha,
@@ -442,6 +449,7 @@ class TrainingRun:
         self.cache_report = ""
         self.previews: TrainingPreviews | None = None
         self.identity: str | None = None      # finished_runs: written into the final save
+        self.notes: list[str] = []            # settings that do nothing here, for the report
 
     def step_callback(self, lora, describe, options):
         def on_step(report: StepReport):
@@ -600,6 +608,7 @@ class TrainingRun:
         lines = [f"Saved {lora_name} in {training_files.loras_root()}",
                  f"{len(self.losses)} steps in {elapsed:.0f}s; loss {finite[0]:.4f} -> {finite[-1]:.4f}"
                  if finite else "no steps", describe.arithmetic(), self.cache_report]
+        lines += [f"note: {note}" for note in self.notes]
         if self.previews:
             steps = [step for step, _ in self.previews.rendered]
             lines.append(f"previews: {len(self.previews.labels())} picture(s) at step(s) {', '.join(map(str, steps))}"

@@ -48,6 +48,16 @@ def lr_multiplier(schedule: str, step: int, total_steps: int, warmup_steps: int 
     return 0.5 * (1.0 + math.cos(math.pi * ((int(cycles) * progress) % 1.0)))
 
 
+def schedule_notes(schedule: str, warmup_steps: int, total_steps: int) -> list[str]:
+    """Plain-language notes for the run report: warm-up settings that do nothing or take the whole run."""
+    if warmup_steps > 0 and schedule == "constant":
+        return [f"warmup_steps ({warmup_steps}) does nothing with the constant schedule (as in kohya); "
+                "choose constant_with_warmup to warm up."]
+    if warmup_steps >= total_steps > 0:
+        return [f"warmup_steps ({warmup_steps}) is not below the {total_steps} steps: the whole run is warm-up."]
+    return []
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int,
                    warmup_steps: int = 0, cycles: int = 1) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR scaling every param group's own base rate by the same multiplier.

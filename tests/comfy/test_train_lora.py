@@ -467,6 +467,14 @@ def test_resuming_a_run_that_already_has_its_epochs_names_epochs(fresh_unet, sd1
     assert "Train LoRA › epochs" in str(error.value) and "set epochs above 2" in str(error.value)
 
 
+def test_settings_that_do_nothing_here_are_named_in_the_report(fresh_unet, sd15_clip, small_vae, make_dataset):
+    result = run_train(fresh_unet, sd15_clip, small_vae, make_dataset(2), "noted", steps=2,
+                       options=options(lr_schedule="constant", warmup_steps=5, scale_v_pred_loss=True))
+    report = result["ui"]["text"][0]
+    assert "note: warmup_steps (5) does nothing with the constant schedule" in report
+    assert "note: scale_v_pred_loss does nothing here" in report
+
+
 def test_epochs_with_gradient_accumulation_count_batches_as_kohya_does(fresh_unet, sd15_clip, small_vae, make_dataset,
                                                                       loras_dir):
     # 5 pictures, batch 2 -> 3 batches an epoch; accumulation 2 -> 1.5 steps an epoch: 4 epochs = 6 steps,

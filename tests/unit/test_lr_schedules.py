@@ -104,3 +104,10 @@ def test_make_scheduler_scales_each_group_by_the_same_factor_and_saves_no_lambda
     assert fresh.last_epoch == 7
     with pytest.raises(ValueError):
         make_scheduler(optimizer, "polynomial", 20)
+
+
+def test_schedule_notes_name_warm_up_that_does_nothing_or_everything():
+    from lora_lab.trainer.lr_schedules import schedule_notes
+    assert "constant_with_warmup" in schedule_notes("constant", 10, 100)[0]
+    assert "whole run is warm-up" in schedule_notes("cosine", 100, 100)[0]
+    assert schedule_notes("cosine", 10, 100) == schedule_notes("constant", 0, 100) == []
