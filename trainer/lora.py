@@ -20,8 +20,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.tuners_utils import BaseTunerLayer
 
 ADAPTER_NAME = "loralab"
 SUPPORTED_TYPES = (nn.Linear, nn.Conv2d)
@@ -97,6 +95,7 @@ class InjectedLora:
         groups: dict[tuple[int, float], list[str]] = {}
         for site in self._sites:
             groups.setdefault((site.rank, site.alpha), []).append(site.path)
+        LoraConfig, inject_adapter_in_model, BaseTunerLayer = _peft()
         for (rank, alpha), paths in groups.items():
             # peft stores its config on the root and, finding one there, would merge into it (with a
             # warning); we keep none on the root, so every call starts clean and remove() has less to undo.
@@ -265,11 +264,19 @@ class InjectedLora:
         self.remove()
 
 
+def _peft():
+    """peft, imported on first use: with the transformers and accelerate code it pulls in it costs
+    seconds and about 25 MB, which a ComfyUI that loads the pack but trains nothing should not pay."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    return LoraConfig, inject_adapter_in_model, BaseTunerLayer
+
+
 def _resolve_sites(root: nn.Module, targets: dict[str, str], rank: int, alpha: float,
                    ranks: dict[str, int], alphas: dict[str, float]) -> list[_Site]:
     if not targets:
         raise ValueError("no LoRA targets given")
-    stale = [name for name, m in root.named_modules() if isinstance(m, BaseTunerLayer)]
+    stale = [name for name, m in root.named_modules() if isinstance(m, _peft()[2])]
     if stale:
         raise ValueError(f"the model already contains peft adapter layers ({_listing(stale)}); "
                          "remove the previous LoRA injection first")

@@ -28,6 +28,34 @@ def test_pack_loads_the_comfyui_way(comfy):
     assert EXPECTED_NODES <= registered
 
 
+LOAD_AND_LIST_HEAVY_MODULES = """
+import asyncio, inspect, sys
+from pathlib import Path
+sys.path.insert(0, {tools!r})
+import comfyui_home
+overlay = comfyui_home.build_overlay(Path({folder!r}), link_pack=True)
+comfyui_home.prepare_in_process(overlay)
+import nodes
+loaded = nodes.load_custom_node(str(overlay / "custom_nodes" / comfyui_home.PACK_LINK_NAME))
+if inspect.iscoroutine(loaded):
+    loaded = asyncio.run(loaded)
+assert loaded is True and "LoraLabTrainLora" in nodes.NODE_CLASS_MAPPINGS
+print("HEAVY", sorted(m for m in ("peft", "accelerate", "transformers.modeling_utils") if m in sys.modules))
+"""
+
+
+def test_loading_the_pack_does_not_import_peft(tmp_path):
+    """peft (with accelerate and transformers' modeling code) costs seconds and ~25 MB: a ComfyUI that
+    loads the pack but trains nothing must not pay it. A fresh process, as ComfyUI starts."""
+    import subprocess
+    import sys
+    code = LOAD_AND_LIST_HEAVY_MODULES.format(tools=str(comfyui_home.REPO / "tools"), folder=str(tmp_path / "comfy"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    line = next((l for l in out.stdout.splitlines() if l.startswith("HEAVY")), None)
+    assert line is not None, out.stderr[-2000:]
+    assert line == "HEAVY []", line
+
+
 def test_node_classes_are_well_formed(pack):
     for name, cls in pack.NODE_CLASS_MAPPINGS.items():
         assert cls.CATEGORY.startswith("LoRA Lab/"), name
