@@ -204,13 +204,14 @@ def test_remove_is_idempotent_and_runs_when_the_with_block_raises():
 def test_failed_injection_leaves_the_model_untouched(monkeypatch):
     net = TinyNet()
     fingerprint = module_fingerprint(net)
-    real_inject = lora_module.inject_adapter_in_model
+    import peft
+    real_inject = peft.inject_adapter_in_model      # lora.py imports peft on first use, from the package
 
     def inject_then_fail(*args, **kwargs):
         real_inject(*args, **kwargs)
         raise MemoryError("out of memory halfway")
 
-    monkeypatch.setattr(lora_module, "inject_adapter_in_model", inject_then_fail)
+    monkeypatch.setattr(peft, "inject_adapter_in_model", inject_then_fail)
     with pytest.raises(MemoryError):
         InjectedLora(net, TARGETS, RANK, ALPHA, seed=0)
     assert module_fingerprint(net) == fingerprint
