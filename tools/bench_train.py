@@ -69,9 +69,9 @@ def child(which: str, channels: int, size: int, steps: int) -> dict:
 
 
 _OURS = ["lora_lab.nodes.comfy_bridge", "lora_lab.trainer.lora", "lora_lab.trainer.loop",
-         "lora_lab.trainer.frozen_weights", "lora_lab.trainer.optimizers"]
+         "lora_lab.trainer.frozen_weights", "lora_lab.trainer.optimizers", "peft"]   # lora.py imports peft lazily
 TRAINER_MODULES = {"ours": _OURS, "ours_ckpt": _OURS, "ours_bf16": _OURS, "te_off": _OURS, "te_on": _OURS,
-                   "disk_cache": _OURS + ["lora_lab.nodes.train"], "bare": _OURS + ["peft"],
+                   "disk_cache": _OURS + ["lora_lab.nodes.train"], "bare": _OURS,
                    "comfy": ["comfy_extras.nodes_train"]}
 
 
