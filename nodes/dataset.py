@@ -18,8 +18,8 @@ import comfy.utils
 import folder_paths
 
 from ..trainer.buckets import make_buckets, nearest_bucket
-from ..trainer.dataset import (DEFAULT_MAX_PIXELS, Dataset, DatasetError, dataset_from_pixels, folder_signature,
-                               normalize_caption_extension, scan_folder, steps_report)
+from ..trainer.dataset import (DEFAULT_MAX_PIXELS, EXACT_STEPS_NOTE, Dataset, DatasetError, dataset_from_pixels,
+                               folder_signature, normalize_caption_extension, scan_folder, steps_report)
 from ..trainer.paths import is_inside
 from .messages import user_error, validation_message
 
@@ -48,10 +48,11 @@ class LoraLabDatasetFromFolder:
             "default_repeats": ("INT", {"default": 1, "min": 1, "max": 10000, "tooltip":
                 "How often each picture is shown per epoch, unless its folder is named `N_name`."}),
             "batch_size": ("INT", {"default": 1, "min": 1, "max": 256, "tooltip":
-                "Only for the report's arithmetic: steps per epoch = pictures x repeats / batch size."}),
+                "Only for the report's arithmetic: steps per epoch = pictures x repeats / batch size; "
+                f"{EXACT_STEPS_NOTE}."}),
             "target_steps": ("INT", {"default": 2000, "min": 0, "max": 1_000_000, "step": 100, "tooltip":
-                "Only for the report: how many epochs reach this many steps (SD1.5 LoRAs: 2000-3000). "
-                "0 leaves it out."}),
+                "Only for the report: how many epochs reach this many steps (SD1.5 LoRAs usually want "
+                "1500-3000). 0 leaves it out."}),
         }}
 
     RETURN_TYPES = ("LORALAB_DATASET", "STRING")

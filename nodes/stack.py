@@ -28,6 +28,7 @@ from ..trainer.lora_stack import LoraStackError
 from . import comfy_bridge
 from .messages import user_error, validation_message
 from .training_files import STATE_SUFFIX
+from .training_previews import TRIGGER_PLACEHOLDER
 
 try:      # ComfyUI 2024-08+ converts some foreign formats first, as load_lora_for_models does
     from comfy.lora_convert import convert_lora as _CONVERT_LORA
@@ -38,6 +39,11 @@ CATEGORY = "LoRA Lab/Stack"
 STACK_TYPE = "LORA_STACK"
 STRENGTH_LIMIT = 10.0
 NODE_PEDAL, NODE_APPLY, NODE_GRID = "LoRA Pedal", "Apply LoRA Stack", "LoRA Compare Grid"
+# The grid's default rows: short forms of the test prompts LoRA users compare LoRAs with
+# (research/users.md): rendering technique, colour and mood, architecture.
+GRID_PROMPTS = (f"{TRIGGER_PLACEHOLDER}, an old lighthouse on a rocky cliff, stormy sea, sunset\n"
+                f"{TRIGGER_PLACEHOLDER}, a cluttered inventor's workshop, blueprints, warm desk lamp\n"
+                f"{TRIGGER_PLACEHOLDER}, low-angle view of a suburb street, rainy, puddles, dark clouds")
 
 # Files read once and shared across queue runs and nodes (see LoraFileCache).
 LORA_FILES = stacks.LoraFileCache(max_entries=8)
@@ -283,8 +289,10 @@ class LoraLabLoraCompareGrid:
                 "clip": ("CLIP",),
                 "vae": ("VAE",),
                 "lora_stack": (STACK_TYPE,),
-                "prompts": ("STRING", {"multiline": True, "default": "a photo of a cat\na painting of a house",
-                                       "tooltip": "One prompt per line; each line is a row of the grid."}),
+                # dynamicPrompts off: the front ends would otherwise read {trigger} as a {a|b} choice.
+                "prompts": ("STRING", {"multiline": True, "default": GRID_PROMPTS, "dynamicPrompts": False,
+                                       "tooltip": "One prompt per line; each line is a row of the grid. "
+                                       "{trigger} becomes the trigger word (see trigger_word)."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip":
                          "The same seed is used for every picture, so only the LoRAs differ."}),
                 "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
@@ -301,6 +309,10 @@ class LoraLabLoraCompareGrid:
                                 "Which LoRA of the stack to sweep (0 = the first); -1 = no sweep."}),
                 "sweep_strengths": ("STRING", {"default": "0, 0.5, 1", "tooltip":
                                     "Strengths for the swept LoRA, inside the whole stack; one column each."}),
+                # Added after the first release: kept last so saved workflows keep their widget values.
+                "trigger_word": ("STRING", {"default": "", "tooltip":
+                                 "Replaces {trigger} in the prompts, the same text in every column. Empty: the "
+                                 "trigger words stored in the stack's LoRAs (as Apply LoRA Stack outputs them)."}),
             },
         }
 
@@ -316,9 +328,9 @@ class LoraLabLoraCompareGrid:
         return True
 
     def compare(self, model, clip, vae, lora_stack, prompts, seed, steps, cfg, sampler_name, scheduler, width,
-                height, negative_prompt="", sweep_index=-1, sweep_strengths="0, 0.5, 1"):
-        rows = [line.strip() for line in prompts.splitlines() if line.strip()]
-        if not rows:
+                height, negative_prompt="", sweep_index=-1, sweep_strengths="0, 0.5, 1", trigger_word=""):
+        lines = [line.strip() for line in prompts.splitlines() if line.strip()]
+        if not lines:
             raise user_error(NODE_GRID, "prompts", "there is no prompt.", "write one prompt per line.")
         entries = _checked(NODE_GRID, "lora_stack", stacks.normalize_stack, lora_stack)
         sweep = _checked(NODE_GRID, "sweep_strengths", stacks.parse_strengths, sweep_strengths) \
@@ -326,6 +338,10 @@ class LoraLabLoraCompareGrid:
         columns = _checked(NODE_GRID, "sweep_index", stacks.comparison_columns, entries, sweep_index, sweep)
         for name, *_ in entries:            # a missing file fails now, not after minutes of rendering
             resolve(name, NODE_GRID, "lora_stack")
+        trigger = (trigger_word or "").strip()
+        if not trigger and any(TRIGGER_PLACEHOLDER in line for line in lines):
+            trigger = stored_trigger_words(columns)
+        rows = [with_trigger(line, trigger) for line in lines]
 
         renderer = CellRenderer(vae, seed, steps, cfg, sampler_name, scheduler, width, height,
                                 cells=len(rows) * len(columns))
@@ -340,6 +356,22 @@ class LoraLabLoraCompareGrid:
                                                                  negative)
         grid = compose_grid(cells, [column.label for column in columns], rows)
         return (torch.from_numpy(grid.astype(np.float32) / 255.0).unsqueeze(0),)
+
+
+def with_trigger(prompt: str, trigger: str) -> str:
+    """The prompt with {trigger} filled in, as Training Options' preview prompts are (no dangling comma)."""
+    return prompt.replace(TRIGGER_PLACEHOLDER, trigger).strip(" ,")
+
+
+def stored_trigger_words(columns) -> str:
+    """The trigger words stored in the LoRAs the grid shows, in stack order (one text for every column,
+    so only the LoRAs differ between columns)."""
+    names = list(dict.fromkeys(entry[0] for column in columns for entry in column.entries if stacks.is_active(entry)))
+    words = []
+    for name in names:
+        lora = read_lora(resolve(name, NODE_GRID, "lora_stack"), NODE_GRID, "lora_stack")
+        words += stacks.trigger_words(lora.metadata)
+    return stacks.join_words(words)
 
 
 class CellRenderer:

@@ -113,8 +113,14 @@ class LoraLabTrainingOptions:
         d = TrainingOptions()
         return {
             "required": {
-                "lr_schedule": (list(SCHEDULES), {"default": d.lr_schedule}),
-                "warmup_steps": ("INT", {"default": d.warmup_steps, "min": 0, "max": 100_000}),
+                "lr_schedule": (list(SCHEDULES), {"default": d.lr_schedule, "tooltip":
+                                "How the learning rate moves over the run: constant (flat, no warm-up), "
+                                "constant_with_warmup, linear or cosine (down to 0 at the last step), "
+                                "cosine_with_restarts (lr_cycles times)."}),
+                "warmup_steps": ("INT", {"default": d.warmup_steps, "min": 0, "max": 100_000, "tooltip":
+                                 "Optimizer steps over which the learning rate rises to full. Used by "
+                                 f"{', '.join(name for name in SCHEDULES if name != 'constant')}; constant "
+                                 "ignores it (use constant_with_warmup). 0 = off."}),
                 "gradient_accumulation": ("INT", {"default": d.gradient_accumulation, "min": 1, "max": 256,
                                                   "tooltip": "Batches per optimizer step (a bigger batch without the memory)."}),
                 "max_grad_norm": ("FLOAT", {"default": d.max_grad_norm, "min": 0.0, "max": 100.0, "step": 0.1,
@@ -191,7 +197,9 @@ class LoraLabTrainingOptions:
                 "preview_seed": ("INT", {"default": d.preview_seed, "min": 0, "max": 0xFFFFFFFF, "tooltip":
                                  "The same seed every time, so previews show what the LoRA learned."}),
                 "preview_steps": ("INT", {"default": d.preview_steps, "min": 1, "max": 150}),
-                "preview_cfg": ("FLOAT", {"default": d.preview_cfg, "min": 0.0, "max": 30.0, "step": 0.5}),
+                "preview_cfg": ("FLOAT", {"default": d.preview_cfg, "min": 0.0, "max": 30.0, "step": 0.5, "tooltip":
+                                "Classifier-free guidance of the previews. Flux.1 (guidance-distilled) previews "
+                                "are sampled at cfg 1 whatever this says."}),
                 # Added after the first release: kept last so saved workflows keep their widget values.
                 "text_encoder_2_lr": ("FLOAT", {"default": d.text_encoder_2_lr, "min": 0.0, "max": 1.0, "step": 1e-5,
                                       "round": False, "tooltip":

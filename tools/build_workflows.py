@@ -29,6 +29,7 @@ CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 DATASET = "my_dataset"
 TRIGGER = "myconcept"
 TRAINED = "my_first_lora"
+PLACEHOLDER = "{trigger}"    # Training Options' preview prompts and the Compare Grid fill in the trigger word
 POSITIVE = f"{TRIGGER}, a portrait, detailed, best quality"
 NEGATIVE = "blurry, lowres, watermark, text"
 
@@ -98,7 +99,8 @@ WORKFLOWS = {
              "DATASET -> CAPTION -> TRAIN -> SAMPLE, IN ONE GRAPH\n\n"
              f"1. Checkpoint: pick your SD1.5 model (e.g. {CHECKPOINT}).\n"
              f"2. Dataset: pictures in ComfyUI/input/{DATASET}/; type its name in 'folder'.\n"
-             f"3. Trigger word: set it on the Caption node ({TRIGGER} here) and start the sample prompt with it.\n"
+             f"3. Trigger word: set it on the Caption node ({TRIGGER} here) and start the sample prompt with it "
+             f"(the preview prompts in Training Options say {PLACEHOLDER}, which becomes it).\n"
              "4. Queue. Watch the loss chart on Train LoRA, and every 250 steps a preview of the prompts in "
              "Training Options rendered with the LoRA so far; the LoRA is saved in models/loras as "
              f"'{TRAINED}.safetensors' and the sampler after it already uses it.\n\n"
@@ -108,7 +110,8 @@ WORKFLOWS = {
         node("checkpoint", "CheckpointLoaderSimple", 1, {"ckpt_name": CHECKPOINT}),
         *dataset_and_captions(),
         node("options", "LoraLabTrainingOptions", 2,
-             {"preview_every_n_steps": 250, "preview_prompts": f"{TRIGGER}, a portrait\n{TRIGGER}, full body, outdoors"},
+             {"preview_every_n_steps": 250,
+              "preview_prompts": f"{PLACEHOLDER}, a portrait\n{PLACEHOLDER}, full body, outdoors"},
              title="Training Options (previews every 250 steps)", width=380),
         node("train", "LoraLabTrainLora", 3, TRAIN_WIDGETS,
              {"model": ("checkpoint", 0), "clip": ("checkpoint", 1), "vae": ("checkpoint", 2),
@@ -119,30 +122,32 @@ WORKFLOWS = {
     "3_pedals_and_grid": [
         note("readme", 0,
              "STACK LORAS LIKE GUITAR PEDALS, AND COMPARE THEM\n\n"
-             f"Pedal 1 is the LoRA trained by workflow 2 ({TRAINED}.safetensors); pedals 2 and 3 take any "
-             "other LoRAs from models/loras (pick them in the list). Each pedal has its own model/clip "
-             "strength and an on/off switch; a switched-off or zero-strength pedal passes the stack through.\n\n"
+             f"Pedal 1 is the LoRA trained by workflow 2 ({TRAINED}.safetensors). Pedals 2 and 3 come switched "
+             "off: to stack more LoRAs, pick one of yours from models/loras in each pedal's lora_name list and "
+             "switch its 'enabled' on. Each pedal has its own model/clip strength; a switched-off or "
+             "zero-strength pedal passes the stack through.\n\n"
              "Apply LoRA Stack loads them the same way ComfyUI's LoraLoader does and outputs their trigger "
              "words. The comparison grid renders each prompt with the base model, each pedal alone and "
-             "the whole stack, at the same seed; set sweep_index to a pedal's position (0 = first) to also "
-             "sweep its strength."),
+             f"the whole stack, at the same seed; {PLACEHOLDER} in its prompts becomes its trigger_word, or "
+             "when that is empty the trigger words stored in the stacked LoRAs. Set sweep_index to a pedal's "
+             "position (0 = first) to also sweep its strength."),
         node("checkpoint", "CheckpointLoaderSimple", 1, {"ckpt_name": CHECKPOINT}),
         node("pedal1", "LoraLabLoraStack", 1,
              {"lora_name": f"{TRAINED}.safetensors", "strength_model": 1.0, "strength_clip": 1.0, "enabled": True},
              title="Pedal 1: the LoRA you trained"),
         node("pedal2", "LoraLabLoraStack", 1,
-             {"lora_name": "style.safetensors", "strength_model": 0.6, "strength_clip": 0.6, "enabled": True},
-             {"lora_stack": ("pedal1", 0)}, title="Pedal 2: a style LoRA"),
+             {"lora_name": "style.safetensors", "strength_model": 0.6, "strength_clip": 0.6, "enabled": False},
+             {"lora_stack": ("pedal1", 0)}, title="Pedal 2: a style LoRA (off)"),
         node("pedal3", "LoraLabLoraStack", 1,
-             {"lora_name": "detail.safetensors", "strength_model": 0.4, "strength_clip": 0.4, "enabled": True},
-             {"lora_stack": ("pedal2", 0)}, title="Pedal 3: a detail LoRA"),
+             {"lora_name": "detail.safetensors", "strength_model": 0.4, "strength_clip": 0.4, "enabled": False},
+             {"lora_stack": ("pedal2", 0)}, title="Pedal 3: a detail LoRA (off)"),
         node("apply", "LoraLabApplyLoraStack", 2, {},
              {"model": ("checkpoint", 0), "clip": ("checkpoint", 1), "lora_stack": ("pedal3", 0)}),
         node("grid", "LoraLabLoraCompareGrid", 2,
-             {"prompts": f"{TRIGGER}, a portrait\n{TRIGGER}, a city street at night", "seed": 42,
+             {"prompts": f"{PLACEHOLDER}, a portrait\n{PLACEHOLDER}, a city street at night", "seed": 42,
               "control_after_generate": "fixed", "steps": 20, "cfg": 7.0, "sampler_name": "euler_ancestral",
               "scheduler": "normal", "width": 512, "height": 512, "negative_prompt": NEGATIVE,
-              "sweep_index": -1, "sweep_strengths": "0, 0.5, 1"},
+              "sweep_index": -1, "sweep_strengths": "0, 0.5, 1", "trigger_word": ""},
              {"model": ("checkpoint", 0), "clip": ("checkpoint", 1), "vae": ("checkpoint", 2),
               "lora_stack": ("pedal3", 0)}, width=380),
         node("grid_save", "SaveImage", 5, {"filename_prefix": "lora_lab/grid"}, {"images": ("grid", 0)},

@@ -584,6 +584,9 @@ def dataset_from_pixels(pixels: "torch.Tensor", captions: list[str], repeats: in
 
 
 # --- the report -------------------------------------------------------------------------------------
+EXACT_STEPS_NOTE = "Train LoRA's report has the exact count (per bucket, with gradient accumulation)"
+
+
 def steps_report(dataset: Dataset, batch_size: int, target_steps: int, source: str | None = None,
                  max_lines: int = 15) -> str:
     """What was found, and kohya's arithmetic: steps per epoch = pictures x repeats / batch size.
@@ -624,8 +627,9 @@ def steps_report(dataset: Dataset, batch_size: int, target_steps: int, source: s
 
     total = dataset.total_repeats
     per_epoch = math.ceil(total / batch_size)
+    # kohya's estimate: Train LoRA also rounds batches up per aspect-ratio bucket and divides by accumulation.
     lines.append(f"Steps per epoch = pictures x repeats / batch size = {total} / {batch_size} = {per_epoch}"
-                 + (" (rounded up)" if total % batch_size else "") + ".")
+                 + (" (rounded up)" if total % batch_size else "") + f"; {EXACT_STEPS_NOTE}.")
     if target_steps > 0 and per_epoch > 0:
         epochs = math.ceil(target_steps / per_epoch)
         lines.append(f"For {target_steps} steps: {epochs} epoch{'s' * (epochs != 1)} = {epochs * per_epoch} steps.")

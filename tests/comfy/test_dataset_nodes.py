@@ -71,6 +71,17 @@ def test_nodes_are_registered_with_their_fixed_ids(pack):
 
 
 # --- Dataset from Folder ------------------------------------------------------------------------------
+def test_folder_node_agrees_with_train_lora_on_steps(pack):
+    """Its report is kohya's estimate: it names the SD1.5 range Train LoRA names and points at Train LoRA's
+    exact count (batches per aspect-ratio bucket, gradient accumulation)."""
+    folder_inputs = pack.NODE_CLASS_MAPPINGS[FOLDER_NODE].INPUT_TYPES()["required"]
+    train_inputs = pack.NODE_CLASS_MAPPINGS["LoraLabTrainLora"].INPUT_TYPES()["required"]
+    assert "1500-3000" in train_inputs["steps"][1]["tooltip"]
+    assert "1500-3000" in folder_inputs["target_steps"][1]["tooltip"]
+    assert folder_inputs["target_steps"][1]["default"] == 2000        # inside that range, as users.md aims
+    assert "Train LoRA's report has the exact count" in folder_inputs["batch_size"][1]["tooltip"]
+
+
 def test_folder_node_reads_a_kohya_folder_and_reports_the_arithmetic(pack, dataset_dir):
     name, path = dataset_dir
     for index in range(30):
@@ -85,7 +96,8 @@ def test_folder_node_reads_a_kohya_folder_and_reports_the_arithmetic(pack, datas
     assert dataset.items[0].caption == "sks person, smiling"
     assert f"30 picture(s) in '{name}/': 1 captioned, 29 without a caption." in report
     assert "10_me: 30 x 10 repeats = 300" in report
-    assert "batch size = 300 / 1 = 300." in report and "For 3000 steps: 10 epochs = 3000 steps." in report
+    assert "batch size = 300 / 1 = 300; Train LoRA's report has the exact count" in report
+    assert "For 3000 steps: 10 epochs = 3000 steps." in report
     assert "notes.md: not a picture" in report
     assert os.path.dirname(dataset.items[0].path) == str((path / "10_me").resolve())
 
@@ -355,7 +367,8 @@ def test_folder_to_preview_through_the_server(server):
     }
     outputs = server.run(prompt, timeout=300)["outputs"]
     report = outputs["1"]["text"][0]
-    assert "4_fox: 3 x 4 repeats = 12" in report and "= 12 / 2 = 6." in report and "10 epochs = 60 steps" in report
+    assert "4_fox: 3 x 4 repeats = 12" in report and "= 12 / 2 = 6; Train LoRA's report" in report
+    assert "10 epochs = 60 steps" in report
     (shown,) = outputs["2"]["images"]
     query = urllib.parse.urlencode(shown)      # what the front end asks for to draw it on the node
     with urllib.request.urlopen(f"{server.url}/view?{query}", timeout=30) as answer:

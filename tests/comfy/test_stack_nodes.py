@@ -441,6 +441,46 @@ def test_grid_stops_between_cells_on_cancel(stack_nodes, lora_files, tiny_unet, 
     assert max(seen) == 1, f"rendering went on after Cancel: {seen}"
 
 
+def test_grid_inputs_default_to_the_users_test_prompts_with_a_trigger(stack_nodes):
+    inputs = stack_nodes.LoraLabLoraCompareGrid.INPUT_TYPES()
+    prompts = inputs["required"]["prompts"][1]
+    rows = prompts["default"].splitlines()
+    assert len(rows) == 3 and all(row.startswith("{trigger}, ") for row in rows)
+    assert "lighthouse" in rows[0] and "workshop" in rows[1] and "rainy" in rows[2]     # research/users.md
+    assert prompts["dynamicPrompts"] is False          # the front ends leave {trigger} alone
+    # added last, so saved workflows keep their widget values; empty = the stack's stored trigger words
+    assert list(inputs["optional"])[-1] == "trigger_word"
+    assert inputs["optional"]["trigger_word"] == ("STRING", inputs["optional"]["trigger_word"][1])
+    assert inputs["optional"]["trigger_word"][1]["default"] == ""
+
+
+def test_trigger_placeholder_is_filled_like_the_training_previews(stack_nodes):
+    from lora_lab.nodes.training_previews import PreviewSettings
+    for line in ("{trigger}, a cat", "a cat by {trigger}", "a cat", "{trigger}"):
+        for trigger in ("stylex", "stylex, hero", ""):
+            assert [stack_nodes.with_trigger(line, trigger)] == PreviewSettings(prompts=line).prompt_lines(trigger)
+    assert stack_nodes.with_trigger("{trigger}, a cat", "") == "a cat"
+
+
+def test_grid_fills_trigger_from_its_input_else_from_the_stacked_loras(stack_nodes, lora_files, tiny_unet, sd15_clip,
+                                                                       small_vae):
+    stack = [(lora_files["style"], 1.0, 1.0), (lora_files["detail"], 1.0, 0.0)]   # stylex; detail stores none
+
+    def grid(prompts, **extra):
+        return run_grid(stack_nodes, tiny_unet, sd15_clip, small_vae, stack, prompts=prompts, **extra)
+
+    # The filled-in text is the prompt of every cell (base column included) and the row label.
+    assert torch.equal(grid("{trigger}, a cat"), grid("stylex, a cat"))
+    assert torch.equal(grid("{trigger}, a cat", trigger_word=" red fox "), grid("red fox, a cat"))
+    assert not torch.equal(grid("{trigger}, a cat"), grid("a cat"))
+    # with a sweep, the swept LoRA's words count even where the stack has it at 0
+    hero_only = [(lora_files["detail"], 1.0, 0.0), (lora_files["hero"], 0.0, 0.0)]
+    swept = dict(sweep_index=1, sweep_strengths="1")
+    assert torch.equal(run_grid(stack_nodes, tiny_unet, sd15_clip, small_vae, hero_only, prompts="{trigger}", **swept),
+                       run_grid(stack_nodes, tiny_unet, sd15_clip, small_vae, hero_only,
+                                prompts="hero, red cape, city", **swept))
+
+
 def test_grid_reports_bad_inputs_before_rendering(stack_nodes, lora_files, tiny_unet, sd15_clip, small_vae):
     validate = stack_nodes.LoraLabLoraCompareGrid.VALIDATE_INPUTS
     assert "prompts" in validate(prompts="  \n ", sweep_strengths="1")

@@ -17,7 +17,7 @@ from safetensors import safe_open
 import demo_data
 import random_models
 import workflow_api
-from build_workflows import CHECKPOINT, DATASET, TRAINED, TRIGGER, WORKFLOWS
+from build_workflows import CHECKPOINT, DATASET, PLACEHOLDER, TRAINED, TRIGGER, WORKFLOWS
 
 pytestmark = pytest.mark.server
 
@@ -55,6 +55,8 @@ def test_notes_say_what_to_set():
             assert "checkpoint" in text
         if "LoraLabCaption" in kinds:
             assert "trigger word" in text
+        if "LoraLabLoraStack" in kinds:       # pedals shipped switched off: say how to use them
+            assert "switched off" in text and "pick" in text and "enabled" in text
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +94,31 @@ def test_defaults_suit_sd15_on_an_8gb_gpu(object_info):
     [sample] = [n["inputs"] for n in prompt.values() if n["class_type"] == "CLIPTextEncode"
                 and n["inputs"]["text"].startswith(TRIGGER)]
     assert sample
+
+
+def widgets_of(object_info, workflow: str, class_type: str) -> list[dict]:
+    return [workflow_api.widget_values_by_name(node, object_info[class_type])
+            for node in sorted(load(workflow)["nodes"], key=lambda n: n["id"]) if node["type"] == class_type]
+
+
+def test_prompts_say_trigger_instead_of_a_hard_coded_word(object_info):
+    """{trigger} becomes the run's trigger word (previews) or the grid's/stack's trigger words."""
+    for workflow, class_type, name in (("2_caption_train_sample", "LoraLabTrainingOptions", "preview_prompts"),
+                                       ("4_resume_training", "LoraLabTrainingOptions", "preview_prompts"),
+                                       ("3_pedals_and_grid", "LoraLabLoraCompareGrid", "prompts")):
+        [widgets] = widgets_of(object_info, workflow, class_type)
+        lines = widgets[name].splitlines()
+        assert lines and all(line.startswith(f"{PLACEHOLDER}, ") for line in lines), (workflow, lines)
+        assert TRIGGER not in widgets[name], workflow
+    [grid] = widgets_of(object_info, "3_pedals_and_grid", "LoraLabLoraCompareGrid")
+    assert grid["trigger_word"] == ""          # the trigger words stored in the stacked LoRAs
+
+
+def test_workflow_3_switches_on_only_the_users_own_lora(object_info):
+    """A new user has no style/detail LoRA: a pedal switched on with a name they lack fails validation."""
+    pedals = widgets_of(object_info, "3_pedals_and_grid", "LoraLabLoraStack")
+    assert [(p["lora_name"], p["enabled"]) for p in pedals] == [
+        (f"{TRAINED}.safetensors", True), ("style.safetensors", False), ("detail.safetensors", False)]
 
 
 # --- running them ---------------------------------------------------------------------------------
@@ -162,18 +189,33 @@ def test_workflow_2_trains_and_samples(workflow_server, trained):
     assert saved_image(workflow_server, history, node_id(prompt, "PreviewImage")).size[0] > 64  # the loss curve
 
 
-def test_workflow_3_stacks_pedals_and_draws_a_grid(workflow_server, object_info, trained):
-    loras = workflow_server.overlay / "models" / "loras"
-    for other in ("style", "detail"):      # the two "other" LoRAs the workflow names
-        shutil.copy(loras / f"{TRAINED}.safetensors", loras / f"{other}.safetensors")
-    prompt, history = run_bundled(workflow_server, object_info, "3_pedals_and_grid")
-    applied = history["outputs"][node_id(prompt, "LoraLabApplyLoraStack")]["text"][0]
-    assert all(name in applied for name in (TRAINED, "style", "detail"))
+def grid_picture(server, prompt: dict, history: dict) -> Image.Image:
     grid_save = [key for key, node in prompt.items() if node["class_type"] == "SaveImage"
                  and node["inputs"]["images"][0] == node_id(prompt, "LoraLabLoraCompareGrid")]
-    grid = saved_image(workflow_server, history, grid_save[0])
-    # 2 prompts x (base + 3 pedals alone + whole stack) cells of 64 px, plus labels.
-    assert grid.size[0] >= 5 * 64 and grid.size[1] >= 2 * 64
+    return saved_image(server, history, grid_save[0])
+
+
+def test_workflow_3_stacks_pedals_and_draws_a_grid(workflow_server, object_info, trained):
+    from lora_lab.trainer.image_grid import grid_geometry
+    loras = workflow_server.overlay / "models" / "loras"
+    # As shipped: a new user has only the LoRA workflow 2 trained; pedals 2 and 3 are off.
+    assert not (loras / "style.safetensors").exists() and not (loras / "detail.safetensors").exists()
+    prompt, history = run_bundled(workflow_server, object_info, "3_pedals_and_grid")
+    applied = history["outputs"][node_id(prompt, "LoraLabApplyLoraStack")]["text"][0]
+    assert TRAINED in applied and "style" not in applied and "detail" not in applied
+    assert f"trigger words: {TRIGGER}" in applied           # what the grid's {trigger} becomes
+    geometry = grid_geometry(2, 2, 64, 64)                  # 2 prompts x (base, the trained LoRA)
+    assert grid_picture(workflow_server, prompt, history).size == (geometry.width, geometry.height)
+
+    # Pedals switched on with LoRAs the user has: the whole stack.
+    for other in ("style", "detail"):      # the two "other" LoRAs the workflow names
+        shutil.copy(loras / f"{TRAINED}.safetensors", loras / f"{other}.safetensors")
+    prompt, history = run_bundled(workflow_server, object_info, "3_pedals_and_grid",
+                                  {("LoraLabLoraStack", "enabled"): True})
+    applied = history["outputs"][node_id(prompt, "LoraLabApplyLoraStack")]["text"][0]
+    assert all(name in applied for name in (TRAINED, "style", "detail"))
+    geometry = grid_geometry(2, 5, 64, 64)                  # base + 3 pedals alone + whole stack
+    assert grid_picture(workflow_server, prompt, history).size == (geometry.width, geometry.height)
     assert "lora key not loaded" not in workflow_server.log_text().lower()
 
 

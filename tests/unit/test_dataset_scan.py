@@ -565,7 +565,7 @@ def test_report_does_the_kohya_arithmetic_users_do_by_hand():
     report = steps_report(fake_dataset([("10_me", 30, 10)]), batch_size=1, target_steps=3000)
     assert "30 picture(s) in /data/set: 30 captioned, 0 without a caption." in report
     assert "10_me: 30 x 10 repeats = 300" in report
-    assert "Steps per epoch = pictures x repeats / batch size = 300 / 1 = 300." in report
+    assert "Steps per epoch = pictures x repeats / batch size = 300 / 1 = 300; Train LoRA's report has the exact" in report
     assert "For 3000 steps: 10 epochs = 3000 steps." in report
 
 
@@ -580,7 +580,7 @@ def test_report_rounds_up_and_lists_folders_skips_and_warnings():
     assert "pictures outside N_name folders: 2 x 1 repeat = 2" in report
     assert "Skipped (20):" in report and "bad0.png: empty file (0 bytes)" in report and "… and 5 more" in report
     assert "Warnings (1):" in report and "latin.txt: not UTF-8" in report
-    assert "batch size = 25 / 2 = 13 (rounded up)." in report
+    assert "batch size = 25 / 2 = 13 (rounded up);" in report
     assert "For 100 steps: 8 epochs = 104 steps." in report
     assert "epochs" not in steps_report(dataset, batch_size=1, target_steps=0).split("Steps per epoch")[1]
     with pytest.raises(DatasetError):
