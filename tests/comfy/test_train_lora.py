@@ -346,11 +346,11 @@ def test_existing_file_is_never_overwritten_by_default(fresh_unet, sd15_clip, sm
 
 def test_a_new_run_never_takes_a_name_whose_periodic_saves_exist(pack, loras_dir):
     from lora_lab.nodes.training_files import free_base_name
-    for leftover in ("by_epochs_epoch2", "char[v2]_step10", "char[v2]_2_epoch1"):   # runs killed before the end
+    for leftover in ("killed_run_epoch2", "char[v2]_step10", "char[v2]_2_epoch1"):   # runs killed before the end
         (loras_dir / f"{leftover}.safetensors").write_bytes(b"an earlier run's save")
-    assert free_base_name("by_epochs", overwrite=False) == "by_epochs_2"
+    assert free_base_name("killed_run", overwrite=False) == "killed_run_2"
     assert free_base_name("char[v2]", overwrite=False) == "char[v2]_3"      # brackets are not a glob pattern
-    assert free_base_name("by_epochs", overwrite=True) == "by_epochs"
+    assert free_base_name("killed_run", overwrite=True) == "killed_run"
 
 
 @pytest.mark.parametrize("bad_name", ["../escape", "/abs/path", "CON", "a\x00b"])
