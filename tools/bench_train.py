@@ -243,6 +243,15 @@ def run_comfy(patcher, latents, cond, steps):
     return [(long - short) / steps]
 
 
+def median_of(results: list[dict]) -> dict:
+    """One row from several rounds: the median of each figure (times: the first round's)."""
+    row = dict(results[0])
+    for key in ("seconds_per_step", "peak_rss_mb", "training_mb"):
+        row[key] = statistics.median(r[key] for r in results)
+    row["rounds"] = len(results)
+    return row
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--channels", type=int, nargs="+", default=[32, 64, 320])
@@ -252,6 +261,8 @@ def main(argv=None) -> int:
                         help="also: ours_ckpt (gradient checkpointing on), ours_bf16 (ComfyUI's trainer's "
                              "defaults: bf16, checkpointing), te_off te_on (text-encoder LoRA "
                              "off/on), disk_cache (latent cache cold/warm)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every row this many times, in turn, and report the medians")
     parser.add_argument("--child", nargs=2, metavar=("WHICH", "CHANNELS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -262,20 +273,25 @@ def main(argv=None) -> int:
     has_comfy_trainer = (root / "comfy_extras" / "nodes_train.py").exists()
     load = os.getloadavg()[0]
     print(f"{comfyui_home.comfyui_version_label(root)}; CPU x{os.cpu_count()} (load {load:.1f}); fp32; "
-          f"{args.size}px; batch 1; LoRA rank {RANK}; {args.steps} steps, median after warm-up")
+          f"{args.size}px; batch 1; LoRA rank {RANK}; {args.steps} steps, median after warm-up; "
+          f"median of {args.rounds} round(s)")
     print(f"{'UNet':>14} {'which':>9} {'s/step':>8} {'peak RSS':>10} {'training':>9} {'vs bare':>8}")
     for channels in args.channels:
         rows = {}
-        for which in args.which:
-            if which == "comfy" and not has_comfy_trainer:
-                continue
-            out = subprocess.run([sys.executable, __file__, "--child", which, str(channels), "--size",
-                                  str(args.size), "--steps", str(args.steps)], capture_output=True, text=True)
-            line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
-            if line is None:
-                print(f"{channels:>14} {which:>9} failed: {out.stderr.strip().splitlines()[-1:]}")
-                continue
-            rows[which] = json.loads(line[len("RESULT "):])
+        # Rounds of every row in turn, each in a fresh process: a slow spell of this machine then hits
+        # all rows alike, and the median of the rounds is reported.
+        for _ in range(args.rounds):
+            for which in args.which:
+                if which == "comfy" and not has_comfy_trainer:
+                    continue
+                out = subprocess.run([sys.executable, __file__, "--child", which, str(channels), "--size",
+                                      str(args.size), "--steps", str(args.steps)], capture_output=True, text=True)
+                line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+                if line is None:
+                    print(f"{channels:>14} {which:>9} failed: {out.stderr.strip().splitlines()[-1:]}")
+                    continue
+                rows.setdefault(which, []).append(json.loads(line[len("RESULT "):]))
+        rows = {which: median_of(results) for which, results in rows.items()}
         if "disk_cache" in rows:
             cold, warm = rows.pop("disk_cache")["times"]
             print(f"{'':>14} latent disk cache, 8 pictures at {args.size}px: cold {cold:.2f}s, warm {warm:.2f}s "
@@ -283,7 +299,8 @@ def main(argv=None) -> int:
         for which, r in rows.items():
             ratio = r["seconds_per_step"] / rows["bare"]["seconds_per_step"] if "bare" in rows else float("nan")
             print(f"{r['params_m']:>11.0f} M {which:>9} {r['seconds_per_step']:>8.3f} "
-                  f"{r['peak_rss_mb']:>8.0f}MB {r['training_mb']:>7.0f}MB " + (f"{ratio:>7.2f}x" if ratio == ratio else f"{'-':>8}"), flush=True)
+                  f"{r['peak_rss_mb']:>8.0f}MB {r['training_mb']:>7.0f}MB "
+                  + (f"{ratio:>7.2f}x" if ratio == ratio else f"{'-':>8}"), flush=True)
     return 0
 
 
