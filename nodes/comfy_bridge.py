@@ -102,17 +102,14 @@ class ComfyDenoiser:
         cross-attention states, and for SDXL the ``y`` vector of pooled text and size conditioning
         (original size, crop, target size, as kohya trains). Gradients flow through it when a text
         encoder trains."""
-        per_example = [self.base_model.extra_conds(**condition_arguments(text, size, device))
-                       for text, size in zip(texts, sizes)]
-        return {key: per_example[0][key].concat([conds[key] for conds in per_example[1:]]).to(device)
-                for key in per_example[0]}
+        return _concatenated(self._extra_conds(texts, sizes, device), device)
 
-    def batch_groups(self, texts: list[TextEncoding], sizes: list[PictureSize], device) -> list[list[int]]:
-        """Positions whose conditioning ComfyUI can put in one batch (its own ``can_concat``, as its
-        samplers decide): SD1/SDXL repeat shorter token sequences to a common length, but SD3/Flux's T5
-        states of different lengths cannot share a batch."""
-        per_example = [self.base_model.extra_conds(**condition_arguments(text, size, device))
-                       for text, size in zip(texts, sizes)]
+    def grouped_conditioning(self, texts: list[TextEncoding], sizes: list[PictureSize], device
+                             ) -> list[tuple[list[int], dict]]:
+        """(positions, conditioning) of the groups ComfyUI can put in one batch (its own ``can_concat``,
+        as its samplers decide): SD1/SDXL repeat shorter token sequences to a common length, but
+        SD3/Flux's T5 states of different lengths cannot share a batch."""
+        per_example = self._extra_conds(texts, sizes, device)
         groups: list[list[int]] = []
         for index, conds in enumerate(per_example):
             home = next((group for group in groups if all(
@@ -122,7 +119,11 @@ class ComfyDenoiser:
                 groups.append([index])
             else:
                 home.append(index)
-        return groups
+        return [(group, _concatenated([per_example[i] for i in group], device)) for group in groups]
+
+    def _extra_conds(self, texts, sizes, device) -> list[dict]:
+        return [self.base_model.extra_conds(**condition_arguments(text, size, device))
+                for text, size in zip(texts, sizes)]
 
     def denoise(self, noisy, sigma, cond):
         if isinstance(cond, dict):
@@ -134,6 +135,12 @@ class ComfyDenoiser:
         shape = (sigma.shape[0], 1, 1, 1)
         zeros = torch.zeros(shape, device=sigma.device)
         return -self.sampling.calculate_denoised(sigma, torch.ones(shape, device=sigma.device), zeros).view(-1)
+
+
+def _concatenated(per_example: list[dict], device) -> dict:
+    """One batch from each example's ComfyUI conds (CONDRegular, CONDCrossAttn... ``concat``)."""
+    return {key: per_example[0][key].concat([conds[key] for conds in per_example[1:]]).to(device)
+            for key in per_example[0]}
 
 
 def condition_arguments(text: TextEncoding, size: PictureSize, device) -> dict:

@@ -75,12 +75,9 @@ class TrainingPreviews:
         """The conditionings one denoising step runs: [prompt] at cfg 1; [prompt and empty, batched];
         or [prompt], [empty] in two passes when they cannot share a batch (SD3 / Flux T5 lengths)."""
         if self.cfg == 1.0:
-            groups = [[text]]
-        elif len(denoiser.batch_groups([text, uncond], [picture, picture], device)) == 1:
-            groups = [[text, uncond]]
-        else:
-            groups = [[text], [uncond]]
-        return [(len(group), denoiser.conditioning(group, [picture] * len(group), device)) for group in groups]
+            return [(1, denoiser.conditioning([text], [picture], device))]
+        groups = denoiser.grouped_conditioning([text, uncond], [picture, picture], device)
+        return [(len(positions), cond) for positions, cond in groups]
 
     def due(self, step: int) -> bool:
         return self.failed is None and self.settings.every_n_steps > 0 and step % self.settings.every_n_steps == 0

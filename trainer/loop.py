@@ -48,6 +48,8 @@ class Denoiser(Protocol):
         """
 
     # Optional: def conditioning(self, texts: list[TextEncoding], sizes: list[PictureSize], device) -> cond
+    # Optional: def grouped_conditioning(self, texts, sizes, device) -> [(positions, cond)], when some
+    #           conditionings cannot share a batch
     # builds the model's conditioning for a batch (pooled output, SDXL's size conditioning).
 
 
@@ -113,29 +115,27 @@ def model_conditioning(denoiser: Denoiser, texts: list[TextEncoding], sizes: lis
     return concat_conds([text.cross_attn for text in texts]).to(device)
 
 
-def batch_groups(denoiser: Denoiser, texts: list[TextEncoding], sizes: list[PictureSize],
-                 device: torch.device) -> list[list[int]]:
-    """Positions in a batch that go through the model together: all of them, unless the denoiser
-    says some conditionings cannot share a batch (SD3/Flux T5 states of different token lengths)."""
-    split = getattr(denoiser, "batch_groups", None)
-    if split is None or len(texts) < 2:
-        return [list(range(len(texts)))]
-    return split(texts, sizes, device)
+def conditioning_groups(denoiser: Denoiser, texts: list[TextEncoding], sizes: list[PictureSize],
+                        device: torch.device) -> list[tuple[list[int], object]]:
+    """The batch's conditioning as (positions, conditioning) groups that each go through the model in
+    one pass: one group, unless the denoiser says some conditionings cannot share a batch (SD3/Flux T5
+    states of different token lengths)."""
+    grouped = getattr(denoiser, "grouped_conditioning", None)
+    if grouped is not None and len(texts) > 1:
+        return grouped(texts, sizes, device)
+    return [(list(range(len(texts))), model_conditioning(denoiser, texts, sizes, device))]
 
 
 def batch_loss(denoiser: Denoiser, latents: torch.Tensor, texts: list[TextEncoding], sizes: list[PictureSize],
                noise: torch.Tensor, u: torch.Tensor, device: torch.device, settings: "TrainSettings") -> torch.Tensor:
     """The batch's loss. Conditionings that cannot share a batch go through the model in sub-batches,
     each weighted by its share of the batch: the same mean as one pass."""
-    texts = [text.to(device) for text in texts]
-    groups = batch_groups(denoiser, texts, sizes, device)
+    groups = conditioning_groups(denoiser, [text.to(device) for text in texts], sizes, device)
     if len(groups) == 1:                      # the usual case: the batch as it is, in one pass
-        cond = model_conditioning(denoiser, texts, sizes, device)
         with autocast_for(device, settings.mixed_precision):
-            return denoising_loss(denoiser, latents, cond, noise, u, settings.noise)
+            return denoising_loss(denoiser, latents, groups[0][1], noise, u, settings.noise)
     total = torch.zeros((), device=device)
-    for group in groups:
-        cond = model_conditioning(denoiser, [texts[i] for i in group], [sizes[i] for i in group], device)
+    for group, cond in groups:
         with autocast_for(device, settings.mixed_precision):
             part = denoising_loss(denoiser, latents[group], cond, noise[group], u[group], settings.noise)
         total = total + part * (len(group) / len(texts))

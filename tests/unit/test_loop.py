@@ -167,11 +167,12 @@ class SplittingDenoiser(TinyEpsDenoiser):
         assert len(lengths) == 1, "texts of different lengths reached one batch"
         return torch.cat([text.cross_attn for text in texts]).to(device)
 
-    def batch_groups(self, texts, sizes, device):
+    def grouped_conditioning(self, texts, sizes, device):
         groups = {}
         for index, text in enumerate(texts):
             groups.setdefault(text.cross_attn.shape[1], []).append(index)
-        return list(groups.values())
+        return [(group, self.conditioning([texts[i] for i in group], [sizes[i] for i in group], device))
+                for group in groups.values()]
 
 
 def test_a_batch_whose_texts_cannot_share_a_pass_goes_in_sub_batches_with_the_same_mean_loss():
