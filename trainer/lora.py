@@ -69,6 +69,7 @@ class InjectedLora:
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
         self._removed = False
+        self._hooks: list = []
         self._sites = _resolve_sites(root, targets, self.rank, self.alpha, ranks or {}, alphas or {})
 
         # Snapshot everything peft or training may touch, before touching anything.
@@ -119,6 +120,8 @@ class InjectedLora:
         stray = [name for name, m in self.root.named_modules() if isinstance(m, BaseTunerLayer) and id(m) not in ours]
         if stray:
             raise RuntimeError(f"peft wrapped modules that were not targets: {stray[:5]}")
+        self._hooks = [site.parent._modules[site.child_name].register_forward_pre_hook(_no_input_copy_under_autocast)
+                       for site in self._sites]
 
     def _initialise(self, device) -> None:
         for param, _ in self._requires_grad:
@@ -242,6 +245,8 @@ class InjectedLora:
         if self._removed:
             return
         self._removed = True
+        for hook in self._hooks:
+            hook.remove()
         for site in reversed(self._sites):
             if site.parent._modules.get(site.child_name) is not site.original:
                 setattr(site.parent, site.child_name, site.original)
@@ -262,6 +267,23 @@ class InjectedLora:
 
     def __exit__(self, *exc_info) -> None:
         self.remove()
+
+
+def _no_input_copy_under_autocast(layer: nn.Module, args: tuple) -> None:
+    """Under autocast, peft's cast of an adapted layer's input to the adapter's dtype (fp32) only makes
+    a copy: autocast casts it straight back for ``lora_A``, and autograd keeps that copy of the copy for
+    ``lora_A``'s backward. Passing the input on as it is gives the same numbers, and layers that share an
+    input keep one copy of it (q, k and v of one attention: one instead of three). Outside autocast
+    (a half-precision text encoder, say) peft's cast is what makes the dtypes match, and stays."""
+    if args and torch.is_tensor(args[0]):
+        layer.cast_input_dtype_enabled = not _autocast_enabled(args[0].device.type)
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:                      # torch < 2.4: one flag per backend
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 def _peft():

@@ -403,3 +403,66 @@ def test_a_file_without_alpha_means_alpha_equals_rank():
         injected.load_kohya_state_dict(state)
         torch.testing.assert_close(injected.kohya_state_dict()["lora_unet_proj.lora_up.weight"],
                                    state["lora_unet_proj.lora_up.weight"] * RANK / ALPHA)
+
+
+class HalfBlock(nn.Module):
+    """q, k and v of one attention reading the same input, frozen weights in bf16 (as frozen_weights_in
+    leaves them for bf16 training), adapters in fp32."""
+    def __init__(self):
+        super().__init__()
+        self.to_q, self.to_k, self.to_v = (nn.Linear(16, 16).to(torch.bfloat16) for _ in range(3))
+
+    def forward(self, x):
+        return self.to_q(x) * self.to_k(x) + self.to_v(x)
+
+
+def _half_block_run(block, injected, autocast: bool):
+    """Output, adapter gradients and the bytes autograd keeps for backward (distinct storages)."""
+    # An activation inside a network: it needs a gradient (frozen base layers keep only their weights).
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).requires_grad_(True)
+    kept = {}
+
+    def pack(tensor):
+        kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = block(x)
+    out.float().pow(2).mean().backward()
+    grads = [p.grad.clone() for p in injected.parameters()]
+    for p in injected.parameters():
+        p.grad = None
+    return out.detach(), grads, sum(kept.values())
+
+
+@pytest.mark.skipif(not hasattr(BaseTunerLayer, "_cast_input_dtype"), reason="this peft always casts the input")
+def test_under_autocast_adapters_take_the_input_without_a_copy_and_compute_the_same():
+    block = HalfBlock()
+    injected = InjectedLora(block, {"to_q": "q", "to_k": "k", "to_v": "v"}, rank=4, alpha=4.0, seed=0)
+    with torch.no_grad():
+        for p in injected.parameters():
+            p.normal_(generator=torch.Generator().manual_seed(p.numel()))   # lora_up non-zero: the path counts
+    out, grads, kept = _half_block_run(block, injected, autocast=True)
+    assert out.dtype == torch.bfloat16
+
+    # peft's own way: the input cast to the adapters' fp32 in every layer, then back by autocast.
+    for hook in injected._hooks:
+        hook.remove()
+    for layer in (block.to_q, block.to_k, block.to_v):
+        layer.cast_input_dtype_enabled = True
+    peft_out, peft_grads, peft_kept = _half_block_run(block, injected, autocast=True)
+
+    assert torch.equal(out, peft_out)
+    assert all(torch.equal(a, b) for a, b in zip(grads, peft_grads))
+    x_bytes = 4 * 16 * 2
+    assert peft_kept - kept >= 2 * x_bytes, (kept, peft_kept)   # q, k, v: one copy of x kept, not three
+    injected.remove()
+
+
+def test_outside_autocast_a_half_precision_input_still_reaches_fp32_adapters():
+    """A bf16/fp16 text encoder running without autocast: peft's cast is what makes the dtypes match."""
+    block = HalfBlock()
+    with InjectedLora(block, {"to_q": "q", "to_k": "k", "to_v": "v"}, rank=4, alpha=4.0, seed=0) as injected:
+        out, grads, _ = _half_block_run(block, injected, autocast=False)
+        assert all(getattr(layer, "cast_input_dtype_enabled", True) for layer in (block.to_q, block.to_k, block.to_v))
+    assert out.dtype == torch.bfloat16 and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
