@@ -48,9 +48,9 @@ class Denoiser(Protocol):
         """
 
     # Optional: def conditioning(self, texts: list[TextEncoding], sizes: list[PictureSize], device) -> cond
+    # builds the model's conditioning for a batch (pooled output, SDXL's size conditioning).
     # Optional: def grouped_conditioning(self, texts, sizes, device) -> [(positions, cond)], when some
     #           conditionings cannot share a batch
-    # builds the model's conditioning for a batch (pooled output, SDXL's size conditioning).
 
 
 @dataclass
