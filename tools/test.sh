@@ -20,5 +20,5 @@ summary="$(grep -E '(passed|failed|error|no tests ran).* in [0-9.]+s' test-artif
 if [ "$rc" -eq 5 ]; then
   echo "LoRA Lab tests: NO TESTS RAN (pytest exit 5) — treated as a failure"; exit 1
 fi
-echo "LoRA Lab tests:${summary:- (no summary)} (wall ${elapsed}s), exit $rc, against $("$VENV/bin/python" -c 'import sys; sys.path.insert(0, "tools"); import comfyui_home as h; r = h.find_comfyui_root(); print(h.comfyui_version_label(r))')"
+echo "LoRA Lab tests:${summary:- (no summary)} (wall ${elapsed}s), exit $rc, against $("$VENV/bin/python" -c 'import sys; sys.path.insert(0, "tests/support"); import comfyui_home as h; r = h.find_comfyui_root(); print(h.comfyui_version_label(r))')"
 exit "$rc"

@@ -14,7 +14,7 @@ import pytest
 import demo_data
 import random_models
 import workflow_api
-from build_workflows import DATASET, TRIGGER, WORKFLOWS
+from bundled_workflows import DATASET, TRIGGER, WORKFLOWS
 
 pytestmark = pytest.mark.server
 

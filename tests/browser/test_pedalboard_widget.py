@@ -2,13 +2,10 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "comfy"))
-from test_stack_nodes import full_size_lora  # noqa: E402
+from lora_files import full_size_lora
 
 pytestmark = pytest.mark.server
 

@@ -227,7 +227,7 @@ def test_overwrite_replaces_sidecars_backs_them_up_and_names_them(pack, blip, da
 
 
 def test_in_memory_dataset_with_write_sidecars_warns_instead_of_failing(pack, blip):
-    from lora_lab.trainer.dataset import dataset_from_pixels
+    from lora_lab.trainer.data.dataset import dataset_from_pixels
     dataset = dataset_from_pixels(torch.rand(2, 40, 40, 3, generator=torch.Generator().manual_seed(0)), [])
     _, captions, report = run_caption(pack, dataset, blip, trigger_word="ohwx", write_sidecars=True)
     assert len(captions) == 2 and all(c.startswith("ohwx") for c in captions)

@@ -1,4 +1,4 @@
-"""SD3 and Flux.1: flow-matching DiTs built from ComfyUI's own classes (tools/random_flow_models.py), tiny and
+"""SD3 and Flux.1: flow-matching DiTs built from ComfyUI's own classes (tests/support/random_flow_models.py), tiny and
 random, with ComfyUI's own SD3 (CLIP-L only) and Flux (CLIP-L + a tiny T5) text encoders and a 16-channel VAE.
 
 What must hold: the loss is the flow-matching MSE ``(out - (noise - x0))**2`` at ComfyUI's shifted sigmas
@@ -13,16 +13,12 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))   # the train tests' helpers and fixtures
-from test_train_lora import (SIZE, assert_base_untouched, encoded_training_set, make_dataset,  # noqa: F401,E402
-                             options, run_train, training_loss, weights_snapshot)
+from training import SIZE, assert_base_untouched, encoded_training_set, run_train, training_loss, weights_snapshot, options
 
 # Module-scoped models: whatever a test loads with a LoRA patched in is unpatched before the next one.
 pytestmark = pytest.mark.usefixtures("leave_models_unpatched")
@@ -46,7 +42,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def flow_models(comfy, comfyui_root):
-    """tools/random_flow_models, when this ComfyUI has SD3 and Flux (mid-2024 on); else the module skips."""
+    """tests/support/random_flow_models, when this ComfyUI has SD3 and Flux (mid-2024 on); else the module skips."""
     import comfy.supported_models
     import comfyui_home
     if not all(hasattr(comfy.supported_models, name) for name in ("SD3", "Flux", "FluxSchnell")):
@@ -104,8 +100,8 @@ def raw_output(patcher, noisy, sigma, cross_attn, pooled):
 def test_the_loss_is_the_flow_matching_mse_at_the_shifted_sigmas(which, request):
     import comfy.model_management
     from lora_lab.nodes import comfy_bridge
-    from lora_lab.trainer.examples import PictureSize, TextEncoding
-    from lora_lab.trainer.loop import denoising_loss
+    from lora_lab.trainer.data.encoded_dataset import PictureSize, TextEncoding
+    from lora_lab.trainer.training.loop import denoising_loss
     patcher = request.getfixturevalue(f"{which}_unet")
     family, steps, shifted, context, pooled_width = {
         "flux": ("flux1", 10000, flux_time_shift, T5_WIDTH, 768),
@@ -160,7 +156,7 @@ def test_flux_schnell_is_flux1_and_other_flux_variants_are_refused_by_name(flow_
 def test_presets_pick_the_dit_blocks_linears_by_kohyas_names(flux_unet, sd3_unet):
     import comfy.lora
     from lora_lab.nodes import comfy_bridge
-    from lora_lab.trainer.network_shape import NetworkShape
+    from lora_lab.trainer.lora.network import NetworkShape
     default = comfy_bridge.unet_lora_layers(flux_unet, NetworkShape("kohya default"))
     expected = ({f"lora_unet_double_blocks_{i}_{m}" for i in range(2) for m in FLUX_DOUBLE}
                 | {f"lora_unet_single_blocks_{i}_{m}" for i in range(2) for m in FLUX_SINGLE})
@@ -191,7 +187,7 @@ def loader_equals_adapter(patcher, clip, lora_name, tensors, x, sigma, cond, cap
     import comfy.model_management
     import nodes as comfy_nodes
     from lora_lab.nodes import comfy_bridge
-    from lora_lab.trainer.lora import InjectedLora
+    from lora_lab.trainer.lora.adapters import InjectedLora
     with caplog.at_level(logging.WARNING), torch.inference_mode():
         loader_model, _ = comfy_nodes.LoraLoader().load_lora(patcher, clip, lora_name, 1.0, 1.0)
     assert "not loaded" not in caplog.text.lower()
@@ -323,7 +319,7 @@ def test_flux_previews_render(flux_unet, flux_clip, flow_vae, make_dataset):
 
 @pytest.mark.parametrize("which", ["flux", "sd3"])
 def test_bf16_training_of_a_flow_model_restores_the_fp32_base(which, flow_vae, make_dataset, request):
-    """Half-precision frozen weights (trainer/frozen_weights.py) meet the DiTs' RMSNorms and modulation."""
+    """Half-precision frozen weights (trainer/training/half_precision_base.py) meet the DiTs' RMSNorms and modulation."""
     unet, clip = request.getfixturevalue(f"{which}_unet"), request.getfixturevalue(f"{which}_clip")
     before = weights_snapshot(unet)
     flags = [p.requires_grad for p in unet.model.parameters()]

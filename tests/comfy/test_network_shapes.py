@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))   # the train tests' helpers and fixtures
-from test_train_lora import SIZE, options, run_train, weights_snapshot, assert_base_untouched  # noqa: F401
-from test_train_lora import make_dataset, fresh_unet  # noqa: F401  (fixtures)
+from training import options, run_train, weights_snapshot, assert_base_untouched
 
 
 def modules_and_meta(path):
@@ -53,8 +49,8 @@ def test_locon_trains_the_convs_at_their_own_rank_and_loads_in_comfyui_with_ever
     import comfy.lora
     import nodes as comfy_nodes
     from lora_lab.nodes import comfy_bridge
-    from lora_lab.trainer.lora import InjectedLora
-    from lora_lab.trainer.network_shape import NetworkShape
+    from lora_lab.trainer.lora.adapters import InjectedLora
+    from lora_lab.trainer.lora.network import NetworkShape
 
     before = weights_snapshot(fresh_unet)
     flags = [p.requires_grad for p in fresh_unet.model.parameters()]

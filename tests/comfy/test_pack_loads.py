@@ -49,7 +49,7 @@ def test_loading_the_pack_does_not_import_peft(tmp_path):
     loads the pack but trains nothing must not pay it. A fresh process, as ComfyUI starts."""
     import subprocess
     import sys
-    code = LOAD_AND_LIST_HEAVY_MODULES.format(tools=str(comfyui_home.REPO / "tools"), folder=str(tmp_path / "comfy"))
+    code = LOAD_AND_LIST_HEAVY_MODULES.format(tools=str(comfyui_home.REPO / "tests" / "support"), folder=str(tmp_path / "comfy"))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     line = next((l for l in out.stdout.splitlines() if l.startswith("HEAVY")), None)
     assert line is not None, out.stderr[-2000:]

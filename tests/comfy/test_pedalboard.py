@@ -5,21 +5,17 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import random_models  # noqa: E402
-from test_stack_nodes import (clip_shapes, denoised, encoded, full_size_lora, kohya_tensors,  # noqa: E402
-                              native_chain, unet_shapes, write_lora)
+from lora_files import clip_shapes, denoised, encoded, full_size_lora, kohya_tensors, native_chain, unet_shapes, write_lora
 
 STYLE_METADATA = {"loralab_trigger_word": "stylex", "ss_output_name": "board_style",
                   "ss_base_model_version": "sd_v1", "ss_network_dim": "4", "ss_network_alpha": "4.0",
@@ -47,8 +43,8 @@ pytestmark = pytest.mark.usefixtures("leave_models_unpatched")     # (tests/conf
 
 @pytest.fixture
 def nodes(pack):
-    from lora_lab.nodes import pedalboard, stack
-    stack.LORA_FILES.clear()
+    from lora_lab.nodes import pedalboard, pedals
+    pedals.LORA_FILES.clear()
     return pedalboard
 
 
@@ -68,12 +64,12 @@ def play(nodes, pedals, ui=None, **inputs):
 
 def pedal_chain_and_apply(model, clip, entries):
     """The same entries through LoRA Pedal nodes and Apply LoRA Stack."""
-    from lora_lab.nodes import stack
+    from lora_lab.nodes import pedals
     lora_stack = None
     with torch.inference_mode():
         for name, strength_model, strength_clip in entries:
-            (lora_stack,) = stack.LoraLabLoraStack().stack(name, strength_model, strength_clip, True, lora_stack)
-        model, clip, words = stack.LoraLabApplyLoraStack().apply(model, lora_stack, clip)["result"]
+            (lora_stack,) = pedals.LoraLabLoraStack().stack(name, strength_model, strength_clip, True, lora_stack)
+        model, clip, words = pedals.LoraLabApplyLoraStack().apply(model, lora_stack, clip)["result"]
     return lora_stack, model, clip, words
 
 
@@ -153,7 +149,7 @@ def test_incoming_stack_first_rows_next_trained_lora_last(nodes, files, loras_di
 
 
 def test_stack_only_reads_headers_not_tensors(nodes, files, tiny_unet, sd15_clip, monkeypatch):
-    from lora_lab.trainer import lora_stack
+    from lora_lab.trainer.lora import stack as lora_stack
     loads = []
     real = lora_stack.load_lora_file
     monkeypatch.setattr(lora_stack, "load_lora_file", lambda path: loads.append(path) or real(path))
@@ -260,7 +256,7 @@ def test_is_changed_follows_the_files_of_active_rows(nodes, files, loras_dir):
 # --- the info route's logic, in-process ---------------------------------------------------------------
 def test_lora_info_reads_the_header_only(pack, files, loras_dir, monkeypatch):
     from lora_lab.nodes import routes
-    from lora_lab.trainer import lora_stack
+    from lora_lab.trainer.lora import stack as lora_stack
     import safetensors
     monkeypatch.setattr(lora_stack, "load_lora_file", lambda *a: pytest.fail("lora_info loaded tensors"))
     monkeypatch.setattr(safetensors, "safe_open", lambda *a, **k: pytest.fail("lora_info opened tensors"))

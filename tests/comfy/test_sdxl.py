@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,9 +18,7 @@ from safetensors import safe_open
 
 import random_models
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))   # the train tests' helpers and fixtures
-from test_train_lora import (SIZE, assert_base_untouched, encoded_training_set, make_dataset,  # noqa: F401,E402
-                             options, pattern_pixels, run_train, training_loss, weights_snapshot)
+from training import SIZE, assert_base_untouched, encoded_training_set, pattern_pixels, run_train, training_loss, weights_snapshot, options
 
 # Module-scoped models: whatever a test loads with a LoRA patched in is unpatched before the next one.
 pytestmark = pytest.mark.usefixtures("leave_models_unpatched")
@@ -50,7 +46,7 @@ def size_embedding(value: float, dim: int = 256) -> torch.Tensor:
 def test_the_model_is_sdxl_and_y_is_pooled_text_plus_kohyas_size_conditioning(sdxl_unet, sdxl_clip, small_vae,
                                                                                 make_dataset):
     from lora_lab.nodes import comfy_bridge
-    from lora_lab.trainer.dataset import dataset_from_pixels
+    from lora_lab.trainer.data.dataset import dataset_from_pixels
     assert comfy_bridge.model_family(sdxl_unet) == "sdxl_base_v1-0"
     assert comfy_bridge.unsupported_family(sdxl_unet) is None
     assert comfy_bridge.default_resolution(sdxl_unet) == 1024
@@ -109,7 +105,7 @@ def test_sdxl_te1_te2_keys_own_rates_and_comfyuis_loader(sdxl_unet, sdxl_clip, s
     import comfy.model_management
     import nodes as comfy_nodes
     from lora_lab.nodes import comfy_bridge
-    from lora_lab.trainer.lora import InjectedLora
+    from lora_lab.trainer.lora.adapters import InjectedLora
     dataset = make_dataset(3)
     unet_before, clip_before = weights_snapshot(sdxl_unet), weights_snapshot(sdxl_clip.patcher)
     unet_flags = [p.requires_grad for p in sdxl_unet.model.parameters()]
@@ -173,7 +169,7 @@ def test_sdxl_resume_equals_an_uninterrupted_run(sdxl_unet, sdxl_clip, small_vae
     """Mixed buckets and sizes, then a save at step 2 resumed to 5 == 5 steps straight."""
     import comfy.model_management
     import comfy.utils
-    from lora_lab.trainer.dataset import dataset_from_pixels
+    from lora_lab.trainer.data.dataset import dataset_from_pixels
     with torch.inference_mode():
         wide = dataset_from_pixels(pattern_pixels(2, height=48, width=96), ["sks, wide"])
         tall = dataset_from_pixels(pattern_pixels(2, height=96, width=48, seed=1), ["sks, tall"])

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import logging
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,9 +9,7 @@ from safetensors import safe_open
 
 import random_models
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))   # the train tests' helpers and fixtures
-from test_train_lora import (assert_base_untouched, fresh_unet, make_dataset,  # noqa: F401,E402
-                             options, run_train, weights_snapshot)
+from training import assert_base_untouched, run_train, weights_snapshot, options
 
 TE_MODULES = ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1", "mlp_fc2")
 
@@ -47,7 +43,7 @@ def test_text_encoder_lora_trains_per_step_saves_te_keys_and_loads_in_comfyui(
     import comfy.model_management
     import nodes as comfy_nodes
     from lora_lab.nodes import comfy_bridge
-    from lora_lab.trainer.lora import InjectedLora
+    from lora_lab.trainer.lora.adapters import InjectedLora
 
     untouched = Untouched(fresh_unet, fresh_clip.patcher)
     plain = encode_with(fresh_clip)

@@ -9,87 +9,7 @@ import torch
 from safetensors import safe_open
 
 import random_models
-
-SIZE = 64  # pixels; 8x8 latents keep a step well under a second on the CPU
-
-
-def pattern_pixels(count: int, height: int = SIZE, width: int = SIZE, seed: int = 0) -> torch.Tensor:
-    """Pictures with structure (coloured stripes and blocks), so there is something to learn."""
-    g = torch.Generator().manual_seed(seed)
-    pictures = []
-    ys = torch.linspace(0, 1, height).view(-1, 1, 1)
-    xs = torch.linspace(0, 1, width).view(1, -1, 1)
-    for i in range(count):
-        colour = torch.rand(1, 1, 3, generator=g)
-        stripes = (torch.sin((xs * (3 + i) + ys * 2) * math.pi) > 0).float()
-        pictures.append((colour * stripes + (1 - colour) * (1 - stripes)).expand(height, width, 3))
-    return torch.stack(pictures).clamp(0, 1)
-
-
-@pytest.fixture
-def make_dataset(pack):
-    from lora_lab.trainer.dataset import dataset_from_pixels
-
-    def make(count=4, captions=None, repeats=1, pixels=None):
-        pixels = pattern_pixels(count) if pixels is None else pixels
-        captions = captions or [f"sks, striped pattern {i}" for i in range(pixels.shape[0])]
-        with torch.inference_mode():  # as ComfyUI runs nodes
-            return dataset_from_pixels(pixels, captions, repeats)
-    return make
-
-
-@pytest.fixture
-def fresh_unet(comfy):
-    return random_models.sd15_model_patcher(model_channels=32, seed=5)
-
-
-def run_train(model, clip, vae, dataset, name, steps=4, options=None, **overrides):
-    from lora_lab.nodes.train import LoraLabTrainLora
-    args = dict(model=model, clip=clip, vae=vae, dataset=dataset, output_name=name, resolution=SIZE,
-                steps=steps, epochs=0, batch_size=2, learning_rate=1e-3, rank=4, alpha=4.0, seed=0,
-                options=options, unique_id="7")
-    args.update(overrides)
-    with torch.inference_mode():  # ComfyUI executes every node inside inference mode
-        return LoraLabTrainLora().train_lora(**args)
-
-
-def options(**values):
-    from lora_lab.nodes.training_options import TrainingOptions
-    return TrainingOptions(**values)
-
-
-def weights_snapshot(patcher):
-    return {k: v.detach().clone() for k, v in patcher.model.state_dict().items()}
-
-
-def assert_base_untouched(patcher, before, flags_before):
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    after = patcher.model.state_dict()
-    assert before.keys() == after.keys()
-    for key, value in before.items():
-        assert torch.equal(value, after[key]), f"{key} changed"
-    assert [p.requires_grad for p in patcher.model.parameters()] == flags_before
-    for module in patcher.model.modules():
-        assert not isinstance(module, BaseTunerLayer)
-        assert "forward" not in vars(module), "a forward wrapper was left behind"
-        assert not module._forward_pre_hooks, "a hook was left behind"
-
-
-def encoded_training_set(model, clip, vae, dataset):
-    from lora_lab.nodes import comfy_bridge
-    from lora_lab.trainer.examples import encode_dataset
-    with torch.inference_mode(False):
-        return encode_dataset(dataset, SIZE, comfy_bridge.pixel_encoder(vae, model),
-                              comfy_bridge.caption_encoder(clip))
-
-
-def training_loss(model, data):
-    """The loss on the training set at fixed noise and timesteps, with whatever patches the model has."""
-    import comfy.model_management
-    from lora_lab.nodes import comfy_bridge
-    from lora_lab.trainer.loop import measure_loss
-    comfy.model_management.load_models_gpu([model])
-    return measure_loss(comfy_bridge.ComfyDenoiser(model), data, torch.device("cpu"), draws=6)
+from training import SIZE, pattern_pixels, run_train, options, weights_snapshot, assert_base_untouched, encoded_training_set, training_loss, saved_tensors
 
 
 def test_training_learns_saves_and_leaves_the_base_model_alone(fresh_unet, sd15_clip, small_vae,
@@ -143,8 +63,8 @@ def test_saved_file_through_comfyuis_lora_loader_equals_the_trained_adapter(fres
     import comfy.model_management
     import nodes as comfy_nodes
     from lora_lab.nodes import comfy_bridge
-    from lora_lab.trainer.lora import InjectedLora
-    from lora_lab.trainer.lora_file import load_lora_file
+    from lora_lab.trainer.lora.adapters import InjectedLora
+    from lora_lab.trainer.lora.files import load_lora_file
     import folder_paths
 
     dataset = make_dataset(2)
@@ -248,7 +168,7 @@ def test_optimizer_args_the_optimizer_does_not_take_are_refused_before_any_work(
 
 def test_a_picture_changed_since_the_scan_is_reported_by_train_lora(fresh_unet, sd15_clip, small_vae, tmp_path):
     from PIL import Image
-    from lora_lab.trainer.dataset import scan_folder
+    from lora_lab.trainer.data.dataset import scan_folder
     for i in range(2):
         Image.fromarray((pattern_pixels(1, seed=i)[0].numpy() * 255).astype("uint8")).save(tmp_path / f"p{i}.png")
     dataset = scan_folder(str(tmp_path))
@@ -259,7 +179,7 @@ def test_a_picture_changed_since_the_scan_is_reported_by_train_lora(fresh_unet, 
 
 
 def test_non_finite_loss_stops_with_a_clear_message(fresh_unet, sd15_clip, small_vae, make_dataset, monkeypatch):
-    from lora_lab.trainer import loop
+    from lora_lab.trainer.training import loop
     monkeypatch.setattr(loop, "denoising_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
     with pytest.raises(ValueError) as error:
         run_train(fresh_unet, sd15_clip, small_vae, make_dataset(2), "nan", steps=3)
@@ -268,7 +188,7 @@ def test_non_finite_loss_stops_with_a_clear_message(fresh_unet, sd15_clip, small
 
 
 def test_mixed_aspect_ratios_train_in_buckets(fresh_unet, sd15_clip, small_vae, make_dataset, loras_dir):
-    from lora_lab.trainer.dataset import dataset_from_pixels
+    from lora_lab.trainer.data.dataset import dataset_from_pixels
     import json
     wide = pattern_pixels(2, height=48, width=96)
     tall = pattern_pixels(2, height=96, width=48, seed=1)
@@ -360,14 +280,9 @@ def test_bad_output_names_are_refused_before_training(fresh_unet, sd15_clip, sma
     assert "output_name" in str(error.value) and "Fix:" in str(error.value)
 
 
-def saved_tensors(loras_dir, name):
-    from lora_lab.trainer.lora_file import load_lora_file
-    return load_lora_file(loras_dir / name)[0]
-
-
 def test_same_seed_same_lora_and_checkpointing_changes_nothing(fresh_unet, sd15_clip, small_vae, make_dataset,
                                                                loras_dir, monkeypatch):
-    from lora_lab.trainer import checkpointing
+    from lora_lab.trainer.training import gradient_checkpointing as checkpointing
     recomputed = []
     real_checkpoint = checkpointing.checkpoint
 

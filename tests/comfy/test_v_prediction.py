@@ -5,8 +5,6 @@ The loss must be the MSE between the UNet's raw output and v = sqrt(acp) * noise
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,9 +12,7 @@ from safetensors import safe_open
 
 import random_models
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))   # the train tests' helpers and fixtures
-from test_train_lora import (SIZE, assert_base_untouched, encoded_training_set, make_dataset,  # noqa: F401,E402
-                             options, run_train, training_loss, weights_snapshot)
+from training import assert_base_untouched, encoded_training_set, run_train, training_loss, weights_snapshot, options
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +34,7 @@ def sd_alphas_cumprod(steps: int = 1000) -> torch.Tensor:
 def test_the_model_is_v_prediction_and_the_loss_is_the_v_mse(sd2_v_unet):
     import comfy.model_management
     from lora_lab.nodes import comfy_bridge
-    from lora_lab.trainer.loop import denoising_loss
+    from lora_lab.trainer.training.loop import denoising_loss
     comfy.model_management.load_models_gpu([sd2_v_unet])
     denoiser = comfy_bridge.ComfyDenoiser(sd2_v_unet)
     assert denoiser.prediction_type == "v" and comfy_bridge.model_family(sd2_v_unet) == "sd_v2"

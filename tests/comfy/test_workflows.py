@@ -1,6 +1,6 @@
 """The bundled workflows: well-formed, current with the nodes, and each one runs in a real server.
 
-Each workflow is converted to API format from the server's /object_info (tools/workflow_api.py; the
+Each workflow is converted to API format from the server's /object_info (tests/support/workflow_api.py; the
 browser tests check that conversion against the front end's own graphToPrompt), given the random
 checkpoint and tiny BLIP, shrunk to a few steps at 64 px, and executed.
 """
@@ -17,7 +17,7 @@ from safetensors import safe_open
 import demo_data
 import random_models
 import workflow_api
-from build_workflows import CHECKPOINT, DATASET, PLACEHOLDER, TRAINED, TRIGGER, WORKFLOWS
+from bundled_workflows import CHECKPOINT, DATASET, PLACEHOLDER, TRAINED, TRIGGER, WORKFLOWS
 
 pytestmark = pytest.mark.server
 

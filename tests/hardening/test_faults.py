@@ -47,7 +47,7 @@ def fresh_unet(comfy):
 
 @pytest.fixture
 def dataset(pack):
-    from lora_lab.trainer.dataset import dataset_from_pixels
+    from lora_lab.trainer.data.dataset import dataset_from_pixels
     pixels = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         return dataset_from_pixels(pixels, ["sks, a noisy picture"])
@@ -100,7 +100,7 @@ def leftovers(folder: Path) -> list[str]:
 # --- saves that fail ---------------------------------------------------------------------------------------
 def test_final_save_failing_half_way_keeps_the_old_file_and_rescues_the_weights(
         fresh_unet, sd15_clip, small_vae, dataset, loras, monkeypatch, caplog, hardening, roots):
-    from lora_lab.trainer import lora_file
+    from lora_lab.trainer.lora import files as lora_file
     victim = loras / "hardening_victim.safetensors"
     victim.write_bytes(b"the user's previous LoRA")
     before = snapshot(fresh_unet)
@@ -132,7 +132,7 @@ def test_final_save_failing_half_way_keeps_the_old_file_and_rescues_the_weights(
     assert "the save at step 1 failed" in caplog.text and "training goes on" in caplog.text
     rescued = Path(re.search(r"are safe in (\S+\.safetensors)", message).group(1))
     assert rescued.is_file() and str(rescued).startswith(roots["user"]), rescued
-    from lora_lab.trainer.lora_file import load_lora_file
+    from lora_lab.trainer.lora.files import load_lora_file
     tensors, metadata = load_lora_file(rescued)
     assert metadata["ss_steps"] == "3" and any(k.endswith("lora_up.weight") for k in tensors)
     assert_bitwise_unchanged(fresh_unet, before)

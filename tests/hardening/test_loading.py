@@ -16,7 +16,7 @@ import torch
 
 AREA = "Loading — weights, code and network"
 REPO = Path(__file__).resolve().parents[2]
-PACK_SOURCES = sorted([REPO / "__init__.py", *(REPO / "nodes").glob("*.py"), *(REPO / "trainer").glob("*.py")])
+PACK_SOURCES = sorted([REPO / "__init__.py", *(REPO / "nodes").glob("*.py"), *(REPO / "trainer").rglob("*.py")])
 
 
 class _Exploit:
@@ -169,7 +169,7 @@ def test_blip_model_names_cannot_leave_the_blip_folder(clean_blip, outside, audi
 
 
 def test_lora_pickles_are_refused_before_being_opened(loras_folder, tmp_path, audit, hardening):
-    from lora_lab.trainer.lora_file import PICKLE_SUFFIXES, load_lora_file
+    from lora_lab.trainer.lora.files import PICKLE_SUFFIXES, load_lora_file
     marker = tmp_path / "lora_pickle_ran"
     for suffix in sorted(PICKLE_SUFFIXES):
         path = loras_folder / f"hardening_pickle{suffix}"

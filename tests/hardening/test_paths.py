@@ -136,7 +136,7 @@ def test_absolute_paths_inside_the_allowed_roots_keep_working(dataset_nodes, fol
 
 def test_the_audit_sees_a_read_outside(outside, audit, hardening):
     """Control: the audit is not blind — scanning the outside tree directly is caught."""
-    from lora_lab.trainer.dataset import clear_scan_cache, scan_folder
+    from lora_lab.trainer.data.dataset import clear_scan_cache, scan_folder
     clear_scan_cache()
     with audit.watch():
         scan_folder(str(outside / "pictures"))
@@ -230,7 +230,7 @@ def test_sidecars_swapped_for_links_after_the_scan_are_not_written_through(
 
 def test_over_long_sidecar_names_and_a_full_disk_are_reported_not_crashed(
         dataset_nodes, input_dir, tiny_blip, audit, monkeypatch, hardening):
-    from lora_lab.trainer import caption_edits
+    from lora_lab.trainer.captions import edits as caption_edits
     folder = input_dir / "long_names"
     shutil.rmtree(folder, ignore_errors=True)
     long_stem = "x" * 245                         # a legal 249-byte picture name; its temporary sidecar is not
@@ -298,7 +298,7 @@ def output_name_attacks(loras: Path, outside: Path) -> list[tuple[str, str]]:
 
 @pytest.fixture
 def train_inputs(comfy, tiny_unet, sd15_clip, small_vae):
-    from lora_lab.trainer.dataset import dataset_from_pixels
+    from lora_lab.trainer.data.dataset import dataset_from_pixels
     with torch.inference_mode():
         dataset = dataset_from_pixels(torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0)),
                                       ["sks, noise"])
@@ -445,7 +445,7 @@ def test_a_malicious_resume_state_is_not_unpickled(train_inputs, roots, audit, h
 @pytest.fixture(scope="module")
 def stack_nodes(pack):
     import importlib
-    return importlib.import_module("lora_lab.nodes.stack")
+    return importlib.import_module("lora_lab.nodes.pedals")
 
 
 def stack_attacks(loras: Path, outside: Path) -> list[tuple[str, str]]:
@@ -510,7 +510,7 @@ def test_lora_info_route_answers_odd_files_and_names_with_400_not_a_traceback(pa
                                                                               hardening):
     import folder_paths
     import safetensors.torch
-    from lora_lab.nodes import routes, stack
+    from lora_lab.nodes import routes, pedals
 
     def raising(error):
         def call(*args, **kwargs):
@@ -533,7 +533,7 @@ def test_lora_info_route_answers_odd_files_and_names_with_400_not_a_traceback(pa
         for name in ("odd_offsets", "deep_header", "vanishing"):
             (loras / f"{name}.safetensors").unlink()
     with monkeypatch.context() as patched:          # ComfyUI's own lookup raising on a name such as "C:x" (Windows)
-        patched.setattr(stack, "resolve_name", raising(ValueError("path is on mount 'C:', start on mount 'D:'")))
+        patched.setattr(pedals, "resolve_name", raising(ValueError("path is on mount 'C:', start on mount 'D:'")))
         answers["C:x"] = routes.lora_info("C:x")
     server_folders = {folder for path in folder_paths.get_folder_paths("loras")
                       for folder in (path, os.path.realpath(path))}

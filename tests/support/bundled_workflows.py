@@ -1,0 +1,156 @@
+"""The bundled example workflows, described in a few lines each: what tools/build_workflows.py builds
+in the front end and what the tests load, run and check."""
+from __future__ import annotations
+
+CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+DATASET = "my_dataset"
+TRIGGER = "myconcept"
+TRAINED = "my_first_lora"
+PLACEHOLDER = "{trigger}"    # Training Options' preview prompts and the Compare Grid fill in the trigger word
+POSITIVE = f"{TRIGGER}, a portrait, detailed, best quality"
+NEGATIVE = "blurry, lowres, watermark, text"
+
+
+def node(key, kind, column, widgets=None, inputs=None, title=None, width=None):
+    """One node: its column in the layout, widget values by name, inputs as {name: (node_key, output_slot)}."""
+    return {"key": key, "type": kind, "column": column, "widgets": widgets or {}, "inputs": inputs or {},
+            "title": title, "width": width}
+
+
+def note(key, column, text, width=420):
+    return node(key, "Note", column, {"text": text}, title="Read me", width=width)
+
+
+def sampling(column, model, clip, vae, prefix):
+    """Prompt -> KSampler -> VAEDecode -> SaveImage, sampling with the MODEL/CLIP given."""
+    return [
+        node("positive", "CLIPTextEncode", column, {"text": POSITIVE}, {"clip": clip}, title="Prompt (trigger word first)"),
+        node("negative", "CLIPTextEncode", column, {"text": NEGATIVE}, {"clip": clip}, title="Negative prompt"),
+        node("latent", "EmptyLatentImage", column, {"width": 512, "height": 512, "batch_size": 1}),
+        node("sampler", "KSampler", column + 1,
+             {"seed": 42, "control_after_generate": "fixed", "steps": 25, "cfg": 7.0, "sampler_name": "euler_ancestral",
+              "scheduler": "normal", "denoise": 1.0},
+             {"model": model, "positive": ("positive", 0), "negative": ("negative", 0), "latent_image": ("latent", 0)}),
+        node("decode", "VAEDecode", column + 2, {}, {"samples": ("sampler", 0), "vae": vae}),
+        node("save", "SaveImage", column + 2, {"filename_prefix": prefix}, {"images": ("decode", 0)}),
+    ]
+
+
+def dataset_and_captions():
+    """Folder -> BLIP captions (trigger word first, missing ones only, written as .txt files)."""
+    return [
+        node("dataset", "LoraLabDatasetFromFolder", 1,
+             {"folder": DATASET, "caption_extension": ".txt", "default_repeats": 10, "batch_size": 1,
+              "target_steps": 1500}),
+        node("blip", "LoraLabBlipLoader", 1, {"model": "blip-base", "device": "auto", "precision": "auto"}),
+        node("caption", "LoraLabCaption", 2,
+             {"mode": "fill-missing", "trigger_word": TRIGGER, "prompt": "", "min_length": 5, "max_length": 30,
+              "num_beams": 3, "batch_size": 8, "find": "", "replace": "", "remove_tags": "", "write_sidecars": True},
+             {"dataset": ("dataset", 0), "blip": ("blip", 0)}, width=380),
+    ]
+
+
+TRAIN_WIDGETS = {"output_name": TRAINED, "resolution": 0, "steps": 1500, "epochs": 0, "batch_size": 1,
+                 "learning_rate": 1e-4, "rank": 16, "alpha": 8.0, "seed": 0, "control_after_generate": "fixed",
+                 "trigger_word": ""}
+
+WORKFLOWS = {
+    "1_caption_dataset": [
+        note("readme", 0,
+             "CAPTION A DATASET WITH BLIP\n\n"
+             f"1. Put 10-500 pictures in ComfyUI/input/{DATASET}/ (kohya layout works too: "
+             f"{DATASET}/10_{TRIGGER}/...). Type that folder name in 'folder'.\n"
+             f"2. Set the trigger word ('trigger_word') to a rare word for your concept ({TRIGGER} here); it goes "
+             "first in every caption.\n"
+             "3. Queue. Pictures that already have a .txt caption keep it (mode fill-missing); "
+             "the others get a BLIP caption, written next to the picture (write_sidecars).\n\n"
+             "BLIP base (about 1 GB) downloads from the Hugging Face hub on first use. Offline, put the "
+             "Salesforce/blip-image-captioning-base files in ComfyUI/models/blip/blip-base/."),
+        *dataset_and_captions(),
+        node("preview", "LoraLabDatasetPreview", 3,
+             {"resolution": 512, "thumbnail_size": 192, "max_images": 64}, {"dataset": ("caption", 0)},
+             title="Dataset preview (buckets + captions)"),
+    ],
+    "2_caption_train_sample": [
+        note("readme", 0,
+             "DATASET -> CAPTION -> TRAIN -> SAMPLE, IN ONE GRAPH\n\n"
+             f"1. Checkpoint: pick your SD1.5 model (e.g. {CHECKPOINT}).\n"
+             f"2. Dataset: pictures in ComfyUI/input/{DATASET}/; type its name in 'folder'.\n"
+             f"3. Trigger word: set it on the Caption node ({TRIGGER} here) and start the sample prompt with it "
+             f"(the preview prompts in Training Options say {PLACEHOLDER}, which becomes it).\n"
+             "4. Queue. Watch the loss chart on Train LoRA, and every 250 steps a preview of the prompts in "
+             "Training Options rendered with the LoRA so far; the LoRA is saved in models/loras as "
+             f"'{TRAINED}.safetensors' and the sampler after it already uses it.\n\n"
+             "Defaults suit SD1.5 on an 8 GB GPU: 512 px, batch 1, rank 16, alpha 8, lr 1e-4, 1500 steps "
+             "(about 20 pictures x 10 repeats x 7-8 epochs). Cancel keeps what was trained as "
+             f"{TRAINED}_stepN. Re-queueing an unchanged graph does not retrain."),
+        node("checkpoint", "CheckpointLoaderSimple", 1, {"ckpt_name": CHECKPOINT}),
+        *dataset_and_captions(),
+        node("options", "LoraLabTrainingOptions", 2,
+             {"preview_every_n_steps": 250,
+              "preview_prompts": f"{PLACEHOLDER}, a portrait\n{PLACEHOLDER}, full body, outdoors"},
+             title="Training Options (previews every 250 steps)", width=380),
+        node("train", "LoraLabTrainLora", 3, TRAIN_WIDGETS,
+             {"model": ("checkpoint", 0), "clip": ("checkpoint", 1), "vae": ("checkpoint", 2),
+              "dataset": ("caption", 0), "options": ("options", 0)}, width=420),
+        node("loss", "PreviewImage", 3, {}, {"images": ("train", 3)}, title="Loss curve"),
+        *sampling(4, ("train", 0), ("train", 1), ("checkpoint", 2), "lora_lab/sample"),
+    ],
+    "3_pedals_and_grid": [
+        note("readme", 0,
+             "STACK LORAS LIKE GUITAR PEDALS, AND COMPARE THEM\n\n"
+             f"Pedal 1 is the LoRA trained by workflow 2 ({TRAINED}.safetensors). Pedals 2 and 3 come switched "
+             "off: to stack more LoRAs, pick one of yours from models/loras in each pedal's lora_name list and "
+             "switch its 'enabled' on. Each pedal has its own model/clip strength; a switched-off or "
+             "zero-strength pedal passes the stack through.\n\n"
+             "Apply LoRA Stack loads them the same way ComfyUI's LoraLoader does and outputs their trigger "
+             "words. The comparison grid renders each prompt with the base model, each pedal alone and "
+             f"the whole stack, at the same seed; {PLACEHOLDER} in its prompts becomes its trigger_word, or "
+             "when that is empty the trigger words stored in the stacked LoRAs. Set sweep_index to a pedal's "
+             "position (0 = first) to also sweep its strength."),
+        node("checkpoint", "CheckpointLoaderSimple", 1, {"ckpt_name": CHECKPOINT}),
+        node("pedal1", "LoraLabLoraStack", 1,
+             {"lora_name": f"{TRAINED}.safetensors", "strength_model": 1.0, "strength_clip": 1.0, "enabled": True},
+             title="Pedal 1: the LoRA you trained"),
+        node("pedal2", "LoraLabLoraStack", 1,
+             {"lora_name": "style.safetensors", "strength_model": 0.6, "strength_clip": 0.6, "enabled": False},
+             {"lora_stack": ("pedal1", 0)}, title="Pedal 2: a style LoRA (off)"),
+        node("pedal3", "LoraLabLoraStack", 1,
+             {"lora_name": "detail.safetensors", "strength_model": 0.4, "strength_clip": 0.4, "enabled": False},
+             {"lora_stack": ("pedal2", 0)}, title="Pedal 3: a detail LoRA (off)"),
+        node("apply", "LoraLabApplyLoraStack", 2, {},
+             {"model": ("checkpoint", 0), "clip": ("checkpoint", 1), "lora_stack": ("pedal3", 0)}),
+        node("grid", "LoraLabLoraCompareGrid", 2,
+             {"prompts": f"{PLACEHOLDER}, a portrait\n{PLACEHOLDER}, a city street at night", "seed": 42,
+              "control_after_generate": "fixed", "steps": 20, "cfg": 7.0, "sampler_name": "euler_ancestral",
+              "scheduler": "normal", "width": 512, "height": 512, "negative_prompt": NEGATIVE,
+              "sweep_index": -1, "sweep_strengths": "0, 0.5, 1", "trigger_word": ""},
+             {"model": ("checkpoint", 0), "clip": ("checkpoint", 1), "vae": ("checkpoint", 2),
+              "lora_stack": ("pedal3", 0)}, width=380),
+        node("grid_save", "SaveImage", 5, {"filename_prefix": "lora_lab/grid"}, {"images": ("grid", 0)},
+             title="Comparison grid"),
+        *sampling(3, ("apply", 0), ("apply", 1), ("checkpoint", 2), "lora_lab/stacked"),
+    ],
+    "4_resume_training": [
+        note("readme", 0,
+             "RESUME TRAINING A LORA\n\n"
+             f"'resume_from' names a LoRA in models/loras ({TRAINED}.safetensors, from workflow 2). A LoRA Lab "
+             "save continues exactly where it stopped (weights, optimizer, schedule, step count); a LoRA "
+             "from elsewhere continues its weights with a fresh optimizer.\n\n"
+             "'steps' is the total: 3000 here continues a 1500-step LoRA for 1500 more. Use the same "
+             f"checkpoint, dataset folder (ComfyUI/input/{DATASET}), rank and alpha as the first run. "
+             "The result is saved under the new output_name; "
+             "save_every_n_steps keeps intermediate saves to compare."),
+        node("checkpoint", "CheckpointLoaderSimple", 1, {"ckpt_name": CHECKPOINT}),
+        node("dataset", "LoraLabDatasetFromFolder", 1,
+             {"folder": DATASET, "caption_extension": ".txt", "default_repeats": 10, "batch_size": 1,
+              "target_steps": 3000}),
+        node("options", "LoraLabTrainingOptions", 2,
+             {"resume_from": f"{TRAINED}.safetensors", "save_every_n_steps": 500}, width=400),
+        node("train", "LoraLabTrainLora", 3, dict(TRAIN_WIDGETS, output_name=f"{TRAINED}_resumed", steps=3000),
+             {"model": ("checkpoint", 0), "clip": ("checkpoint", 1), "vae": ("checkpoint", 2),
+              "dataset": ("dataset", 0), "options": ("options", 0)}, width=420),
+        node("loss", "PreviewImage", 3, {}, {"images": ("train", 3)}, title="Loss curve"),
+        *sampling(4, ("train", 0), ("train", 1), ("checkpoint", 2), "lora_lab/resumed"),
+    ],
+}

@@ -1,0 +1,296 @@
+"""The training loop, over any model that speaks the Denoiser protocol.
+
+No ComfyUI in here: the bridge in nodes/ adapts a ComfyUI MODEL to ``Denoiser``; tests use tiny
+torch modules. One step, top to bottom: pick a batch from one bucket, draw noise and a uniform
+timestep, noise the latents, ask the model for its clean-image estimate, measure the error in the
+model's own output parameterization, step AdamW, report.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Protocol
+
+import torch
+
+from ..captions.augment import CaptionAugment, TextEncodingMemo, augment_batch, varies
+from ..data.encoded_dataset import EncodedDataset, PictureSize, TextEncoding, as_text_encoding, concat_conds
+from .schedules import make_scheduler
+from .noise import NoiseSettings, draw, loss_weights, weighted_mean
+from .optimizers import make_optimizer, trainable_parameters
+
+log = logging.getLogger("LoRA Lab")
+
+
+class Denoiser(Protocol):
+    """What the loop needs from a diffusion model."""
+
+    prediction_type: str   # "eps" | "v" | "flow" | ...: which loss weights apply (noise.py); "eps" if absent
+
+    def training_sigmas(self, u: torch.Tensor) -> torch.Tensor:
+        """Uniform u in [0, 1) -> the noise level of a uniformly drawn training timestep."""
+
+    def noisy_latents(self, latents: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The forward process: clean latents and noise at ``sigma`` -> model input."""
+
+    def denoise(self, noisy: torch.Tensor, sigma: torch.Tensor, cond) -> torch.Tensor:
+        """The model's estimate of the clean latents (differentiable through the adapters). ``cond`` is
+        what ``conditioning`` made, or the concatenated cross-attention states if it has none."""
+
+    def output_error_scale(self, sigma: torch.Tensor) -> torch.Tensor:
+        """s such that (error of the clean estimate) / s = error of the model's raw output.
+
+        The model's output is affine in its clean estimate, so dividing by s puts the loss in the
+        model's own parameterization: eps for eps models (s = sigma), v for v models, and so on.
+        """
+
+    # Optional: def conditioning(self, texts: list[TextEncoding], sizes: list[PictureSize], device) -> cond
+    # builds the model's conditioning for a batch (pooled output, SDXL's size conditioning).
+    # Optional: def grouped_conditioning(self, texts, sizes, device) -> [(positions, cond)], when some
+    #           conditionings cannot share a batch
+
+
+@dataclass
+class TrainSettings:
+    steps: int
+    batch_size: int = 1
+    learning_rate: float = 1e-4
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    gradient_accumulation: int = 1
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "fp32"      # fp32 | bf16 | fp16 (fp16 uses loss scaling)
+    loss_scaling: bool = False         # also scale when the model itself computes in fp16
+    seed: int = 0
+    weight_decay: float = 1e-2
+    optimizer: str = "AdamW"
+    optimizer_args: dict = field(default_factory=dict)
+    lr_cycles: int = 1
+    noise: NoiseSettings = field(default_factory=NoiseSettings)
+    captions: CaptionAugment = field(default_factory=CaptionAugment)
+
+
+@dataclass
+class StepReport:
+    step: int            # optimizer steps done so far (1-based)
+    total: int
+    loss: float
+    lr: float
+    seconds: float       # wall time of this step
+    snapshot: Callable[[], "LoopState"] | None = None   # resumable state after this step, built on demand
+
+
+class NonFiniteLoss(RuntimeError):
+    def __init__(self, step: int, value: float, what: str = "loss"):
+        super().__init__(f"the {what} became {value} at step {step}")
+        self.step = step
+
+
+@dataclass
+class LoopState:
+    """Everything needed to resume: optimizer, scheduler and how far we got."""
+    step: int
+    optimizer: dict | None = None     # None: weights resumed from a plain LoRA file, optimizer starts fresh
+    scheduler: dict | None = None
+    scaler: dict | None = None        # fp16 loss scaling
+    rng: dict | None = None           # global torch RNG (adapter dropout)
+
+
+def autocast_for(device: torch.device, mixed_precision: str):
+    if mixed_precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def model_conditioning(denoiser: Denoiser, texts: list[TextEncoding], sizes: list[PictureSize],
+                       device: torch.device):
+    """The conditioning of one batch, made by the denoiser when it knows its model's inputs."""
+    build = getattr(denoiser, "conditioning", None)
+    if build is not None:
+        return build(texts, sizes, device)
+    return concat_conds([text.cross_attn for text in texts]).to(device)
+
+
+def conditioning_groups(denoiser: Denoiser, texts: list[TextEncoding], sizes: list[PictureSize],
+                        device: torch.device) -> list[tuple[list[int], object]]:
+    """The batch's conditioning as (positions, conditioning) groups that each go through the model in
+    one pass: one group, unless the denoiser says some conditionings cannot share a batch (SD3/Flux T5
+    states of different token lengths)."""
+    grouped = getattr(denoiser, "grouped_conditioning", None)
+    if grouped is not None and len(texts) > 1:
+        return grouped(texts, sizes, device)
+    return [(list(range(len(texts))), model_conditioning(denoiser, texts, sizes, device))]
+
+
+def batch_loss(denoiser: Denoiser, latents: torch.Tensor, texts: list[TextEncoding], sizes: list[PictureSize],
+               noise: torch.Tensor, u: torch.Tensor, device: torch.device, settings: "TrainSettings") -> torch.Tensor:
+    """The batch's loss. Conditionings that cannot share a batch go through the model in sub-batches,
+    each weighted by its share of the batch: the same mean as one pass."""
+    groups = conditioning_groups(denoiser, [text.to(device) for text in texts], sizes, device)
+    if len(groups) == 1:                      # the usual case: the batch as it is, in one pass
+        with autocast_for(device, settings.mixed_precision):
+            return denoising_loss(denoiser, latents, groups[0][1], noise, u, settings.noise)
+    total = torch.zeros((), device=device)
+    for group, cond in groups:
+        with autocast_for(device, settings.mixed_precision):
+            part = denoising_loss(denoiser, latents[group], cond, noise[group], u[group], settings.noise)
+        total = total + part * (len(group) / len(texts))
+    return total
+
+
+def denoising_loss(denoiser: Denoiser, latents: torch.Tensor, cond, noise: torch.Tensor,
+                   u: torch.Tensor, noise_settings: NoiseSettings | None = None) -> torch.Tensor:
+    """Mean squared error of the model's output at the timesteps ``u`` (also used to measure learning)."""
+    sigma = denoiser.training_sigmas(u)
+    noisy = denoiser.noisy_latents(latents, noise, sigma)
+    denoised = denoiser.denoise(noisy, sigma, cond)
+    scale = denoiser.output_error_scale(sigma).view(-1, *([1] * (latents.ndim - 1)))
+    squared_error = ((denoised.float() - latents.float()) / scale.float()).pow(2)
+    weights = None
+    if noise_settings is not None and noise_settings.weights_loss:
+        weights = loss_weights(sigma, getattr(denoiser, "prediction_type", "eps"), noise_settings)
+    return weighted_mean(squared_error, weights)
+
+
+def train(denoiser: Denoiser, data: EncodedDataset, parameters: Iterable[torch.nn.Parameter],
+          settings: TrainSettings, device: torch.device,
+          on_step: Callable[[StepReport], None] | None = None,
+          resume: LoopState | None = None,
+          encode_caption: Callable[[str], torch.Tensor] | None = None,
+          text_encoder_trains: bool = False) -> LoopState:
+    """Run ``settings.steps`` optimizer steps (counting any resumed ones) and return the loop state.
+
+    ``on_step`` runs after every optimizer step; raising from it (Cancel) stops within one step —
+    the caller still holds the adapters and saves what was trained. ``parameters`` may be param groups
+    (``optimizers.param_groups``: UNet and text encoder at their own rates). With
+    ``text_encoder_trains`` every step encodes its captions through ``encode_caption`` with gradients
+    (the encoder carries adapters); nothing encoded up front is used. A NaN/inf loss or gradient
+    raises NonFiniteLoss before it reaches the weights (with loss scaling, the scaler skips such
+    steps itself, as fp16 training expects).
+    """
+    optimizer = make_optimizer(settings.optimizer, parameters, settings.learning_rate,
+                               **{"weight_decay": settings.weight_decay, **settings.optimizer_args})
+    parameters = trainable_parameters(optimizer.param_groups)
+    scheduler = make_scheduler(optimizer, settings.lr_schedule, settings.steps, settings.warmup_steps,
+                               settings.lr_cycles)
+    captions_vary = varies(settings.captions)
+    if (captions_vary or text_encoder_trains) and encode_caption is None:
+        raise ValueError("caption dropout/shuffle and text-encoder training need encode_caption: "
+                         "captions are encoded per step")
+    # Frozen text encoder: "" and recurring captions are encoded once. (A trained one: call it directly.)
+    text_for = TextEncodingMemo(lambda caption: as_text_encoding(encode_caption(caption)).stored())
+    scaler = _grad_scaler(device) if settings.mixed_precision == "fp16" or settings.loss_scaling else None
+    start = resume.step if resume is not None else 0
+    if resume is not None:
+        _restore(resume, optimizer, scheduler, scaler, chosen=("lr", "initial_lr", "weight_decay",
+                                                                *settings.optimizer_args))
+
+    # A private generator for noise, timesteps and batch order: same seed, same run.
+    generator = torch.Generator().manual_seed(settings.seed)
+    batches = data.batch_plan(settings.batch_size, settings.seed)
+    for _ in range(start * settings.gradient_accumulation):  # resume: replay the data order and draws
+        indices = next(batches)
+        draw(generator, (len(indices), *data.examples[indices[0]].latent.shape), settings.noise)
+
+    for step in range(start, settings.steps):
+        began = time.perf_counter()
+        step_loss = 0.0
+        for micro in range(settings.gradient_accumulation):
+            indices = next(batches)
+            latents, texts, sizes = data.collate(indices, device)
+            if captions_vary or text_encoder_trains:
+                captions = augment_batch([data.examples[i].caption for i in indices], settings.captions,
+                                         settings.seed, step, micro)
+                encode = encode_caption if text_encoder_trains else text_for   # a trained encoder keeps its graph
+                texts = [as_text_encoding(encode(caption)) for caption in captions]
+            noise, u = draw(generator, tuple(latents.shape), settings.noise)
+            loss = batch_loss(denoiser, latents, texts, sizes, noise.to(device), u.to(device), device, settings)
+            if not math.isfinite(loss.item()):
+                optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteLoss(step + 1, loss.item())
+            scaled = loss / settings.gradient_accumulation
+            (scaler.scale(scaled) if scaler else scaled).backward()
+            step_loss += loss.item() / settings.gradient_accumulation
+
+        if scaler:
+            scaler.unscale_(optimizer)
+        max_norm = settings.max_grad_norm if settings.max_grad_norm > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+        if not math.isfinite(grad_norm) and scaler is None:
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLoss(step + 1, grad_norm, what="gradient norm")
+        lr = scheduler.get_last_lr()[0]
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        if on_step:
+            done = step + 1
+            on_step(StepReport(done, settings.steps, step_loss, lr, time.perf_counter() - began,
+                               snapshot=lambda: _snapshot(done, optimizer, scheduler, scaler)))
+    return _snapshot(settings.steps, optimizer, scheduler, scaler)
+
+
+def _grad_scaler(device: torch.device):
+    # torch.amp.GradScaler arrived in torch 2.3; ComfyUI installs of early 2024 may have 2.1/2.2.
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler(device.type)
+    return torch.cuda.amp.GradScaler(enabled=device.type == "cuda")
+
+
+def _snapshot(step, optimizer, scheduler, scaler) -> LoopState:
+    # The global RNG drives adapter dropout; keeping it makes a resumed run draw the same masks.
+    rng = {"cpu": torch.random.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return LoopState(step, optimizer.state_dict(), scheduler.state_dict(),
+                     scaler.state_dict() if scaler else None, rng)
+
+
+def _restore(resume: LoopState, optimizer, scheduler, scaler, chosen: tuple[str, ...]) -> None:
+    """The saved optimizer state (moments, step counts) under this run's own settings: the ``chosen``
+    hyperparameters of every param group (learning rate, weight decay, optimizer_args) keep the values
+    this run was given, as the saved file records them, and the schedule continues from the saved
+    step over this run's rates and length."""
+    ours = [{key: group[key] for key in chosen if key in group} for group in optimizer.param_groups]
+    if resume.optimizer is not None:
+        saved = [group.get("initial_lr", group.get("lr")) for group in resume.optimizer.get("param_groups", [])]
+        optimizer.load_state_dict(resume.optimizer)
+        for group, values in zip(optimizer.param_groups, ours):
+            group.update(values)
+        now = [values.get("initial_lr", values.get("lr")) for values in ours]
+        if saved != now:
+            log.warning("[LoRA Lab] resuming with learning rate %s (the save was trained at %s)", now, saved)
+    scheduler.last_epoch = resume.step
+    for group, base, multiplier in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * multiplier(resume.step)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]   # what get_last_lr() reports
+    if scaler is not None and resume.scaler:
+        scaler.load_state_dict(resume.scaler)
+    if resume.rng:
+        torch.random.set_rng_state(resume.rng["cpu"])
+        if "cuda" in resume.rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(resume.rng["cuda"])
+
+
+@torch.no_grad()
+def measure_loss(denoiser: Denoiser, data: EncodedDataset, device: torch.device, seed: int = 1234,
+                 draws: int = 4) -> float:
+    """Loss over the whole training set at fixed noise and timesteps: the learning proof's yardstick."""
+    generator = torch.Generator().manual_seed(seed)
+    total, count = 0.0, 0
+    for index in range(len(data.examples)):
+        for _ in range(draws):
+            latents, texts, sizes = data.collate([index], device)
+            cond = model_conditioning(denoiser, [text.to(device) for text in texts], sizes, device)
+            noise, u = draw(generator, tuple(latents.shape), NoiseSettings())
+            total += denoising_loss(denoiser, latents, cond, noise.to(device), u.to(device)).item()
+            count += 1
+    return total / max(1, count)
