@@ -17,7 +17,7 @@ import comfy.sd
 
 from ..trainer.training.gradient_checkpointing import clone_inputs_of, gradient_checkpointing
 from ..trainer.data.encoded_dataset import PictureSize, TextEncoding
-from ..trainer.lora.network import DIT_BLOCKS, NetworkShape
+from ..trainer.lora.network import DIT_BLOCKS, Network
 
 log = logging.getLogger("LoRA Lab")
 
@@ -156,16 +156,16 @@ def condition_arguments(text: TextEncoding, size: PictureSize, device) -> dict:
 
 # --- which layers get adapters, and their kohya names ---------------------------------------------
 UNET_BLOCKS = ("SpatialTransformer", "ResBlock", "Downsample", "Upsample")
-# SD3's JointBlock, Flux's DoubleStreamBlock / SingleStreamBlock (trainer.network_shape.DIT_BLOCKS).
+# SD3's JointBlock, Flux's DoubleStreamBlock / SingleStreamBlock (DIT_BLOCKS, trainer/lora/network.py).
 DENOISER_BLOCKS = UNET_BLOCKS + DIT_BLOCKS
 
 
-def unet_lora_targets(patcher, shape: NetworkShape | None = None) -> dict[str, str]:
+def unet_lora_targets(patcher, shape: Network | None = None) -> dict[str, str]:
     """{module path inside diffusion_model: kohya module name} for the network shape (kohya default)."""
-    return {path: name for path, (name, _) in unet_lora_layers(patcher, shape or NetworkShape()).items()}
+    return {path: name for path, (name, _) in unet_lora_layers(patcher, shape or Network()).items()}
 
 
-def unet_lora_layers(patcher, shape: NetworkShape) -> dict[str, tuple[str, str]]:
+def unet_lora_layers(patcher, shape: Network) -> dict[str, tuple[str, str]]:
     """{module path: (kohya name, "linear" | "conv")} for every UNet / DiT layer the shape trains.
 
     Names come from ComfyUI's own LoRA key map, so every saved key is one ComfyUI maps (no "lora key

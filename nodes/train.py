@@ -26,8 +26,8 @@ from ..trainer.training.loop import NonFiniteLoss, StepReport, TrainSettings, tr
 from ..trainer.loss_plot import loss_curve_image
 from ..trainer.training.schedules import schedule_notes
 from ..trainer.training.noise import notes_for
-from ..trainer.training.optimizers import (OptimizerUnavailable, lr_advice, make_optimizer, param_groups,
-                                  parse_optimizer_args)
+from ..trainer.training.kohya_metadata import Description
+from ..trainer.training.optimizers import OptimizerUnavailable, lr_advice, make_optimizer, parse_optimizer_args
 from . import comfy_bridge, training_files
 from .training_previews import TrainingPreviews, empty_previews
 from .messages import LoraLabError, user_error
@@ -105,7 +105,9 @@ class LoraLabTrainLora:
             epoch_plan = data.epochs(batch_size, options.gradient_accumulation)
             settings = TrainSettings(
                 steps=epoch_plan.steps_for(epochs) if epochs > 0 else steps, batch_size=batch_size,
-                learning_rate=learning_rate, lr_schedule=options.lr_schedule, warmup_steps=options.warmup_steps,
+                learning_rate=learning_rate, text_encoder_lr=options.text_encoder_lr or None,
+                text_encoder_2_lr=options.text_encoder_2_lr or None, network=options.network(rank, alpha),
+                train_text_encoder=options.train_text_encoder, lr_schedule=options.lr_schedule, warmup_steps=options.warmup_steps,
                 gradient_accumulation=options.gradient_accumulation, max_grad_norm=options.max_grad_norm,
                 mixed_precision=options.resolved_precision(device), seed=seed,
                 # A UNet ComfyUI runs in fp16 gives fp16 gradients whatever we choose: scale them.
@@ -115,17 +117,15 @@ class LoraLabTrainLora:
                 captions=options.captions)
             check_noise_settings(model, settings)
             run.notes = (notes_for(comfy_bridge.prediction_type(comfy_bridge.model_sampling(model)), settings.noise)
-                         + schedule_notes(settings.lr_schedule, settings.warmup_steps, settings.steps))
+                         + schedule_notes(settings.lr_schedule, settings.warmup_steps, settings.steps)
+                         + [advice for advice in [lr_advice(settings.optimizer, settings.learning_rate)] if advice])
             for note in run.notes:
                 log.warning("[LoRA Lab] %s", note)
             trigger_word = trigger_word or training_files.shared_first_tag(dataset)
-            describe = training_files.Description(
-                output_name=run.output_name, family=comfy_bridge.base_model_version(model), rank=rank, alpha=alpha,
-                resolution=resolution, settings=settings, dataset=dataset, buckets=data.buckets,
-                trigger_word=trigger_word, epoch_plan=epoch_plan,
-                epochs=epochs, extra={**options.network.metadata(rank, alpha),
-                                      **text_encoder_metadata(options, learning_rate)},
-                v_parameterization=comfy_bridge.predicts_v(model))
+            describe = Description(
+                output_name=run.output_name, family=comfy_bridge.base_model_version(model), resolution=resolution,
+                settings=settings, dataset=dataset, buckets=data.buckets, trigger_word=trigger_word,
+                epoch_plan=epoch_plan, epochs=epochs, v_parameterization=comfy_bridge.predicts_v(model))
             if resume and resume.step >= settings.steps and epochs > 0:
                 done = epoch_plan.completed_at(resume.step)
                 raise user_error(NODE, "epochs", f"'{options.resume_from}' already has {resume.step} steps "
@@ -134,8 +134,7 @@ class LoraLabTrainLora:
             if resume and resume.step >= settings.steps:
                 raise user_error(NODE, "steps", f"'{options.resume_from}' already has {resume.step} steps; "
                                  f"steps is {settings.steps}.", f"set steps above {resume.step} to train further.")
-            run.identity = identity_of_run(model, data, settings, options, resolution, rank, alpha, trigger_word,
-                                           resume)
+            run.identity = identity_of_run(model, data, settings, options, resolution, trigger_word, resume)
             finished = run.identity and run_reuse.find_finished(
                 training_files.loras_root(), training_files.base_name(output_name), run.identity)
             if finished:
@@ -144,8 +143,7 @@ class LoraLabTrainLora:
             if options.previews.every_n_steps:      # prompts encoded now: CLIP is not loaded mid-run
                 run.previews = TrainingPreviews(model, clip, options.previews, trigger_word, (resolution, resolution),
                                                 unique_id, settings.mixed_precision)
-            saved = train_adapters(model, clip, data, settings, options, rank, alpha, seed, device, run, describe,
-                                   resume)
+            saved = train_adapters(model, clip, data, settings, options, device, run, describe, resume)
             del data
         comfy.model_management.soft_empty_cache()
         previews = run.previews.decoded(vae) if run.previews else None
@@ -168,7 +166,7 @@ NOT_IN_RUN_IDENTITY = ("save_every_n_steps", "save_every_n_epochs", "keep_last_s
                        "preview_seed", "preview_steps", "preview_cfg")
 
 
-def identity_of_run(model, data, settings, options, resolution, rank, alpha, trigger_word, resume) -> str | None:
+def identity_of_run(model, data, settings, options, resolution, trigger_word, resume) -> str | None:
     """The run's identity (finished_runs), or None when the base model cannot be loaded to look at
     (too big for the device: training will say so)."""
     try:
@@ -179,7 +177,8 @@ def identity_of_run(model, data, settings, options, resolution, rank, alpha, tri
         data=run_reuse.data_fingerprint(data), model=comfy_bridge.model_fingerprint(model),
         settings={"options": run_reuse.settings_of(options, NOT_IN_RUN_IDENTITY), "resolution": resolution,
                   "steps": settings.steps, "batch_size": settings.batch_size, "learning_rate": settings.learning_rate,
-                  "rank": rank, "alpha": alpha, "seed": settings.seed, "trigger_word": trigger_word,
+                  "rank": settings.network.rank, "alpha": settings.network.alpha, "seed": settings.seed,
+                  "trigger_word": trigger_word,
                   "precision": settings.mixed_precision, "loss_scaling": settings.loss_scaling,
                   "resume": [resume.step, vae_fingerprint(resume.tensors)] if resume else None})
 
@@ -239,14 +238,11 @@ def check_noise_settings(model, settings):
     if settings.noise.min_snr_gamma > 0 and kind not in ("eps", "v"):
         raise user_error(NODE, "options", f"min_snr_gamma applies to eps and v prediction; this model predicts {kind}.",
                          "set min_snr_gamma to 0 in Training Options.")
-    advice = lr_advice(settings.optimizer, settings.learning_rate)
-    if advice:
-        log.warning("[LoRA Lab] %s", advice)
 
 
-def train_adapters(model, clip, data, settings, options, rank, alpha, seed, device, run, describe, resume):
+def train_adapters(model, clip, data, settings, options, device, run, describe, resume):
     """Inject, train, save; whatever happens the shared model comes back as it was."""
-    text_encoder_trains = options.train_text_encoder
+    text_encoder_trains = settings.train_text_encoder
     # Captions that change per step (dropout, shuffle) or a training text encoder mean CLIP runs inside
     # the loop: it is loaded beside the UNet up front, and never through ComfyUI's loader mid-run.
     clip_in_loop = text_encoder_trains or caption_augment.varies(settings.captions)
@@ -258,9 +254,8 @@ def train_adapters(model, clip, data, settings, options, rank, alpha, seed, devi
                 (comfy_bridge.trainable_text_encoder(clip) if text_encoder_trains
                  else contextlib.nullcontext()) as text_model, \
                 torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            lora, groups = inject_adapters(model, network, clip, text_model, options, rank, alpha, seed, device,
-                                           settings.learning_rate)
+            torch.manual_seed(settings.seed)
+            lora = inject_adapters(model, network, clip, text_model, settings.network, settings.seed, device)
             try:
                 lora.train(True)
                 if resume:
@@ -268,7 +263,7 @@ def train_adapters(model, clip, data, settings, options, rank, alpha, seed, devi
                 # A trained text encoder encodes every step's captions with gradients; a frozen one's
                 # encodings are made once (data.conds) or, when captions vary, memoised by the loop.
                 encode_caption = comfy_bridge.loaded_caption_encoder(clip, with_gradients=text_encoder_trains)
-                loop_state = train(comfy_bridge.ComfyDenoiser(model), data, groups, settings, device,
+                loop_state = train(comfy_bridge.ComfyDenoiser(model), data, lora.parameters_by_part(), settings, device,
                                    on_step=run.step_callback(lora, describe, options),
                                    resume=resume.loop_state if resume else None,
                                    encode_caption=encode_caption, text_encoder_trains=text_encoder_trains)
@@ -307,24 +302,20 @@ def train_adapters(model, clip, data, settings, options, rank, alpha, seed, devi
 HALF_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def inject_adapters(model, network, clip, text_model, options, rank, alpha, seed, device, learning_rate):
-    """The UNet's adapters (and the text encoder's, when it trains) as one LoraSet, and the optimizer's
-    param groups: UNet at learning_rate, text encoder at text_encoder_lr (0 = the same)."""
+def inject_adapters(model, unet, clip, text_model, network, seed, device) -> LoraSet:
+    """The UNet's adapters (and each text encoder's, when they train) as one LoraSet, parts labelled
+    "unet", "text_encoder", "text_encoder_2" (the loop gives each its learning rate)."""
     parts = {}
     try:
-        targets, ranks, alphas = options.network.adapter_arguments(
-            comfy_bridge.unet_lora_layers(model, options.network), rank, alpha)
-        parts["unet"] = InjectedLora(network, targets, rank=rank, alpha=alpha, ranks=ranks, alphas=alphas,
-                                     dropout=options.network.dropout, seed=seed, device=device)
+        targets, ranks, alphas = network.adapter_arguments(comfy_bridge.unet_lora_layers(model, network))
+        parts["unet"] = InjectedLora(unet, targets, rank=network.rank, alpha=network.alpha, ranks=ranks,
+                                     alphas=alphas, dropout=network.dropout, seed=seed, device=device)
         if text_model is not None:
             for encoder, (root, targets) in text_encoder_targets(clip, text_model).items():
-                parts[encoder] = InjectedLora(root, targets, rank=rank, alpha=alpha, dropout=options.network.dropout,
-                                              seed=seed, device=torch.device(clip.patcher.load_device))
-        trained = {label: part.parameters() for label, part in parts.items()}
-        groups = param_groups(trained["unet"], learning_rate, trained.get("text_encoder", ()),
-                              options.text_encoder_lr or None, trained.get("text_encoder_2", ()),
-                              options.text_encoder_2_lr or None)
-        return LoraSet(parts), groups
+                parts[encoder] = InjectedLora(root, targets, rank=network.rank, alpha=network.alpha,
+                                              dropout=network.dropout, seed=seed,
+                                              device=torch.device(clip.patcher.load_device))
+        return LoraSet(parts)
     except BaseException as error:
         for part in parts.values():         # nothing may stay injected in the shared model
             part.remove()
@@ -356,17 +347,6 @@ def text_encoder_targets(clip, text_model) -> dict[str, tuple[torch.nn.Module, d
     if len(parts) > 1 and any(root is text_model for root, _ in parts.values()):
         raise RuntimeError("the text encoders' layers could not be told apart")
     return parts
-
-
-def text_encoder_metadata(options, learning_rate) -> dict[str, str]:
-    """kohya's keys for what was trained at which rate."""
-    data = {"ss_network_train_unet_only": str(not options.train_text_encoder), "ss_unet_lr": str(float(learning_rate))}
-    if options.train_text_encoder:
-        first = float(options.text_encoder_lr or learning_rate)
-        # kohya writes one rate, or SDXL's two as a list when they differ (its --text_encoder_lr a b).
-        second = float(options.text_encoder_2_lr or first)
-        data["ss_text_encoder_lr"] = str(first) if second == first else str([first, second])
-    return data
 
 
 def load_resumed_weights(lora, resume, options):

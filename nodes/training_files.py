@@ -1,11 +1,10 @@
-"""Where Train LoRA writes, what it writes into the file's metadata, and how a run resumes."""
+"""Where Train LoRA writes, and how a run resumes."""
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,9 +12,8 @@ import torch
 import folder_paths
 
 from ..trainer.paths import is_inside
-from ..trainer.lora.files import kohya_metadata, load_lora_file, lora_relative_path, tag_frequency
-from ..trainer.data.encoded_dataset import Epochs
-from ..trainer.training.loop import LoopState, TrainSettings
+from ..trainer.lora.files import load_lora_file, lora_relative_path
+from ..trainer.training.loop import LoopState
 from .messages import user_error
 
 STATE_SUFFIX = ".loralab-state.pt"
@@ -100,65 +98,6 @@ def shared_first_tag(dataset) -> str:
     """The trigger word kohya users put first in every caption, if all captions agree on one."""
     firsts = {item.caption.split(",")[0].strip() for item in dataset.items}
     return firsts.pop() if len(firsts) == 1 and "" not in firsts else ""
-
-
-@dataclass
-class Description:
-    """Everything the saved file says about how it was trained (kohya's ss_* keys and ours)."""
-    output_name: str
-    family: str
-    rank: int
-    alpha: float
-    resolution: int
-    settings: TrainSettings
-    dataset: object
-    buckets: dict
-    trigger_word: str
-    epoch_plan: Epochs
-    epochs: int
-    extra: dict = field(default_factory=dict)
-    v_parameterization: bool = False
-
-    def metadata(self, step: int, started_at: float, finished_at: float) -> dict[str, str]:
-        by_folder: dict[str, list[str]] = {}
-        for item in self.dataset.items:
-            by_folder.setdefault(item.concept or "images", []).append(item.caption)
-        extra = {
-            "ss_bucket_info": json.dumps({"buckets": {f"{w}x{h}": n for (w, h), n in sorted(self.buckets.items())}}),
-            "ss_batch_size_per_device": str(self.settings.batch_size),
-            "ss_lr_scheduler": self.settings.lr_schedule,
-            "ss_seed": str(self.settings.seed),
-            "ss_mixed_precision": self.settings.mixed_precision,
-            # kohya: the epochs the run was set to (from steps: the epochs those steps start), and those done
-            "ss_num_epochs": str(self.epochs or -(-self.settings.steps * self.epoch_plan.accumulation
-                                                 // max(1, self.epoch_plan.batches))),
-            "ss_epoch": str(self.epoch_plan.completed_at(step)),
-            "loralab_total_steps": str(self.settings.steps),
-            "loralab_dataset_fingerprint": self.dataset.fingerprint(),
-            **self.extra,
-        }
-        return kohya_metadata(
-            output_name=Path(self.output_name).name, base_model_version=self.family, network_dim=self.rank,
-            network_alpha=self.alpha, resolution=(self.resolution, self.resolution),
-            num_train_images=sum(item.repeats for item in self.dataset.items),
-            tag_frequency=tag_frequency(by_folder), steps=step, learning_rate=self.settings.learning_rate,
-            started_at=started_at, finished_at=finished_at, trigger_word=self.trigger_word or None,
-            v_parameterization=self.v_parameterization, extra=extra)
-
-    def arithmetic(self) -> str:
-        images = len(self.dataset.items)
-        shown = sum(item.repeats for item in self.dataset.items)
-        plan = self.epoch_plan
-        text = f"{images} pictures x repeats = {shown} per epoch; batch {self.settings.batch_size} -> "
-        if plan.accumulation > 1:
-            text += (f"{plan.batches} batches per epoch (one bucket each) / gradient accumulation {plan.accumulation}"
-                     f" = {plan.batches / plan.accumulation:.2f} steps per epoch")
-        else:
-            text += f"{plan.batches} steps per epoch (batches fill one bucket each)"
-        if self.epochs:
-            return text + f"; {self.epochs} epochs = {self.settings.steps} steps"
-        shown_epochs = self.settings.steps * plan.accumulation / max(1, plan.batches)
-        return text + f"; {self.settings.steps} steps = {shown_epochs:.1f} epochs"
 
 
 # --- resume ---------------------------------------------------------------------------------------

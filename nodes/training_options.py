@@ -11,7 +11,7 @@ import folder_paths
 from ..trainer.captions.augment import CaptionAugment
 from ..trainer.lora.files import PICKLE_SUFFIXES
 from ..trainer.training.schedules import SCHEDULES
-from ..trainer.lora.network import PRESETS as NETWORK_PRESETS, NetworkShape
+from ..trainer.lora.network import PRESETS as NETWORK_PRESETS, Network
 from ..trainer.training.noise import NoiseSettings
 from ..trainer.training.optimizers import OPTIMIZERS, parse_optimizer_args, unavailable_reason
 from .messages import user_error, validation_message
@@ -71,10 +71,10 @@ class TrainingOptions:
         return PreviewSettings(every_n_steps=self.preview_every_n_steps, prompts=self.preview_prompts,
                                seed=self.preview_seed, steps=self.preview_steps, cfg=self.preview_cfg)
 
-    @property
-    def network(self) -> NetworkShape:
-        return NetworkShape(preset=self.network_preset, dropout=self.dropout, conv_rank=self.conv_rank,
-                            conv_alpha=self.conv_alpha)
+    def network(self, rank: int = 16, alpha: float = 8.0) -> Network:
+        """The network Train LoRA trains: its rank and alpha, with these options' layers, convs and dropout."""
+        return Network(rank=rank, alpha=alpha, preset=self.network_preset, dropout=self.dropout,
+                       conv_rank=self.conv_rank, conv_alpha=self.conv_alpha)
 
     @property
     def noise(self) -> NoiseSettings:
@@ -241,7 +241,7 @@ class LoraLabTrainingOptions:
         options = TrainingOptions(**values)
         try:
             options.noise            # validates the timestep range and the other noise settings
-            options.network          # validates the preset, dropout and conv rank/alpha
+            options.network()        # validates the preset, dropout and conv rank/alpha
             parse_optimizer_args(options.optimizer_args)
         except ValueError as bad:
             raise user_error(NODE, None, str(bad), "check min_timestep < max_timestep, the optimizer_args and "

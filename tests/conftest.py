@@ -87,6 +87,27 @@ def leave_models_unpatched(comfy):
     comfy.model_management.unload_all_models()
 
 
+@pytest.fixture
+def one_arithmetic_path():
+    """Runs compared for equality take one arithmetic path: one CPU thread and torch's deterministic kernels.
+
+    Two trainings that should be equal (a resumed run and an uninterrupted one, say) are bitwise equal
+    when every float sum is taken in the same order. With several threads a reduction's order follows how
+    the work was split, and Adam turns a last-bit difference in a near-zero gradient into a weight step of
+    up to the learning rate, so a fixed tolerance cannot separate noise from a real resume bug. Pinned to
+    one thread, the order is fixed whatever else the machine is doing.
+    """
+    import torch
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def loras_dir(comfy) -> Path:
     """The first models/loras folder of the in-process ComfyUI: where Train LoRA saves."""

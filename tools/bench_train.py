@@ -132,7 +132,6 @@ def run_text_encoder(patcher, latents, steps, text_encoder_trains: bool):
     from lora_lab.trainer.data.encoded_dataset import EncodedDataset, Example
     from lora_lab.trainer.lora.adapters import InjectedLora, LoraSet
     from lora_lab.trainer.training.loop import TrainSettings, train
-    from lora_lab.trainer.training.optimizers import param_groups
     clip = random_models.sd15_clip()
     times = []
     with torch.inference_mode(False):
@@ -145,13 +144,12 @@ def run_text_encoder(patcher, latents, steps, text_encoder_trains: bool):
             parts = {"unet": InjectedLora(network, comfy_bridge.unet_lora_targets(patcher), rank=RANK, alpha=RANK,
                                           seed=0)}
             if text_encoder_trains:
-                parts["te"] = InjectedLora(text_model, comfy_bridge.clip_lora_targets(clip), rank=RANK, alpha=RANK,
-                                           seed=0)
-            with LoraSet(parts):
-                groups = param_groups(parts["unet"].parameters(), 1e-4,
-                                      parts["te"].parameters() if text_encoder_trains else (), 5e-5)
-                train(comfy_bridge.ComfyDenoiser(patcher), data, groups,
-                      TrainSettings(steps=steps, batch_size=1, learning_rate=1e-4), torch.device("cpu"),
+                parts["text_encoder"] = InjectedLora(text_model, comfy_bridge.clip_lora_targets(clip), rank=RANK,
+                                                     alpha=RANK, seed=0)
+            with LoraSet(parts) as lora:
+                train(comfy_bridge.ComfyDenoiser(patcher), data, lora.parameters_by_part(),
+                      TrainSettings(steps=steps, batch_size=1, learning_rate=1e-4, text_encoder_lr=5e-5,
+                                    train_text_encoder=text_encoder_trains), torch.device("cpu"),
                       on_step=lambda report: times.append(report.seconds),
                       encode_caption=(comfy_bridge.loaded_caption_encoder(clip, with_gradients=True)
                                       if text_encoder_trains else None),

@@ -156,27 +156,27 @@ def test_flux_schnell_is_flux1_and_other_flux_variants_are_refused_by_name(flow_
 def test_presets_pick_the_dit_blocks_linears_by_kohyas_names(flux_unet, sd3_unet):
     import comfy.lora
     from lora_lab.nodes import comfy_bridge
-    from lora_lab.trainer.lora.network import NetworkShape
-    default = comfy_bridge.unet_lora_layers(flux_unet, NetworkShape("kohya default"))
+    from lora_lab.trainer.lora.network import Network
+    default = comfy_bridge.unet_lora_layers(flux_unet, Network(preset="kohya default"))
     expected = ({f"lora_unet_double_blocks_{i}_{m}" for i in range(2) for m in FLUX_DOUBLE}
                 | {f"lora_unet_single_blocks_{i}_{m}" for i in range(2) for m in FLUX_SINGLE})
     assert {name for name, _ in default.values()} == expected
     assert {part for _, part in default.values()} == {"linear"}
-    assert comfy_bridge.unet_lora_layers(flux_unet, NetworkShape("LoCon (+conv)")) == default   # no convs in a DiT
-    attention = {name for name, _ in comfy_bridge.unet_lora_layers(flux_unet, NetworkShape("attention only")).values()}
+    assert comfy_bridge.unet_lora_layers(flux_unet, Network(preset="LoCon (+conv)")) == default   # no convs in a DiT
+    attention = {name for name, _ in comfy_bridge.unet_lora_layers(flux_unet, Network(preset="attention only")).values()}
     assert attention == ({f"lora_unet_double_blocks_{i}_{s}_attn_{p}" for i in range(2) for s in ("img", "txt")
                           for p in ("qkv", "proj")}
                          | {f"lora_unet_single_blocks_{i}_linear{n}" for i in range(2) for n in (1, 2)})
     assert set(comfy.lora.model_lora_keys_unet(flux_unet.model, {})) >= expected
 
-    sd3 = {name for name, _ in comfy_bridge.unet_lora_layers(sd3_unet, NetworkShape()).values()}
+    sd3 = {name for name, _ in comfy_bridge.unet_lora_layers(sd3_unet, Network()).values()}
     # The last joint block's context side is "pre_only": its attention qkv and modulation only.
     assert sd3 == ({f"lora_unet_joint_blocks_0_{side}_block_{m}" for side in ("context", "x") for m in SD3_SIDE}
                    | {f"lora_unet_joint_blocks_1_x_block_{m}" for m in SD3_SIDE}
                    | {"lora_unet_joint_blocks_1_context_block_attn_qkv",
                       "lora_unet_joint_blocks_1_context_block_adaLN_modulation_1"})
     sd3_attention = {name for name, _ in
-                     comfy_bridge.unet_lora_layers(sd3_unet, NetworkShape("attention only")).values()}
+                     comfy_bridge.unet_lora_layers(sd3_unet, Network(preset="attention only")).values()}
     assert sd3_attention == {n for n in sd3 if n.endswith(("attn_qkv", "attn_proj"))}
 
 

@@ -50,7 +50,7 @@ def test_locon_trains_the_convs_at_their_own_rank_and_loads_in_comfyui_with_ever
     import nodes as comfy_nodes
     from lora_lab.nodes import comfy_bridge
     from lora_lab.trainer.lora.adapters import InjectedLora
-    from lora_lab.trainer.lora.network import NetworkShape
+    from lora_lab.trainer.lora.network import Network
 
     before = weights_snapshot(fresh_unet)
     flags = [p.requires_grad for p in fresh_unet.model.parameters()]
@@ -89,9 +89,8 @@ def test_locon_trains_the_convs_at_their_own_rank_and_loads_in_comfyui_with_ever
     x, sigma, cond = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([2.0]), torch.randn(1, 77, 768, generator=g)
     via_loader = comfy_output(loaded, x, sigma, cond)
     plain = comfy_output(fresh_unet, x, sigma, cond)
-    network_shape = NetworkShape(preset="LoCon (+conv)", conv_rank=2, conv_alpha=1.0)
-    targets, ranks, alphas = network_shape.adapter_arguments(
-        comfy_bridge.unet_lora_layers(fresh_unet, network_shape), 4, 4.0)
+    locon = Network(rank=4, alpha=4.0, preset="LoCon (+conv)", conv_rank=2, conv_alpha=1.0)
+    targets, ranks, alphas = locon.adapter_arguments(comfy_bridge.unet_lora_layers(fresh_unet, locon))
     with torch.no_grad(), comfy_bridge.trainable_unet(fresh_unet, checkpointing=False) as network:
         with InjectedLora(network, targets, rank=4, alpha=4.0, ranks=ranks, alphas=alphas) as lora:
             lora.load_kohya_state_dict(tensors)
@@ -117,5 +116,5 @@ def test_bad_network_settings_are_refused_by_the_options_node(pack):
     with pytest.raises(ValueError, match="network preset"):
         LoraLabTrainingOptions().build(**dict(defaults, network_preset="everything"))
     (built,) = LoraLabTrainingOptions().build(**dict(defaults, network_preset="LoCon (+conv)", conv_rank=8))
-    assert built.network.rank_alpha("conv", 16, 8.0) == (8, 8.0)
-    assert built.network.rank_alpha("linear", 16, 8.0) == (16, 8.0)
+    assert built.network(16, 8.0).rank_alpha("conv") == (8, 8.0)
+    assert built.network(16, 8.0).rank_alpha("linear") == (16, 8.0)

@@ -226,7 +226,8 @@ def test_resume_continues_the_step_count(fresh_unet, sd15_clip, small_vae, make_
     assert second["result"][2] != name, "the first file must not be overwritten"
 
 
-def test_resumed_run_equals_an_uninterrupted_one(fresh_unet, sd15_clip, small_vae, make_dataset, loras_dir):
+def test_resumed_run_equals_an_uninterrupted_one(fresh_unet, sd15_clip, small_vae, make_dataset, loras_dir,
+                                                 one_arithmetic_path):
     """Cancel a 5-step run after step 3, resume its save to 5 == 5 steps straight (same seed): weights,
     optimizer, LR schedule, loss scaler and RNG all continue where they stopped."""
     import comfy.model_management
@@ -281,7 +282,7 @@ def test_bad_output_names_are_refused_before_training(fresh_unet, sd15_clip, sma
 
 
 def test_same_seed_same_lora_and_checkpointing_changes_nothing(fresh_unet, sd15_clip, small_vae, make_dataset,
-                                                               loras_dir, monkeypatch):
+                                                               loras_dir, monkeypatch, one_arithmetic_path):
     from lora_lab.trainer.training import gradient_checkpointing as checkpointing
     recomputed = []
     real_checkpoint = checkpointing.checkpoint

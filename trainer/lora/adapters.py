@@ -373,6 +373,10 @@ class LoraSet:
     def parameters(self) -> list[nn.Parameter]:
         return [p for part in self.parts.values() for p in part.parameters()]
 
+    def parameters_by_part(self) -> dict[str, list[nn.Parameter]]:
+        """{part label ("unet", "text_encoder"...): its trainable weights}: each part learns at its own rate."""
+        return {label: part.parameters() for label, part in self.parts.items()}
+
     def train(self, mode: bool = True) -> "LoraSet":
         for part in self.parts.values():
             part.train(mode)

@@ -1,4 +1,5 @@
-"""LoRA files on disk: safe names, atomic saves, kohya ``ss_*`` metadata and kohya's ``sshs_*`` hashes.
+"""LoRA files on disk: safe names, atomic saves and kohya's ``sshs_*`` hashes (the ``ss_*`` metadata itself:
+trainer/training/kohya_metadata.py).
 
 Files land in ComfyUI's ``models/loras`` while ComfyUI may be listing or loading that folder, so a save
 never shows a half-written file under a loadable name and never replaces a user's file by accident.
@@ -6,10 +7,8 @@ never shows a half-written file under a loadable name and never replaces a user'
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -179,63 +178,6 @@ def load_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
     except safetensors.SafetensorError as error:
         raise ValueError(f"{path}: not a readable safetensors file ({error})") from error
     return tensors, dict(metadata)
-
-
-# --- kohya metadata -------------------------------------------------------------------------------
-def kohya_metadata(*, output_name: str, base_model_version: str, network_dim: int, network_alpha: float,
-                   resolution: tuple[int, int], num_train_images: int,
-                   tag_frequency: dict[str, dict[str, int]], steps: int, learning_rate: float,
-                   started_at: float, finished_at: float, trigger_word: str | None = None,
-                   max_train_steps: int | None = None, v_parameterization: bool = False,
-                   extra: dict | None = None) -> dict[str, str]:
-    """The ``ss_*`` keys A1111/Forge read (Civitai shows them too), formatted as kohya's sd-scripts does.
-
-    ``base_model_version`` is kohya's: ``"sd_v1"``, ``"sd_v2"``, ``"sd_v2_v"``, ``"sdxl_base_v1-0"``…;
-    A1111 picks the SD version filter from its ``sdxl_`` prefix or from ``ss_v2``. ``resolution`` is
-    (width, height). ``max_train_steps`` defaults to ``steps``. ``v_parameterization``: the model predicts v
-(kohya ``--v_parameterization``; A1111 then needs the v-pred config). The trigger word is stored as
-    ``loralab_trigger_word`` and ``modelspec.trigger_phrase``. ``extra`` adds keys (non-str values are
-    JSON-encoded) but may not replace the ones above.
-    """
-    metadata = {
-        "ss_output_name": str(output_name),
-        "ss_base_model_version": str(base_model_version),
-        "ss_v2": str(str(base_model_version).startswith("sd_v2")),
-        "ss_v_parameterization": str(bool(v_parameterization)),
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(int(network_dim)),
-        "ss_network_alpha": str(float(network_alpha)),
-        "ss_resolution": str((int(resolution[0]), int(resolution[1]))),
-        "ss_num_train_images": str(int(num_train_images)),
-        "ss_tag_frequency": json.dumps(tag_frequency),
-        "ss_steps": str(int(steps)),
-        "ss_max_train_steps": str(int(steps if max_train_steps is None else max_train_steps)),
-        "ss_learning_rate": str(float(learning_rate)),
-        "ss_training_started_at": str(float(started_at)),
-        "ss_training_finished_at": str(float(finished_at)),
-    }
-    if trigger_word:
-        metadata["loralab_trigger_word"] = trigger_word
-        metadata["modelspec.trigger_phrase"] = trigger_word
-    for key, value in (extra or {}).items():
-        if key in metadata:
-            raise ValueError(f"extra metadata may not replace {key!r}; pass it as an argument instead")
-        metadata[str(key)] = value if isinstance(value, str) else json.dumps(value)
-    return metadata
-
-
-def tag_frequency(captions_by_folder: dict[str, list[str]]) -> dict[str, dict[str, int]]:
-    """kohya's ``ss_tag_frequency``: per dataset folder (``"10_cat"``), how many captions contain each tag.
-
-    Like kohya: captions split at commas, tags stripped and lower-cased, empty tags skipped, counted once
-    per caption occurrence (repeats are not multiplied in).
-    """
-    frequency = {}
-    for folder, captions in captions_by_folder.items():
-        counts = Counter(tag.strip().lower() for caption in captions for tag in caption.split(","))
-        counts.pop("", None)
-        frequency[folder] = dict(counts)
-    return frequency
 
 
 def sshs_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:

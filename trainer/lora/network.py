@@ -1,4 +1,4 @@
-"""Which layers of the denoiser carry a LoRA, and at which rank/alpha: kohya's network presets.
+"""The network trained: its rank and alpha, and which layers of the denoiser carry it (kohya's presets).
 
   preset            layers (SD1/SD2/SDXL UNet, as kohya's networks/lora.py picks them)
   attention only    to_q / to_k / to_v / to_out of every attention layer
@@ -28,7 +28,6 @@ No ComfyUI in here: nodes/comfy_bridge.py walks the model and asks ``part_of`` f
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 
@@ -46,13 +45,19 @@ _DIT_ATTENTION = re.compile(r"^(?:(?:img|txt)_attn\.(?:qkv|proj)|linear[12]"
 
 
 @dataclass(frozen=True)
-class NetworkShape:
+class Network:
+    """What is trained, in one object (as peft's LoraConfig is): rank and alpha, which layers (the preset),
+    the larger convolutions' own rank and alpha, and dropout."""
+    rank: int = 16                # kohya network_dim
+    alpha: float = 8.0            # kohya network_alpha; the LoRA is scaled by alpha / rank
     preset: str = KOHYA_DEFAULT
     dropout: float = 0.0          # peft lora_dropout (kohya's --network_dropout slot in the metadata)
     conv_rank: int = 0            # kohya conv_dim; 0 = rank
     conv_alpha: float = 0.0       # kohya conv_alpha; 0 = alpha
 
     def __post_init__(self):
+        if self.rank < 1 or self.alpha <= 0:
+            raise ValueError(f"rank must be >= 1 and alpha > 0, got {self.rank} and {self.alpha}")
         if self.preset not in PRESETS:
             raise ValueError(f"network preset {self.preset!r} is not one of {', '.join(PRESETS)}")
         if not 0.0 <= self.dropout < 1.0:
@@ -90,26 +95,18 @@ class NetworkShape:
             return "linear" if pointwise else "conv"
         return None
 
-    def rank_alpha(self, part: str, rank: int, alpha: float) -> tuple[int, float]:
+    def rank_alpha(self, part: str) -> tuple[int, float]:
+        """The rank and alpha of a 'linear' or 'conv' part (see ``part_of``)."""
         if part == "conv":
-            return (self.conv_rank or rank), (self.conv_alpha or alpha)
-        return rank, alpha
+            return (self.conv_rank or self.rank), (self.conv_alpha or self.alpha)
+        return self.rank, self.alpha
 
-    def metadata(self, rank: int, alpha: float) -> dict[str, str]:
-        """kohya's ss_network_args / ss_network_dropout (and the preset, for LoRA Lab's resume checks)."""
-        data = {"ss_network_dropout": str(float(self.dropout)), "loralab_network_preset": self.preset}
-        if self.trains_convs:
-            conv_rank, conv_alpha = self.rank_alpha("conv", rank, alpha)
-            # kohya stores network_args as given on its command line: strings.
-            data["ss_network_args"] = json.dumps({"conv_dim": str(conv_rank), "conv_alpha": str(conv_alpha)})
-        return data
-
-    def adapter_arguments(self, layers: dict[str, tuple[str, str]], rank: int, alpha: float):
+    def adapter_arguments(self, layers: dict[str, tuple[str, str]]):
         """{path: (kohya name, part)} -> InjectedLora's targets, ranks and alphas (overrides for conv parts)."""
         targets = {path: name for path, (name, _) in layers.items()}
         ranks, alphas = {}, {}
         for path, (_, part) in layers.items():
-            part_rank, part_alpha = self.rank_alpha(part, rank, alpha)
-            if (part_rank, part_alpha) != (rank, alpha):
+            part_rank, part_alpha = self.rank_alpha(part)
+            if (part_rank, part_alpha) != (self.rank, self.alpha):
                 ranks[path], alphas[path] = part_rank, part_alpha
         return targets, ranks, alphas

@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, Mapping, Protocol
 
 import torch
 
@@ -20,7 +20,8 @@ from ..captions.augment import CaptionAugment, TextEncodingMemo, augment_batch, 
 from ..data.encoded_dataset import EncodedDataset, PictureSize, TextEncoding, as_text_encoding, concat_conds
 from .schedules import make_scheduler
 from .noise import NoiseSettings, draw, loss_weights, weighted_mean
-from .optimizers import make_optimizer, trainable_parameters
+from ..lora.network import Network
+from .optimizers import make_optimizer, param_groups, trainable_parameters
 
 log = logging.getLogger("LoRA Lab")
 
@@ -55,9 +56,14 @@ class Denoiser(Protocol):
 
 @dataclass
 class TrainSettings:
+    """Everything a run is trained with: every learning rate and the network reach the optimizer from here."""
     steps: int
     batch_size: int = 1
-    learning_rate: float = 1e-4
+    learning_rate: float = 1e-4        # the denoiser's (UNet/DiT) adapters
+    text_encoder_lr: float | None = None      # None: learning_rate
+    text_encoder_2_lr: float | None = None    # SDXL's second text encoder; None: text_encoder_lr
+    network: Network = field(default_factory=Network)
+    train_text_encoder: bool = False
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     gradient_accumulation: int = 1
@@ -71,6 +77,11 @@ class TrainSettings:
     lr_cycles: int = 1
     noise: NoiseSettings = field(default_factory=NoiseSettings)
     captions: CaptionAugment = field(default_factory=CaptionAugment)
+
+    def text_encoder_rates(self) -> tuple[float, float]:
+        """The learning rates of the first and second text encoder."""
+        first = float(self.learning_rate if self.text_encoder_lr is None else self.text_encoder_lr)
+        return first, float(first if self.text_encoder_2_lr is None else self.text_encoder_2_lr)
 
 
 @dataclass
@@ -156,7 +167,8 @@ def denoising_loss(denoiser: Denoiser, latents: torch.Tensor, cond, noise: torch
     return weighted_mean(squared_error, weights)
 
 
-def train(denoiser: Denoiser, data: EncodedDataset, parameters: Iterable[torch.nn.Parameter],
+def train(denoiser: Denoiser, data: EncodedDataset,
+          adapters: Mapping[str, Iterable[torch.nn.Parameter]] | Iterable[torch.nn.Parameter],
           settings: TrainSettings, device: torch.device,
           on_step: Callable[[StepReport], None] | None = None,
           resume: LoopState | None = None,
@@ -165,14 +177,15 @@ def train(denoiser: Denoiser, data: EncodedDataset, parameters: Iterable[torch.n
     """Run ``settings.steps`` optimizer steps (counting any resumed ones) and return the loop state.
 
     ``on_step`` runs after every optimizer step; raising from it (Cancel) stops within one step —
-    the caller still holds the adapters and saves what was trained. ``parameters`` may be param groups
-    (``optimizers.param_groups``: UNet and text encoder at their own rates). With
+    the caller still holds the adapters and saves what was trained. ``adapters``: the trainable weights
+    by part ("unet", "text_encoder", "text_encoder_2"), or the UNet's alone; each part learns at its
+    rate in ``settings`` (``learning_rate_groups``). With
     ``text_encoder_trains`` every step encodes its captions through ``encode_caption`` with gradients
     (the encoder carries adapters); nothing encoded up front is used. A NaN/inf loss or gradient
     raises NonFiniteLoss before it reaches the weights (with loss scaling, the scaler skips such
     steps itself, as fp16 training expects).
     """
-    optimizer = make_optimizer(settings.optimizer, parameters, settings.learning_rate,
+    optimizer = make_optimizer(settings.optimizer, learning_rate_groups(adapters, settings), settings.learning_rate,
                                **{"weight_decay": settings.weight_decay, **settings.optimizer_args})
     parameters = trainable_parameters(optimizer.param_groups)
     scheduler = make_scheduler(optimizer, settings.lr_schedule, settings.steps, settings.warmup_steps,
@@ -236,6 +249,20 @@ def train(denoiser: Denoiser, data: EncodedDataset, parameters: Iterable[torch.n
             on_step(StepReport(done, settings.steps, step_loss, lr, time.perf_counter() - began,
                                snapshot=lambda: _snapshot(done, optimizer, scheduler, scaler)))
     return _snapshot(settings.steps, optimizer, scheduler, scaler)
+
+
+ADAPTER_PARTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+def learning_rate_groups(adapters, settings: TrainSettings) -> list[dict]:
+    """The optimizer's parameter groups: each part of the adapters at its learning rate from ``settings``."""
+    parts = dict(adapters) if isinstance(adapters, Mapping) else {"unet": adapters}
+    unknown = set(parts) - set(ADAPTER_PARTS)
+    if unknown:
+        raise ValueError(f"adapter parts {sorted(unknown)} are not among {ADAPTER_PARTS}")
+    text_encoder_lr, text_encoder_2_lr = settings.text_encoder_rates()
+    return param_groups(parts.get("unet", ()), settings.learning_rate, parts.get("text_encoder", ()), text_encoder_lr,
+                        parts.get("text_encoder_2", ()), text_encoder_2_lr)
 
 
 def _grad_scaler(device: torch.device):

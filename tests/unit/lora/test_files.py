@@ -12,8 +12,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from lora_lab.trainer.lora import files as lora_file
-from lora_lab.trainer.lora.files import (kohya_metadata, load_lora_file, lora_relative_path, save_lora_file,
-                                        sshs_hashes, tag_frequency)
+from lora_lab.trainer.lora.files import load_lora_file, lora_relative_path, save_lora_file, sshs_hashes
+from lora_lab.trainer.training.kohya_metadata import kohya_metadata, tag_frequency
 
 
 def lora_tensors(value=0.5, rank=4):

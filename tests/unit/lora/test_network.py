@@ -8,12 +8,12 @@ import torch
 from torch import nn
 
 from lora_lab.trainer.lora.adapters import InjectedLora, LoraSet
-from lora_lab.trainer.lora.files import kohya_metadata
-from lora_lab.trainer.lora.network import ATTENTION_ONLY, KOHYA_DEFAULT, LOCON, NetworkShape
+from lora_lab.trainer.lora.network import ATTENTION_ONLY, KOHYA_DEFAULT, LOCON, Network
+from lora_lab.trainer.training.kohya_metadata import kohya_metadata, network_metadata
 
 
 def test_presets_pick_kohyas_layers():
-    default, attention, locon = NetworkShape(KOHYA_DEFAULT), NetworkShape(ATTENTION_ONLY), NetworkShape(LOCON)
+    default, attention, locon = Network(preset=KOHYA_DEFAULT), Network(preset=ATTENTION_ONLY), Network(preset=LOCON)
     for shape in (default, attention, locon):
         assert shape.part_of("SpatialTransformer", "transformer_blocks.0.attn1.to_q", "Linear") == "linear"
         assert shape.part_of("SpatialTransformer", "transformer_blocks.0.attn2.to_out.0", "Linear") == "linear"
@@ -32,7 +32,7 @@ def test_presets_pick_kohyas_layers():
 def test_presets_on_sd3_and_flux_blocks():
     """kohya's lora_flux / lora_sd3: every Linear of the DiT blocks; attention only = their qkv and output
     projections, with Flux's single blocks trained whole (linear1/linear2 hold the fused attention)."""
-    default, attention, locon = NetworkShape(KOHYA_DEFAULT), NetworkShape(ATTENTION_ONLY), NetworkShape(LOCON)
+    default, attention, locon = Network(preset=KOHYA_DEFAULT), Network(preset=ATTENTION_ONLY), Network(preset=LOCON)
     double = ["img_mod.lin", "img_attn.qkv", "img_attn.proj", "img_mlp.0", "img_mlp.2",
               "txt_mod.lin", "txt_attn.qkv", "txt_attn.proj", "txt_mlp.0", "txt_mlp.2"]
     single = ["linear1", "linear2", "modulation.lin"]
@@ -53,19 +53,19 @@ def test_presets_on_sd3_and_flux_blocks():
         assert shape.part_of("JointBlock", "x_block.attn.qkv", "Conv2d", (1, 1)) is None
 
 def test_conv_rank_alpha_default_to_the_main_ones_and_go_into_metadata():
-    locon = NetworkShape(LOCON, dropout=0.1, conv_rank=2, conv_alpha=1.0)
-    assert locon.rank_alpha("conv", 8, 4.0) == (2, 1.0) and locon.rank_alpha("linear", 8, 4.0) == (8, 4.0)
-    assert NetworkShape(LOCON).rank_alpha("conv", 8, 4.0) == (8, 4.0)
-    meta = locon.metadata(8, 4.0)
+    locon = Network(rank=8, alpha=4.0, preset=LOCON, dropout=0.1, conv_rank=2, conv_alpha=1.0)
+    assert locon.rank_alpha("conv") == (2, 1.0) and locon.rank_alpha("linear") == (8, 4.0)
+    assert Network(rank=8, alpha=4.0, preset=LOCON).rank_alpha("conv") == (8, 4.0)
+    meta = network_metadata(locon)
     assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1.0"}
     assert meta["ss_network_dropout"] == "0.1"
-    assert "ss_network_args" not in NetworkShape().metadata(8, 4.0)
+    assert "ss_network_args" not in network_metadata(Network(rank=8, alpha=4.0))
     layers = {"a": ("lora_a", "linear"), "b": ("lora_b", "conv")}
-    targets, ranks, alphas = locon.adapter_arguments(layers, 8, 4.0)
+    targets, ranks, alphas = locon.adapter_arguments(layers)
     assert targets == {"a": "lora_a", "b": "lora_b"} and ranks == {"b": 2} and alphas == {"b": 1.0}
     for bad in (dict(preset="everything"), dict(dropout=1.0), dict(conv_rank=-1)):
         with pytest.raises(ValueError):
-            NetworkShape(**bad)
+            Network(**bad)
 
 
 def test_v_parameterization_metadata():
