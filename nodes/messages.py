@@ -1,14 +1,10 @@
-"""One shape for every message a user sees: which node, which input, what is wrong, how to fix it."""
+"""One shape for every message a user sees: which node, which input, what is wrong, how to fix it
+(the shape itself lives in trainer/messages.py, so a training run can speak it too)."""
 from __future__ import annotations
 
+from ..trainer.messages import LoraLabError, user_error
 
-class LoraLabError(ValueError):
-    """Raised by a node for bad input; ComfyUI shows the text in its error dialog."""
-
-
-def user_error(node: str, input_name: str | None, problem: str, fix: str) -> LoraLabError:
-    where = f"{node} › {input_name}" if input_name else node
-    return LoraLabError(f"[LoRA Lab · {where}] {problem} Fix: {fix}")
+__all__ = ["LoraLabError", "user_error", "validation_message"]
 
 
 def validation_message(node: str, input_name: str, problem: str, fix: str) -> str:

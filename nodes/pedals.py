@@ -27,7 +27,7 @@ from ..trainer.image_grid import compose_grid
 from ..trainer.lora.stack import LoraStackError
 from . import comfy_bridge
 from .messages import user_error, validation_message
-from .training_files import STATE_SUFFIX
+from ..trainer.training.saves import STATE_SUFFIX
 from .training_previews import TRIGGER_PLACEHOLDER
 
 try:      # ComfyUI 2024-08+ converts some foreign formats first, as load_lora_for_models does

@@ -3,15 +3,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
-import time
 import weakref
 
 import torch
 
 import comfy.model_management
 import comfy.utils
+import folder_paths
 
 from ..trainer.captions import augment as caption_augment
 from ..trainer.training import run_reuse
@@ -21,21 +20,23 @@ from ..trainer.training.half_precision_base import frozen_weights_in
 from ..trainer.data.latent_disk_cache import (EncodeDatasetCache, LatentDiskCache, describe as describe_cache,
                                         vae_fingerprint)
 from ..trainer.lora.adapters import InjectedLora, LoraSet
-from ..trainer.lora.files import load_lora_file, save_lora_file
-from ..trainer.training.loop import NonFiniteLoss, StepReport, TrainSettings, train
+from ..trainer.lora.files import load_lora_file
+from ..trainer.training.loop import NonFiniteLoss, TrainSettings, train
 from ..trainer.loss_plot import loss_curve_image
 from ..trainer.training.schedules import schedule_notes
 from ..trainer.training.noise import notes_for
 from ..trainer.training.kohya_metadata import Description
 from ..trainer.training.optimizers import OptimizerUnavailable, lr_advice, make_optimizer, parse_optimizer_args
-from . import comfy_bridge, training_files
+from ..trainer.training import saves
+from ..trainer.training.run import SaveFailed, TrainingRun
+from . import comfy_bridge, folders
+from .train_host import ComfyHost
 from .training_previews import TrainingPreviews, empty_previews
-from .messages import LoraLabError, user_error
+from .messages import user_error
 from .training_options import OPTIONS_TYPE, TrainingOptions
 
 log = logging.getLogger("LoRA Lab")
 NODE = "Train LoRA"
-PROGRESS_EVENT = "loralab.train.progress"
 
 # Latents survive across queue runs (per VAE object, keyed by picture content and bucket), so changing
 # only the learning rate and queueing again does not re-encode the dataset. Weak keys: a VAE that is
@@ -94,12 +95,12 @@ class LoraLabTrainLora:
         check_optimizer(options, learning_rate)
         resolution = resolution or comfy_bridge.default_resolution(model)
         device = torch.device(model.load_device)
-        run = TrainingRun(training_files.free_base_name(output_name, options.overwrite_existing), unique_id,
-                          options.save_dtype, options.optimizer)
+        host = ComfyHost(NODE)
+        run = TrainingRun(host, saves.free_base_name(host.save_folders.loras, output_name, options.overwrite_existing),
+                          unique_id, options.save_dtype, options.optimizer)
 
         with torch.inference_mode(False):   # tensors made in here (resume state too) may take part in autograd
-            resume = (training_files.load_resume(options.resume_from, NODE).for_optimizer(options.optimizer)
-                      if options.resume_from else None)
+            resume = load_resume(options, host) if options.resume_from else None
             data, run.cache_report = encode_for_training(model, clip, vae, dataset, resolution,
                                                          options.latent_disk_cache)
             epoch_plan = data.epochs(batch_size, options.gradient_accumulation)
@@ -121,7 +122,7 @@ class LoraLabTrainLora:
                          + [advice for advice in [lr_advice(settings.optimizer, settings.learning_rate)] if advice])
             for note in run.notes:
                 log.warning("[LoRA Lab] %s", note)
-            trigger_word = trigger_word or training_files.shared_first_tag(dataset)
+            trigger_word = trigger_word or saves.shared_first_tag(dataset)
             describe = Description(
                 output_name=run.output_name, family=comfy_bridge.base_model_version(model), resolution=resolution,
                 settings=settings, dataset=dataset, buckets=data.buckets, trigger_word=trigger_word,
@@ -136,7 +137,7 @@ class LoraLabTrainLora:
                                  f"steps is {settings.steps}.", f"set steps above {resume.step} to train further.")
             run.identity = identity_of_run(model, data, settings, options, resolution, trigger_word, resume)
             finished = run.identity and run_reuse.find_finished(
-                training_files.loras_root(), training_files.base_name(output_name), run.identity)
+                host.save_folders.loras, saves.base_name(output_name), run.identity)
             if finished:
                 del data
                 return reuse_finished(model, clip, finished, run, describe)
@@ -150,7 +151,7 @@ class LoraLabTrainLora:
 
         tensors, _ = load_lora_file(saved)
         model_out, clip_out = comfy_bridge.apply_lora(model, clip, tensors)
-        lora_name = os.path.relpath(saved, training_files.loras_root())
+        lora_name = os.path.relpath(saved, host.save_folders.loras)
         curve = torch.from_numpy(loss_curve_image(run.losses, title=f"{lora_name} loss")).unsqueeze(0)
         ui = {"text": [run.report(lora_name, describe)], "loss": run.losses[-5000:]}
         if run.previews and run.previews.shown:
@@ -186,12 +187,12 @@ def identity_of_run(model, data, settings, options, resolution, trigger_word, re
 def reuse_finished(model, clip, path, run, describe):
     """The outputs of a finished run with the same identity, from its file: nothing is trained."""
     tensors, metadata = load_lora_file(path)
-    lora_name = os.path.relpath(path, training_files.loras_root())
+    lora_name = os.path.relpath(path, run.folders.loras)
     losses = run_reuse.loss_history(metadata)
     log.info("[LoRA Lab] %s was trained from the same pictures, captions, model and settings; reusing it", path)
     model_out, clip_out = comfy_bridge.apply_lora(model, clip, tensors)
     curve = torch.from_numpy(loss_curve_image(losses, title=f"{lora_name} loss (reused)")).unsqueeze(0)
-    text = "\n".join([f"Reused {lora_name} in {training_files.loras_root()}: it was trained from these same "
+    text = "\n".join([f"Reused {lora_name} in {run.folders.loras}: it was trained from these same "
                       "pictures, captions, model and settings, so nothing was trained again.",
                       "To train again, change a setting (the seed, say) or delete or rename that file.",
                       describe.arithmetic()])
@@ -214,7 +215,7 @@ def encode_for_training(model, clip, vae, dataset, resolution, use_disk_cache: b
     memory = _LATENTS_BY_VAE.setdefault(vae, {})
     cache, disk = memory, None
     if use_disk_cache:
-        disk = LatentDiskCache(training_files.latent_cache_folder(),
+        disk = LatentDiskCache(folders.latent_cache_folder(),
                                comfy_bridge.vae_fingerprint(vae, model, resolution))
         cache = EncodeDatasetCache(disk, memory=memory)
     try:
@@ -250,7 +251,7 @@ def train_adapters(model, clip, data, settings, options, device, run, describe, 
         with comfy_bridge.trainable_unet(model, options.gradient_checkpointing,
                                          clip=clip if clip_in_loop else None) as network, \
                 frozen_weights_in(network, HALF_PRECISION.get(settings.mixed_precision),
-                                  training_files.parking_folder()), \
+                                  folders.parking_folder()), \
                 (comfy_bridge.trainable_text_encoder(clip) if text_encoder_trains
                  else contextlib.nullcontext()) as text_model, \
                 torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -349,6 +350,14 @@ def text_encoder_targets(clip, text_model) -> dict[str, tuple[torch.nn.Module, d
     return parts
 
 
+def load_resume(options, host) -> saves.ResumePoint:
+    lora_path = folder_paths.get_full_path("loras", options.resume_from)
+    if lora_path is None:
+        raise user_error(NODE, "resume_from", f"{options.resume_from!r} is not in any loras folder.",
+                         "pick a file the LoRA loaders list.")
+    return saves.load_resume(lora_path, options.resume_from, NODE, host.save_folders).for_optimizer(options.optimizer)
+
+
 def load_resumed_weights(lora, resume, options):
     try:
         lora.load_kohya_state_dict(resume.tensors)
@@ -381,7 +390,7 @@ def check_inputs(model, dataset, output_name, rank, alpha, options=None):
                          "check the folder in the dataset node and its report.")
     if not str(output_name).strip():
         raise user_error(NODE, "output_name", "the name is empty.", "type a name such as 'my_lora'.")
-    training_files.check_output_name(output_name, NODE)
+    folders.check_output_name(output_name, NODE)
     if alpha > rank * 4:
         log.warning("[LoRA Lab] alpha %.3g is more than 4x rank %d: the LoRA will be very strong", alpha, rank)
 
@@ -407,196 +416,6 @@ def check_optimizer(options, learning_rate):
 def _trim(cache: dict):
     while len(cache) > _LATENT_CACHE_LIMIT:
         cache.pop(next(iter(cache)))
-
-
-class SaveFailed(LoraLabError):
-    """The finished LoRA could not be written; its message says where the weights went instead."""
-
-
-class TrainingRun:
-    """Progress, events, saves and the report of one training run."""
-
-    def __init__(self, output_name: str, unique_id, save_dtype: torch.dtype, optimizer_name: str):
-        self.output_name, self.unique_id, self.save_dtype = output_name, unique_id, save_dtype
-        self.optimizer_name = optimizer_name
-        self.losses: list[float] = []
-        self.step = 0
-        self.started_at = time.time()
-        self.saves: list[str] = []
-        self.periodic: list[training_files.WrittenSave] = []   # this run's <name>_step<N> files, oldest first
-        self.progress = None
-        self.snapshot = None      # the loop's resumable state after the last finished step
-        self.saved_step = 0
-        self.cache_report = ""
-        self.previews: TrainingPreviews | None = None
-        self.identity: str | None = None      # finished_runs: written into the final save
-        self.notes: list[str] = []            # settings that do nothing here, for the report
-
-    def step_callback(self, lora, describe, options):
-        def on_step(report: StepReport):
-            self.step = report.step
-            self.snapshot = report.snapshot
-            self.losses.append(report.loss)
-            if self.progress is None:
-                self.progress = comfy.utils.ProgressBar(report.total)
-            self.progress.update_absolute(report.step, report.total)
-            self.send_event(report)
-            name = self.periodic_save_name(report, options, describe.epoch_plan)
-            if name:
-                try:
-                    self.save(lora, describe, report.snapshot(), report.step, final=False, overwrite=True, name=name)
-                except Exception as failed:     # a full disk must not end the run; the final save tries again
-                    log.warning("[LoRA Lab] the save at step %d failed (%s: %s); training goes on",
-                                report.step, type(failed).__name__, failed)
-                else:
-                    self.keep_last_periodic_saves(options.keep_last_saves)
-            if self.previews and self.previews.due(report.step):
-                self.render_preview(lora, report.step)
-            # Cancel: ComfyUI's own check, so it works with or without a progress hook installed.
-            comfy.model_management.throw_exception_if_processing_interrupted()
-        return on_step
-
-    def periodic_save_name(self, report: StepReport, options, epoch_plan) -> str | None:
-        """<name>_epoch<E> at the step that completes every save_every_n_epochs-th epoch, else
-        <name>_step<N> every save_every_n_steps steps; None when neither is due (or the final save is next)."""
-        if report.step >= report.total:
-            return None
-        every = options.save_every_n_epochs
-        done, before = epoch_plan.completed_at(report.step), epoch_plan.completed_at(report.step - 1)
-        if every and done // every > before // every:
-            return f"{self.output_name}_epoch{done}"
-        if options.save_every_n_steps and report.step % options.save_every_n_steps == 0:
-            return f"{self.output_name}_step{report.step}"
-        return None
-
-    def send_event(self, report: StepReport):
-        remaining = (report.total - report.step) * report.seconds
-        comfy_bridge.send_to_front_end(PROGRESS_EVENT, {
-            "node": self.unique_id, "step": report.step, "total": report.total, "loss": report.loss,
-            "lr": report.lr, "seconds_per_step": report.seconds, "eta_seconds": remaining,
-        })
-
-    def save(self, lora, describe, loop_state, step, final, overwrite, name=None):
-        name = name or (self.output_name if final else f"{self.output_name}_step{step}")
-        metadata = describe.metadata(step=step, started_at=self.started_at, finished_at=time.time())
-        if final:       # only a finished run can stand in for the same run queued again
-            metadata[run_reuse.LOSS_HISTORY_KEY] = run_reuse.loss_history_text(self.losses)
-            if self.identity:
-                metadata[run_reuse.RUN_IDENTITY_KEY] = self.identity
-        path = save_lora_file(training_files.loras_root(), name, lora.kohya_state_dict(), metadata,
-                              overwrite=overwrite, dtype=self.save_dtype)
-        try:
-            state_path = training_files.save_resume_state(path, lora, loop_state, step, self.optimizer_name)
-        except Exception as failed:     # the LoRA itself is written: only an exact resume is lost
-            state_path = None
-            log.warning("[LoRA Lab] %s is saved, but its resume state could not be written (%s: %s); resuming "
-                        "it will start a fresh optimizer", path, type(failed).__name__, failed)
-        if not final:
-            self.periodic.append(training_files.WrittenSave.of(path, state_path))
-        self.saves.append(str(path))
-        self.saved_step = step
-        log.info("[LoRA Lab] saved %s (step %d)", path, step)
-        return path
-
-    def keep_last_periodic_saves(self, keep: int):
-        """keep_last_saves: delete this run's older step saves (and their resume state), newest K stay.
-
-        Only files this run wrote and that are unchanged since are deleted; the final file and any
-        other run's files are never candidates.
-        """
-        if keep <= 0:
-            return
-        while len(self.periodic) > keep:
-            old = self.periodic.pop(0)
-            if old.remove():
-                log.info("[LoRA Lab] keep_last_saves=%d: deleted %s", keep, old.lora)
-                if str(old.lora) in self.saves:
-                    self.saves.remove(str(old.lora))
-
-    def render_preview(self, lora, step):
-        try:
-            self.previews.render(lora, step)
-        except comfy.model_management.InterruptProcessingException:
-            raise
-        except Exception as failed:         # a preview must never cost the training run
-            log.warning("[LoRA Lab] the preview at step %d failed (%s: %s); previews are off for the rest of "
-                        "this run", step, type(failed).__name__, failed)
-            self.previews.failed = f"{type(failed).__name__}: {failed}"
-
-    def save_partial(self, lora, describe, why):
-        if self.step == 0:
-            log.warning("[LoRA Lab] training %s before the first step finished; nothing to save", why)
-            return None
-        if self.saves and self.saved_step == self.step:   # a periodic save already holds this very step
-            log.warning("[LoRA Lab] training %s at step %d; what was trained is saved as %s", why, self.step,
-                        self.saves[-1])
-            return self.saves[-1]
-        try:
-            path = self.save(lora, describe, self.snapshot() if self.snapshot else None, self.step,
-                             final=False, overwrite=False)
-        except Exception as failed:
-            path, _ = self.rescue(lora, describe, failed)
-            if path is None:
-                return None
-        log.warning("[LoRA Lab] training %s at step %d; what was trained is saved as %s", why, self.step, path)
-        comfy_bridge.send_to_front_end("loralab.train.stopped", {
-            "node": self.unique_id, "step": self.step, "reason": why, "saved": str(path)})
-        return path
-
-    def save_final(self, lora, describe, loop_state, step, overwrite):
-        try:
-            return self.save(lora, describe, loop_state, step, final=True, overwrite=overwrite)
-        except Exception as failed:
-            target = os.path.join(training_files.loras_root(), self.output_name + ".safetensors")
-            rescued, rescue_error = self.rescue(lora, describe, failed)
-            problem = f"the trained LoRA could not be written to {target} ({type(failed).__name__}: {failed})."
-            if rescued:
-                raise SaveFailed(str(user_error(
-                    NODE, "output_name", f"{problem} The trained weights (step {step}) are safe in {rescued}.",
-                    "free disk space or fix the loras folder's permissions, then move that file into "
-                    "models/loras: it loads like any LoRA."))) from failed
-            raise SaveFailed(str(user_error(
-                NODE, "output_name", f"{problem} Saving a copy in {training_files.rescue_folder()} failed too "
-                f"({rescue_error}); the weights of this run could not be kept.",
-                "free disk space or fix the permissions of models/loras and ComfyUI's user folder, then "
-                "queue again."))) from failed
-
-    def rescue(self, lora, describe, failed):
-        """models/loras refused the file: write it under user/loralab/rescued instead -> (path, None) or
-        (None, the rescue's own error)."""
-        name = f"{self.output_name}_step{self.step}"
-        log.error("[LoRA Lab] saving %s failed (%s: %s); writing it to %s", name, type(failed).__name__, failed,
-                  training_files.rescue_folder())
-        try:
-            metadata = describe.metadata(step=self.step, started_at=self.started_at, finished_at=time.time())
-            path = save_lora_file(training_files.rescue_folder(), name, lora.kohya_state_dict(), metadata,
-                                  overwrite=False, dtype=self.save_dtype)
-        except Exception as also_failed:
-            log.error("[LoRA Lab] the rescue copy failed too (%s: %s); the weights are lost",
-                      type(also_failed).__name__, also_failed)
-            return None, f"{type(also_failed).__name__}: {also_failed}"
-        self.saves.append(str(path))
-        self.saved_step = self.step
-        log.warning("[LoRA Lab] the weights of step %d are safe in %s", self.step, path)
-        return path, None
-
-    def last_save_text(self) -> str:
-        return f"The last good save is {self.saves[-1]}." if self.saves else "Nothing was saved."
-
-    def report(self, lora_name, describe) -> str:
-        elapsed = time.time() - self.started_at
-        finite = [v for v in self.losses if math.isfinite(v)]
-        lines = [f"Saved {lora_name} in {training_files.loras_root()}",
-                 f"{len(self.losses)} steps in {elapsed:.0f}s; loss {finite[0]:.4f} -> {finite[-1]:.4f}"
-                 if finite else "no steps", describe.arithmetic(), self.cache_report]
-        lines += [f"note: {note}" for note in self.notes]
-        if self.previews:
-            steps = [step for step, _ in self.previews.rendered]
-            lines.append(f"previews: {len(self.previews.labels())} picture(s) at step(s) {', '.join(map(str, steps))}"
-                         if steps else "previews: none (fewer steps than preview_every_n_steps)")
-            if self.previews.failed:
-                lines.append(f"previews stopped: {self.previews.failed}")
-        return "\n".join(lines)
 
 
 NODE_CLASS_MAPPINGS = {"LoraLabTrainLora": LoraLabTrainLora}

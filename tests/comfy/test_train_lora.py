@@ -266,12 +266,13 @@ def test_existing_file_is_never_overwritten_by_default(fresh_unet, sd15_clip, sm
 
 
 def test_a_new_run_never_takes_a_name_whose_periodic_saves_exist(pack, loras_dir):
-    from lora_lab.nodes.training_files import free_base_name
+    from lora_lab.nodes.folders import loras_root
+    from lora_lab.trainer.training.saves import free_base_name
     for leftover in ("killed_run_epoch2", "char[v2]_step10", "char[v2]_2_epoch1"):   # runs killed before the end
         (loras_dir / f"{leftover}.safetensors").write_bytes(b"an earlier run's save")
-    assert free_base_name("killed_run", overwrite=False) == "killed_run_2"
-    assert free_base_name("char[v2]", overwrite=False) == "char[v2]_3"      # brackets are not a glob pattern
-    assert free_base_name("killed_run", overwrite=True) == "killed_run"
+    assert free_base_name(loras_root(), "killed_run", overwrite=False) == "killed_run_2"
+    assert free_base_name(loras_root(), "char[v2]", overwrite=False) == "char[v2]_3"      # brackets are not a glob pattern
+    assert free_base_name(loras_root(), "killed_run", overwrite=True) == "killed_run"
 
 
 @pytest.mark.parametrize("bad_name", ["../escape", "/abs/path", "CON", "a\x00b"])
@@ -313,7 +314,7 @@ def test_periodic_saves_and_schedules(fresh_unet, sd15_clip, small_vae, make_dat
                        options=options(save_every_n_steps=2, lr_schedule="cosine", warmup_steps=1,
                                        gradient_accumulation=2))
     assert (loras_dir / "periodic_step2.safetensors").is_file()
-    from lora_lab.nodes.training_files import resume_state_path
+    from lora_lab.nodes.folders import resume_state_path
     assert resume_state_path(loras_dir / "periodic_step2.safetensors").is_file()
     assert not list(loras_dir.rglob("*.loralab-state.pt")), "state files must not appear in the LoRA loaders' lists"
     assert result["result"][2] == "periodic.safetensors"
@@ -507,7 +508,7 @@ def test_options_node_refuses_a_missing_optimizer_package_at_validation(pack):
 def test_keep_last_saves_deletes_only_this_runs_older_step_saves(fresh_unet, sd15_clip, small_vae, make_dataset,
                                                                   loras_dir):
     import comfy.utils
-    from lora_lab.nodes.training_files import resume_state_path
+    from lora_lab.nodes.folders import resume_state_path
     others = [loras_dir / "keeper_step1.safetensors", loras_dir / "keeper_other_step2.safetensors"]
     for other in others:                       # another run's saves, and a look-alike name
         other.write_bytes(b"another run's LoRA")
@@ -538,15 +539,16 @@ def test_keep_last_saves_deletes_only_this_runs_older_step_saves(fresh_unet, sd1
 
 def test_a_resume_state_that_cannot_be_written_does_not_lose_the_lora(fresh_unet, sd15_clip, small_vae,
                                                                         make_dataset, loras_dir, monkeypatch, caplog):
-    from lora_lab.nodes import training_files
+    from lora_lab.nodes import folders
+    from lora_lab.trainer.training import saves
 
     def full_user_folder(*_, **__):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(training_files, "save_resume_state", full_user_folder)
+    monkeypatch.setattr(saves, "save_resume_state", full_user_folder)
     result = run_train(fresh_unet, sd15_clip, small_vae, make_dataset(2), "no_state", steps=2)
     assert result["result"][2] == "no_state.safetensors" and (loras_dir / "no_state.safetensors").is_file()
     assert "resume state could not be written" in caplog.text
-    assert not training_files.resume_state_path(loras_dir / "no_state.safetensors").exists()
+    assert not folders.resume_state_path(loras_dir / "no_state.safetensors").exists()
 
 
 def test_previews_render_at_the_right_steps_without_changing_the_training(fresh_unet, sd15_clip, small_vae,

@@ -420,11 +420,11 @@ def test_resume_from_attacks_are_refused(train_inputs, roots, outside, resume_pl
 
 
 def test_a_malicious_resume_state_is_not_unpickled(train_inputs, roots, audit, hardening, outside):
-    from lora_lab.nodes import training_files
+    from lora_lab.nodes import folders
     from lora_lab.nodes.training_options import TrainingOptions
     first = train(train_inputs, output_name="resume_state_victim")["result"][2]
     loras = Path(roots["loras"][0])
-    state = training_files.resume_state_path(loras / first)
+    state = folders.resume_state_path(loras / first)
     assert state.is_file()
     marker = outside.parent / f"state_pickle_{uuid.uuid4().hex[:6]}"
     torch.save({"step": 1, "adapters": _Exploit(str(marker))}, state)

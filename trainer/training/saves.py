@@ -1,4 +1,9 @@
-"""Where Train LoRA writes, and how a run resumes."""
+"""What a run writes and reads back: its free name, its saves' resume state, and the saves it may delete.
+
+Every save is a LoRA in the loras folder plus, in a private folder, the state an exact resume needs
+(full-precision adapters, optimizer, schedule, loss scaler, RNG). The folders come from the host
+(ComfyUI's models/loras and user folder): ``SaveFolders``.
+"""
 from __future__ import annotations
 
 import glob
@@ -9,64 +14,19 @@ from pathlib import Path
 
 import torch
 
-import folder_paths
-
-from ..trainer.paths import is_inside
-from ..trainer.lora.files import load_lora_file, lora_relative_path
-from ..trainer.training.loop import LoopState
-from .messages import user_error
+from ..lora.files import load_lora_file, lora_relative_path
+from ..messages import user_error
+from .loop import LoopState
 
 STATE_SUFFIX = ".loralab-state.pt"
 log = logging.getLogger("LoRA Lab")
 
 
-def loras_root() -> str:
-    """The first loras folder: every LoRA loader lists it on both ComfyUI versions (output/ is not)."""
-    return folder_paths.get_folder_paths("loras")[0]
-
-
-def user_folder(*parts: str) -> Path:
-    """A folder under ComfyUI's user directory: private to this ComfyUI, outside models/ and output/."""
-    user = getattr(folder_paths, "get_user_directory", None)   # 2024-03 has only the attribute
-    return Path(user() if user else folder_paths.user_directory, "loralab", *parts)
-
-
-def rescue_folder() -> Path:
-    """Where a finished or partial LoRA goes when models/loras cannot be written (full disk, permissions)."""
-    return user_folder("rescued")
-
-
-def latent_cache_folder() -> str:
-    return str(user_folder("latent-cache"))
-
-
-def parking_folder() -> str:
-    """Where the fp32 base weights wait during half-precision training on the CPU: ComfyUI's temp
-    folder, which ComfyUI empties at start-up (so a crash leaves nothing behind for long)."""
-    folder = os.path.join(folder_paths.get_temp_directory(), "loralab")
-    os.makedirs(folder, exist_ok=True)
-    return folder
-
-
-def check_output_name(name: str, node: str) -> None:
-    """Refuse, before any training, a name the save would refuse or fail on hours later."""
-    try:
-        relative = lora_relative_path(name)
-    except ValueError as bad:
-        raise user_error(node, "output_name", f"{bad}.",
-                         "use a plain name such as 'my_lora' or 'mychar/v2' (no '..', no absolute path).") from None
-    root = Path(loras_root())
-    real_root = os.path.realpath(root)
-    folder = root
-    for part in relative.parts[:-1]:
-        folder = folder / part
-        if folder.is_symlink() and not is_inside(os.path.realpath(folder), real_root):
-            raise user_error(node, "output_name", f"'{folder.relative_to(root)}' in models/loras is a symbolic link "
-                             f"leading outside the loras folder ({root}); LoRA Lab writes only inside it.",
-                             "choose a subfolder that is really inside the loras folder, or a plain name.")
-        if folder.exists() and not folder.is_dir():
-            raise user_error(node, "output_name", f"'{folder.relative_to(root)}' in the loras folder ({root}) is a "
-                             "file, so it cannot hold the LoRA.", "choose another subfolder name, or a plain name.")
+@dataclass(frozen=True)
+class SaveFolders:
+    loras: Path      # where LoRAs are saved (and found by every loader)
+    rescue: Path     # where a LoRA goes when the loras folder refuses it (full disk, permissions)
+    states: Path     # resume states, mirroring the loras folder's subfolders
 
 
 def base_name(output_name: str) -> str:
@@ -74,7 +34,7 @@ def base_name(output_name: str) -> str:
     return str(lora_relative_path(output_name.strip()))[: -len(".safetensors")]
 
 
-def free_base_name(output_name: str, overwrite: bool) -> str:
+def free_base_name(loras_folder: Path, output_name: str, overwrite: bool) -> str:
     """The name this run saves under, settled before training starts.
 
     Unless overwriting, the first of name, name_2, name_3... with neither a final file nor any
@@ -83,7 +43,7 @@ def free_base_name(output_name: str, overwrite: bool) -> str:
     base = base_name(output_name)          # validates
     if overwrite:
         return base
-    root = Path(loras_root())
+    root = Path(loras_folder)
     for number in range(1, 10_000):
         candidate = base if number == 1 else f"{base}_{number}"
         stem = glob.escape(Path(candidate).name)      # a name like "char[v2]" is not a pattern
@@ -99,6 +59,8 @@ def shared_first_tag(dataset) -> str:
     firsts = {item.caption.split(",")[0].strip() for item in dataset.items}
     return firsts.pop() if len(firsts) == 1 and "" not in firsts else ""
 
+
+# --- resume ---------------------------------------------------------------------------------------
 
 # --- resume ---------------------------------------------------------------------------------------
 @dataclass
@@ -118,25 +80,26 @@ class ResumePoint:
         return self
 
 
-def resume_state_path(lora_path) -> Path:
-    """user/loralab/train-state/<name>.loralab-state.pt — not beside the LoRA, where every loader
-    (which lists .pt files too) would offer it as a LoRA."""
-    folder = user_folder("train-state")
+def resume_state_path(lora_path, folders: SaveFolders) -> Path:
+    """<states>/<name>.loralab-state.pt — not beside the LoRA, where every loader (which lists .pt
+    files too) would offer it as a LoRA."""
+    folder = folders.states
     lora_path = Path(lora_path)
     try:
-        relative = lora_path.resolve().relative_to(Path(loras_root()).resolve())
+        relative = lora_path.resolve().relative_to(Path(folders.loras).resolve())
     except ValueError:
         relative = Path(lora_path.name)
     return folder / (str(relative)[: -len(".safetensors")] + STATE_SUFFIX)
 
 
-def save_resume_state(lora_path: Path, lora, loop_state: LoopState | None, step: int, optimizer_name: str) -> Path:
+def save_resume_state(lora_path: Path, lora, loop_state: LoopState | None, step: int, optimizer_name: str,
+                      folders: SaveFolders) -> Path:
     """Beside each save: full-precision adapters + optimizer/scheduler state, for an exact resume."""
     state = {"step": step, "adapters": lora.kohya_state_dict(dtype=torch.float32), "optimizer_name": optimizer_name}
     if loop_state is not None:
         state.update(optimizer=loop_state.optimizer, scheduler=loop_state.scheduler, scaler=loop_state.scaler,
                      rng=loop_state.rng)
-    path = resume_state_path(lora_path)
+    path = resume_state_path(lora_path, folders)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + f".tmp-{os.getpid()}")
     torch.save(state, partial)
@@ -186,12 +149,10 @@ class WrittenSave:
         return True
 
 
-def load_resume(name: str, node: str) -> ResumePoint:
-    lora_path = folder_paths.get_full_path("loras", name)
-    if lora_path is None:
-        raise user_error(node, "resume_from", f"{name!r} is not in any loras folder.",
-                         "pick a file the LoRA loaders list.")
-    state_path = resume_state_path(lora_path)
+def load_resume(lora_path, name: str, node: str, folders: SaveFolders) -> ResumePoint:
+    """The save ``name`` (found at ``lora_path``) and, when it exists, its resume state: weights,
+    optimizer, schedule, loss scaler and RNG, for an exact resume."""
+    state_path = resume_state_path(lora_path, folders)
     try:
         tensors, metadata = load_lora_file(lora_path)       # .safetensors only: pickles are refused unread
         step = int(metadata.get("ss_steps", "0") or 0)

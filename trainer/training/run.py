@@ -1,0 +1,231 @@
+"""One training run as the host sees it: progress and events per step, periodic and final saves, what is
+kept when it stops early, and the report.
+
+The host (ComfyUI: nodes/train_host.py) is reached through the small ``Host`` protocol, as the model is
+through ``Denoiser``: progress bar, Cancel, front-end events, folders. So saving and resuming are plain
+torch code with unit tests of their own.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from typing import Protocol
+
+import torch
+
+from ..lora.files import save_lora_file
+from ..messages import LoraLabError, user_error
+from . import run_reuse, saves
+from .loop import StepReport
+from .saves import SaveFolders
+
+log = logging.getLogger("LoRA Lab")
+PROGRESS_EVENT = "loralab.train.progress"
+STOPPED_EVENT = "loralab.train.stopped"
+
+
+class Host(Protocol):
+    """What a training run needs from the application it runs in."""
+    node_name: str                 # who speaks in messages ("Train LoRA")
+    save_folders: SaveFolders
+
+    def progress(self, step: int, total: int) -> None:
+        """Show ``step`` of ``total`` (a progress bar)."""
+
+    def check_cancel(self) -> None:
+        """Raise the host's cancel exception when the user has cancelled."""
+
+    def is_cancel(self, error: BaseException) -> bool:
+        """Whether ``error`` is the host's cancel exception."""
+
+    def send(self, event: str, data: dict) -> None:
+        """Send an event to the front end."""
+
+
+class SaveFailed(LoraLabError):
+    """The finished LoRA could not be written; its message says where the weights went instead."""
+
+
+class TrainingRun:
+    """Progress, events, saves and the report of one training run."""
+
+    def __init__(self, host: Host, output_name: str, unique_id, save_dtype: torch.dtype, optimizer_name: str):
+        self.host, self.folders = host, host.save_folders
+        self.output_name, self.unique_id, self.save_dtype = output_name, unique_id, save_dtype
+        self.optimizer_name = optimizer_name
+        self.losses: list[float] = []
+        self.step = 0
+        self.started_at = time.time()
+        self.saves: list[str] = []
+        self.periodic: list[saves.WrittenSave] = []   # this run's <name>_step<N> files, oldest first
+        self.snapshot = None      # the loop's resumable state after the last finished step
+        self.saved_step = 0
+        self.cache_report = ""
+        self.previews = None                  # the host's sample previews (due, render, rendered...), if asked for
+        self.identity: str | None = None      # run_reuse: written into the final save
+        self.notes: list[str] = []            # settings that do nothing here, for the report
+
+    def step_callback(self, lora, describe, options):
+        def on_step(report: StepReport):
+            self.step = report.step
+            self.snapshot = report.snapshot
+            self.losses.append(report.loss)
+            self.host.progress(report.step, report.total)
+            self.send_event(report)
+            name = self.periodic_save_name(report, options, describe.epoch_plan)
+            if name:
+                try:
+                    self.save(lora, describe, report.snapshot(), report.step, final=False, overwrite=True, name=name)
+                except Exception as failed:     # a full disk must not end the run; the final save tries again
+                    log.warning("[LoRA Lab] the save at step %d failed (%s: %s); training goes on",
+                                report.step, type(failed).__name__, failed)
+                else:
+                    self.keep_last_periodic_saves(options.keep_last_saves)
+            if self.previews and self.previews.due(report.step):
+                self.render_preview(lora, report.step)
+            self.host.check_cancel()     # Cancel: the host's own check, with or without a progress hook
+        return on_step
+
+    def periodic_save_name(self, report: StepReport, options, epoch_plan) -> str | None:
+        """<name>_epoch<E> at the step that completes every save_every_n_epochs-th epoch, else
+        <name>_step<N> every save_every_n_steps steps; None when neither is due (or the final save is next)."""
+        if report.step >= report.total:
+            return None
+        every = options.save_every_n_epochs
+        done, before = epoch_plan.completed_at(report.step), epoch_plan.completed_at(report.step - 1)
+        if every and done // every > before // every:
+            return f"{self.output_name}_epoch{done}"
+        if options.save_every_n_steps and report.step % options.save_every_n_steps == 0:
+            return f"{self.output_name}_step{report.step}"
+        return None
+
+    def send_event(self, report: StepReport):
+        remaining = (report.total - report.step) * report.seconds
+        self.host.send(PROGRESS_EVENT, {
+            "node": self.unique_id, "step": report.step, "total": report.total, "loss": report.loss,
+            "lr": report.lr, "seconds_per_step": report.seconds, "eta_seconds": remaining,
+        })
+
+    def save(self, lora, describe, loop_state, step, final, overwrite, name=None):
+        name = name or (self.output_name if final else f"{self.output_name}_step{step}")
+        metadata = describe.metadata(step=step, started_at=self.started_at, finished_at=time.time())
+        if final:       # only a finished run can stand in for the same run queued again
+            metadata[run_reuse.LOSS_HISTORY_KEY] = run_reuse.loss_history_text(self.losses)
+            if self.identity:
+                metadata[run_reuse.RUN_IDENTITY_KEY] = self.identity
+        path = save_lora_file(self.folders.loras, name, lora.kohya_state_dict(), metadata,
+                              overwrite=overwrite, dtype=self.save_dtype)
+        try:
+            state_path = saves.save_resume_state(path, lora, loop_state, step, self.optimizer_name, self.folders)
+        except Exception as failed:     # the LoRA itself is written: only an exact resume is lost
+            state_path = None
+            log.warning("[LoRA Lab] %s is saved, but its resume state could not be written (%s: %s); resuming "
+                        "it will start a fresh optimizer", path, type(failed).__name__, failed)
+        if not final:
+            self.periodic.append(saves.WrittenSave.of(path, state_path))
+        self.saves.append(str(path))
+        self.saved_step = step
+        log.info("[LoRA Lab] saved %s (step %d)", path, step)
+        return path
+
+    def keep_last_periodic_saves(self, keep: int):
+        """keep_last_saves: delete this run's older step saves (and their resume state), newest K stay.
+
+        Only files this run wrote and that are unchanged since are deleted; the final file and any
+        other run's files are never candidates.
+        """
+        if keep <= 0:
+            return
+        while len(self.periodic) > keep:
+            old = self.periodic.pop(0)
+            if old.remove():
+                log.info("[LoRA Lab] keep_last_saves=%d: deleted %s", keep, old.lora)
+                if str(old.lora) in self.saves:
+                    self.saves.remove(str(old.lora))
+
+    def render_preview(self, lora, step):
+        try:
+            self.previews.render(lora, step)
+        except Exception as failed:         # a preview must never cost the training run
+            if self.host.is_cancel(failed):
+                raise
+            log.warning("[LoRA Lab] the preview at step %d failed (%s: %s); previews are off for the rest of "
+                        "this run", step, type(failed).__name__, failed)
+            self.previews.failed = f"{type(failed).__name__}: {failed}"
+
+    def save_partial(self, lora, describe, why):
+        if self.step == 0:
+            log.warning("[LoRA Lab] training %s before the first step finished; nothing to save", why)
+            return None
+        if self.saves and self.saved_step == self.step:   # a periodic save already holds this very step
+            log.warning("[LoRA Lab] training %s at step %d; what was trained is saved as %s", why, self.step,
+                        self.saves[-1])
+            return self.saves[-1]
+        try:
+            path = self.save(lora, describe, self.snapshot() if self.snapshot else None, self.step,
+                             final=False, overwrite=False)
+        except Exception as failed:
+            path, _ = self.rescue(lora, describe, failed)
+            if path is None:
+                return None
+        log.warning("[LoRA Lab] training %s at step %d; what was trained is saved as %s", why, self.step, path)
+        self.host.send(STOPPED_EVENT, {
+            "node": self.unique_id, "step": self.step, "reason": why, "saved": str(path)})
+        return path
+
+    def save_final(self, lora, describe, loop_state, step, overwrite):
+        try:
+            return self.save(lora, describe, loop_state, step, final=True, overwrite=overwrite)
+        except Exception as failed:
+            target = os.path.join(self.folders.loras, self.output_name + ".safetensors")
+            rescued, rescue_error = self.rescue(lora, describe, failed)
+            problem = f"the trained LoRA could not be written to {target} ({type(failed).__name__}: {failed})."
+            if rescued:
+                raise SaveFailed(str(user_error(
+                    self.host.node_name, "output_name", f"{problem} The trained weights (step {step}) are safe in {rescued}.",
+                    "free disk space or fix the loras folder's permissions, then move that file into "
+                    "models/loras: it loads like any LoRA."))) from failed
+            raise SaveFailed(str(user_error(
+                self.host.node_name, "output_name", f"{problem} Saving a copy in {self.folders.rescue} failed too "
+                f"({rescue_error}); the weights of this run could not be kept.",
+                "free disk space or fix the permissions of models/loras and ComfyUI's user folder, then "
+                "queue again."))) from failed
+
+    def rescue(self, lora, describe, failed):
+        """models/loras refused the file: write it under user/loralab/rescued instead -> (path, None) or
+        (None, the rescue's own error)."""
+        name = f"{self.output_name}_step{self.step}"
+        log.error("[LoRA Lab] saving %s failed (%s: %s); writing it to %s", name, type(failed).__name__, failed,
+                  self.folders.rescue)
+        try:
+            metadata = describe.metadata(step=self.step, started_at=self.started_at, finished_at=time.time())
+            path = save_lora_file(self.folders.rescue, name, lora.kohya_state_dict(), metadata,
+                                  overwrite=False, dtype=self.save_dtype)
+        except Exception as also_failed:
+            log.error("[LoRA Lab] the rescue copy failed too (%s: %s); the weights are lost",
+                      type(also_failed).__name__, also_failed)
+            return None, f"{type(also_failed).__name__}: {also_failed}"
+        self.saves.append(str(path))
+        self.saved_step = self.step
+        log.warning("[LoRA Lab] the weights of step %d are safe in %s", self.step, path)
+        return path, None
+
+    def last_save_text(self) -> str:
+        return f"The last good save is {self.saves[-1]}." if self.saves else "Nothing was saved."
+
+    def report(self, lora_name, describe) -> str:
+        elapsed = time.time() - self.started_at
+        finite = [v for v in self.losses if math.isfinite(v)]
+        lines = [f"Saved {lora_name} in {self.folders.loras}",
+                 f"{len(self.losses)} steps in {elapsed:.0f}s; loss {finite[0]:.4f} -> {finite[-1]:.4f}"
+                 if finite else "no steps", describe.arithmetic(), self.cache_report]
+        lines += [f"note: {note}" for note in self.notes]
+        if self.previews:
+            steps = [step for step, _ in self.previews.rendered]
+            lines.append(f"previews: {len(self.previews.labels())} picture(s) at step(s) {', '.join(map(str, steps))}"
+                         if steps else "previews: none (fewer steps than preview_every_n_steps)")
+            if self.previews.failed:
+                lines.append(f"previews stopped: {self.previews.failed}")
+        return "\n".join(lines)
