@@ -2,6 +2,7 @@
 // DOM widgets only (canvas-drawn widgets break in ComfyUI's newer renderer).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
+import { TRAIN_PREVIEW, TRAIN_PROGRESS, TRAIN_STOPPED } from "./events.js";
 import { appendPoint, chartScale, resolveNode, smooth, statusLine } from "./loss_chart.js";
 
 const REPORT_NODES = new Set(["LoraLabDatasetFromFolder", "LoraLabCaption", "LoraLabTrainLora"]);
@@ -9,9 +10,6 @@ const REPORT_NODES = new Set(["LoraLabDatasetFromFolder", "LoraLabCaption", "Lor
 // unchanged graph would then retrain (or re-render the grid) every time. These start "fixed".
 const FIXED_SEED_NODES = new Set(["LoraLabTrainLora", "LoraLabLoraCompareGrid"]);
 const TRAIN_NODE = "LoraLabTrainLora";
-const PROGRESS_EVENT = "loralab.train.progress";
-const STOPPED_EVENT = "loralab.train.stopped";
-const PREVIEW_EVENT = "loralab.train.preview";
 
 function displayWidget(node, name, element, options = {}) {
   // A display-only DOM widget: never saved (the options flag is read by the newer front end, the
@@ -152,7 +150,7 @@ app.registerExtension({
     };
   },
   async setup() {
-    api.addEventListener(PROGRESS_EVENT, ({ detail }) => {
+    api.addEventListener(TRAIN_PROGRESS, ({ detail }) => {
       const node = resolveNode(app.graph, detail.node);
       if (!node || node.comfyClass !== TRAIN_NODE) return;
       node.properties = node.properties || {};
@@ -161,14 +159,14 @@ app.registerExtension({
       node.loralab_last = detail;
       lossChartWidget(node).draw_chart();
     });
-    api.addEventListener(PREVIEW_EVENT, ({ detail }) => {
+    api.addEventListener(TRAIN_PREVIEW, ({ detail }) => {
       const node = resolveNode(app.graph, detail.node);
       if (!node || node.comfyClass !== TRAIN_NODE) return;
       previewWidget(node).show_previews(detail);
       node.setSize?.([node.size[0], Math.max(node.size[1], node.computeSize()[1])]);
       node.setDirtyCanvas?.(true, true);
     });
-    api.addEventListener(STOPPED_EVENT, ({ detail }) => {
+    api.addEventListener(TRAIN_STOPPED, ({ detail }) => {
       const node = resolveNode(app.graph, detail.node);
       if (!node || node.comfyClass !== TRAIN_NODE) return;
       reportWidget(node).value = `Training ${detail.reason} at step ${detail.step}.\nSaved: ${detail.saved}`;

@@ -13,27 +13,27 @@ import comfy.utils
 import folder_paths
 
 from ..trainer.captions import augment as caption_augment
-from ..trainer.training import run_reuse
 from ..trainer.data.dataset import DatasetError
 from ..trainer.data.encoded_dataset import encode_dataset
-from ..trainer.training.half_precision_base import frozen_weights_in
 from ..trainer.data.latent_disk_cache import (EncodeDatasetCache, LatentDiskCache, describe as describe_cache,
-                                        vae_fingerprint)
-from ..trainer.lora.adapters import InjectedLora, LoraSet
+                                              vae_fingerprint)
 from ..trainer.lora.files import load_lora_file
-from ..trainer.training.loop import NonFiniteLoss, TrainSettings, train
 from ..trainer.loss_plot import loss_curve_image
-from ..trainer.training.schedules import schedule_notes
-from ..trainer.training.noise import notes_for
+from ..trainer.training import run_reuse, saves
+from ..trainer.training.half_precision_base import frozen_weights_in
 from ..trainer.training.kohya_metadata import Description
-from ..trainer.training.optimizers import OptimizerUnavailable, lr_advice, make_optimizer, parse_optimizer_args
-from ..trainer.training import saves
-from ..trainer.training.run import SaveFailed, TrainingRun
+from ..trainer.training.loop import TrainSettings, train
+from ..trainer.training.noise import notes_for
+from ..trainer.training.optimizers import lr_advice, parse_optimizer_args
+from ..trainer.training.run import TrainingRun
+from ..trainer.training.schedules import schedule_notes
 from . import comfy_bridge, folders
-from .train_host import ComfyHost
-from .training_previews import TrainingPreviews, empty_previews
 from .messages import user_error
+from .train_adapters import inject_adapters
+from .train_checks import check_inputs, check_noise_settings, check_optimizer
+from .train_host import ComfyHost
 from .training_options import OPTIONS_TYPE, TrainingOptions
+from .training_previews import TrainingPreviews, empty_previews
 
 log = logging.getLogger("LoRA Lab")
 NODE = "Train LoRA"
@@ -229,18 +229,6 @@ def encode_for_training(model, clip, vae, dataset, resolution, use_disk_cache: b
     return data, (describe_cache(disk.stats) if disk else "latent disk cache: off")
 
 
-def check_noise_settings(model, settings):
-    kind = comfy_bridge.prediction_type(comfy_bridge.model_sampling(model))
-    if settings.noise.min_snr_gamma > 0 and kind == "flow":
-        raise user_error(NODE, "options", "min_snr_gamma weights the loss by the signal-to-noise ratio of eps- and "
-                         "v-prediction models (SD1.x, SD2.x, SDXL); this model is trained by flow matching (SD3, "
-                         "Flux.1), where that weighting does not apply.",
-                         "set min_snr_gamma to 0 in Training Options (flow models train with the plain loss).")
-    if settings.noise.min_snr_gamma > 0 and kind not in ("eps", "v"):
-        raise user_error(NODE, "options", f"min_snr_gamma applies to eps and v prediction; this model predicts {kind}.",
-                         "set min_snr_gamma to 0 in Training Options.")
-
-
 def train_adapters(model, clip, data, settings, options, device, run, describe, resume):
     """Inject, train, save; whatever happens the shared model comes back as it was."""
     text_encoder_trains = settings.train_text_encoder
@@ -257,39 +245,18 @@ def train_adapters(model, clip, data, settings, options, device, run, describe, 
                 torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(settings.seed)
             lora = inject_adapters(model, network, clip, text_model, settings.network, settings.seed, device)
-            try:
+            with run.kept_if_stopped(lora, describe):
                 lora.train(True)
                 if resume:
                     load_resumed_weights(lora, resume, options)
                 # A trained text encoder encodes every step's captions with gradients; a frozen one's
                 # encodings are made once (data.conds) or, when captions vary, memoised by the loop.
                 encode_caption = comfy_bridge.loaded_caption_encoder(clip, with_gradients=text_encoder_trains)
-                loop_state = train(comfy_bridge.ComfyDenoiser(model), data, lora.parameters_by_part(), settings, device,
-                                   on_step=run.step_callback(lora, describe, options),
+                loop_state = train(comfy_bridge.ComfyDenoiser(model), data, lora.parameters_by_part(), settings,
+                                   device, on_step=run.step_callback(lora, describe, options),
                                    resume=resume.loop_state if resume else None,
                                    encode_caption=encode_caption, text_encoder_trains=text_encoder_trains)
                 return run.save_final(lora, describe, loop_state, settings.steps, options.overwrite_existing)
-            except SaveFailed:
-                raise                       # the weights are already rescued and the message says where
-            except comfy.model_management.InterruptProcessingException:
-                run.save_partial(lora, describe, "cancelled")
-                raise
-            except NonFiniteLoss as bad:
-                run.save_partial(lora, describe, "stopped: the loss was not a number")
-                raise user_error(NODE, "learning_rate", f"{bad}. {run.last_save_text()}",
-                                 "lower the learning rate, use fp32 or bf16 precision, or check the dataset "
-                                 "for broken pictures.") from None
-            except torch.cuda.OutOfMemoryError:
-                run.save_partial(lora, describe, "stopped: the GPU ran out of memory")
-                raise user_error(NODE, "batch_size", f"the GPU ran out of memory at step {run.step + 1}. "
-                                 f"{run.last_save_text()}", "turn on gradient_checkpointing in Training Options, "
-                                 "lower batch_size or resolution, use bf16 (or fp16) precision, or close other "
-                                 "models; then resume from the last save.") from None
-            except Exception as error:
-                run.save_partial(lora, describe, f"stopped by an error ({type(error).__name__})")
-                raise
-            finally:
-                lora.remove()
     except comfy_bridge.PartiallyLoaded as too_big:
         clip_advice = (" turn off train_text_encoder / caption dropout and tag shuffle (they keep the text encoder "
                        "on the GPU too)," if clip_in_loop else "")
@@ -301,53 +268,6 @@ def train_adapters(model, clip, data, settings, options, device, run, describe, 
 # bf16/fp16 training: the frozen UNet weights train in that precision too (as ComfyUI's own trainer
 # does), the shared fp32 originals set aside and put back bitwise afterwards (trainer/training/half_precision_base.py).
 HALF_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def inject_adapters(model, unet, clip, text_model, network, seed, device) -> LoraSet:
-    """The UNet's adapters (and each text encoder's, when they train) as one LoraSet, parts labelled
-    "unet", "text_encoder", "text_encoder_2" (the loop gives each its learning rate)."""
-    parts = {}
-    try:
-        targets, ranks, alphas = network.adapter_arguments(comfy_bridge.unet_lora_layers(model, network))
-        parts["unet"] = InjectedLora(unet, targets, rank=network.rank, alpha=network.alpha, ranks=ranks,
-                                     alphas=alphas, dropout=network.dropout, seed=seed, device=device)
-        if text_model is not None:
-            for encoder, (root, targets) in text_encoder_targets(clip, text_model).items():
-                parts[encoder] = InjectedLora(root, targets, rank=network.rank, alpha=network.alpha,
-                                              dropout=network.dropout, seed=seed,
-                                              device=torch.device(clip.patcher.load_device))
-        return LoraSet(parts)
-    except BaseException as error:
-        for part in parts.values():         # nothing may stay injected in the shared model
-            part.remove()
-        if isinstance(error, (RuntimeError, ValueError)) and not isinstance(error, torch.cuda.OutOfMemoryError):
-            where = "the text encoder" if "unet" in parts else "the UNet"
-            raise user_error(NODE, "options", f"LoRA layers could not be added to {where} of this model ({error}).",
-                             "use network_preset 'kohya default' with train_text_encoder off, or load an SD1.5, "
-                             "SD2.x, SDXL, SD3 or Flux.1 checkpoint.") from None
-        raise
-
-
-def text_encoder_targets(clip, text_model) -> dict[str, tuple[torch.nn.Module, dict[str, str]]]:
-    """{"text_encoder" | "text_encoder_2": (the encoder's own module, {path inside it: kohya name})}.
-
-    Each text encoder gets its adapters in its own module (SDXL: clip_l and clip_g), so each can
-    learn at its own rate and peft never sees two adapter sets in one module tree.
-    """
-    by_encoder: dict[str, dict[str, str]] = {}
-    for path, name in comfy_bridge.clip_lora_targets(clip).items():
-        by_encoder.setdefault(comfy_bridge.text_encoder_of(name), {})[path] = name
-    parts = {}
-    for encoder, targets in by_encoder.items():
-        tops = {path.split(".", 1)[0] for path in targets}
-        if len(tops) == 1 and all("." in path for path in targets):
-            top = tops.pop()
-            parts[encoder] = (text_model.get_submodule(top), {path[len(top) + 1:]: n for path, n in targets.items()})
-        else:
-            parts[encoder] = (text_model, targets)
-    if len(parts) > 1 and any(root is text_model for root, _ in parts.values()):
-        raise RuntimeError("the text encoders' layers could not be told apart")
-    return parts
 
 
 def load_resume(options, host) -> saves.ResumePoint:
@@ -365,52 +285,6 @@ def load_resumed_weights(lora, resume, options):
         raise user_error(NODE, "options", f"'{options.resume_from}' does not fit this run's network ({bad}).",
                          "resume with the rank, network_preset, conv_rank and train_text_encoder setting the save "
                          "was trained with.") from None
-
-
-FLOW_FAMILY_NAMES = {"sd3": "SD3", "flux1": "Flux.1"}
-
-
-def check_inputs(model, dataset, output_name, rank, alpha, options=None):
-    unsupported = comfy_bridge.unsupported_family(model)
-    if unsupported:
-        raise user_error(NODE, "model", f"{unsupported} models cannot be trained yet; "
-                         f"LoRA Lab trains SD1.x, SD2.x, SDXL, SD3 and Flux.1 (dev, schnell) models.",
-                         "load an SD1.5, SD2.x, SDXL, SD3 or Flux.1 base checkpoint.")
-    family = comfy_bridge.model_family(model)
-    if options is not None and options.train_text_encoder and family in FLOW_FAMILY_NAMES:
-        # kohya rarely trains these text encoders (Flux: CLIP-L only, T5-XXL not at all); LoRA Lab trains the
-        # CLIP text encoders of SD1.x/SD2.x/SDXL only.
-        raise user_error(NODE, "options", f"train_text_encoder is not supported for {FLOW_FAMILY_NAMES[family]} "
-                         "models: LoRA Lab trains the CLIP text encoders of SD1.x, SD2.x and SDXL only (T5-XXL "
-                         "cannot carry a LoRA here).",
-                         "turn train_text_encoder off in Training Options: the LoRA then trains the "
-                         f"{FLOW_FAMILY_NAMES[family]} transformer alone, as kohya does by default.")
-    if dataset is None or not getattr(dataset, "items", None):
-        raise user_error(NODE, "dataset", "the dataset has no pictures.",
-                         "check the folder in the dataset node and its report.")
-    if not str(output_name).strip():
-        raise user_error(NODE, "output_name", "the name is empty.", "type a name such as 'my_lora'.")
-    folders.check_output_name(output_name, NODE)
-    if alpha > rank * 4:
-        log.warning("[LoRA Lab] alpha %.3g is more than 4x rank %d: the LoRA will be very strong", alpha, rank)
-
-
-def check_optimizer(options, learning_rate):
-    """Build the chosen optimizer once over a stand-in parameter, so optimizer_args it does not take
-    (Prodigy's d_coef given to AdamW, say) fail now, not after the dataset is encoded."""
-    try:
-        args = parse_optimizer_args(options.optimizer_args)
-        make_optimizer(options.optimizer, [torch.nn.Parameter(torch.zeros(2))], learning_rate,
-                       **{"weight_decay": options.weight_decay, **args})
-    except OptimizerUnavailable as missing:
-        raise user_error(NODE, "options", f"{missing}", f"install the package or choose AdamW in Training "
-                         "Options.") from None
-    except (TypeError, ValueError) as bad:
-        raise user_error(NODE, "options", f"the {options.optimizer} optimizer does not accept optimizer_args "
-                         f"'{options.optimizer_args}' ({bad}).",
-                         f"remove or correct optimizer_args in Training Options: they must be keyword arguments of "
-                         f"{options.optimizer} (d_coef and decouple are Prodigy's; AdamW takes betas, eps and "
-                         "amsgrad).") from None
 
 
 def _trim(cache: dict):

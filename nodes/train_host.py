@@ -5,7 +5,7 @@ from __future__ import annotations
 import comfy.model_management
 import comfy.utils
 
-from . import comfy_bridge, folders
+from . import comfy_bridge, events, folders
 
 
 class ComfyHost:
@@ -27,4 +27,4 @@ class ComfyHost:
         return isinstance(error, comfy.model_management.InterruptProcessingException)
 
     def send(self, event: str, data: dict) -> None:
-        comfy_bridge.send_to_front_end(event, data)
+        comfy_bridge.send_to_front_end(events.OF_TRAINING_RUN[event], data)

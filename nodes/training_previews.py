@@ -26,10 +26,10 @@ import folder_paths
 
 from ..trainer.data.encoded_dataset import PictureSize
 from ..trainer.training.loop import autocast_for
+from . import events
 from .comfy_bridge import ComfyDenoiser, caption_encoder, model_family, send_to_front_end
 
 log = logging.getLogger("LoRA Lab")
-PREVIEW_EVENT = "loralab.train.preview"
 TRIGGER_PLACEHOLDER = "{trigger}"
 
 
@@ -96,7 +96,7 @@ class TrainingPreviews:
         files = [self.quick_picture(latent, step, index) for index, latent in enumerate(latents)]
         self.shown += files
         log.info("[LoRA Lab] preview at step %d: %d picture(s) in %.1fs", step, len(files), time.perf_counter() - started)
-        send_to_front_end(PREVIEW_EVENT, {"node": self.unique_id, "step": step, "prompts": self.prompts,
+        send_to_front_end(events.TRAIN_PREVIEW, {"node": self.unique_id, "step": step, "prompts": self.prompts,
                                           "images": files})
 
     def sample(self, passes: list[tuple[int, dict]], device: torch.device) -> torch.Tensor:

@@ -31,3 +31,19 @@ def test_every_script_is_an_es_module_with_relative_imports():
         for line in text.splitlines():
             if line.startswith("import "):
                 assert "from \"./" in line or "from \"../../scripts/" in line, (script.name, line)
+
+
+def test_the_front_end_knows_every_server_event_by_the_names_in_nodes_events():
+    """nodes/events.py names every event the server sends; js/events.js must hold the same names, and the
+    front end must listen to each (a renamed event would otherwise go unheard without an error)."""
+    python = dict(re.findall(r'^([A-Z_]+) = "(loralab\.[a-z_.]+)"', (REPO / "nodes" / "events.py").read_text(), flags=re.M))
+    js = dict(re.findall(r'^export const ([A-Z_]+) = "(loralab\.[a-z_.]+)";', (REPO / "js" / "events.js").read_text(),
+                         flags=re.M))
+    assert python and python == js
+    listened = set(re.findall(r"api\.addEventListener\(([A-Z_]+)", "\n".join(
+        path.read_text() for path in (REPO / "js").glob("*.js"))))
+    assert listened == set(js), listened
+    sent_by_hand = re.findall(r'"loralab\.[a-z_]+\.[a-z_.]+"', "\n".join(
+        path.read_text() for path in [*(REPO / "nodes").glob("*.py"), *(REPO / "trainer").rglob("*.py")]
+        if path.name != "events.py"))
+    assert not sent_by_hand, f"event names outside nodes/events.py: {sent_by_hand}"

@@ -7,6 +7,7 @@ torch code with unit tests of their own.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -18,12 +19,10 @@ import torch
 from ..lora.files import save_lora_file
 from ..messages import LoraLabError, user_error
 from . import run_reuse, saves
-from .loop import StepReport
+from .loop import NonFiniteLoss, StepReport
 from .saves import SaveFolders
 
 log = logging.getLogger("LoRA Lab")
-PROGRESS_EVENT = "loralab.train.progress"
-STOPPED_EVENT = "loralab.train.stopped"
 
 
 class Host(Protocol):
@@ -41,7 +40,7 @@ class Host(Protocol):
         """Whether ``error`` is the host's cancel exception."""
 
     def send(self, event: str, data: dict) -> None:
-        """Send an event to the front end."""
+        """Tell the front end: ``event`` is "progress" (after each step) or "stopped" (the run ended early)."""
 
 
 class SaveFailed(LoraLabError):
@@ -66,6 +65,34 @@ class TrainingRun:
         self.previews = None                  # the host's sample previews (due, render, rendered...), if asked for
         self.identity: str | None = None      # run_reuse: written into the final save
         self.notes: list[str] = []            # settings that do nothing here, for the report
+
+    @contextlib.contextmanager
+    def kept_if_stopped(self, lora, describe):
+        """Around training: whatever stops it (Cancel, a NaN, the GPU's memory, any error) keeps what was
+        trained as a save and says which one; the adapters leave the shared model in every case."""
+        try:
+            yield
+        except SaveFailed:
+            raise                       # the weights are already rescued and the message says where
+        except NonFiniteLoss as bad:
+            self.save_partial(lora, describe, "stopped: the loss was not a number")
+            raise user_error(self.host.node_name, "learning_rate", f"{bad}. {self.last_save_text()}",
+                             "lower the learning rate, use fp32 or bf16 precision, or check the dataset "
+                             "for broken pictures.") from None
+        except torch.cuda.OutOfMemoryError:
+            self.save_partial(lora, describe, "stopped: the GPU ran out of memory")
+            raise user_error(self.host.node_name, "batch_size", f"the GPU ran out of memory at step {self.step + 1}. "
+                             f"{self.last_save_text()}", "turn on gradient_checkpointing in Training Options, "
+                             "lower batch_size or resolution, use bf16 (or fp16) precision, or close other "
+                             "models; then resume from the last save.") from None
+        except BaseException as error:
+            if self.host.is_cancel(error):
+                self.save_partial(lora, describe, "cancelled")
+            elif isinstance(error, Exception):
+                self.save_partial(lora, describe, f"stopped by an error ({type(error).__name__})")
+            raise
+        finally:
+            lora.remove()
 
     def step_callback(self, lora, describe, options):
         def on_step(report: StepReport):
@@ -103,7 +130,7 @@ class TrainingRun:
 
     def send_event(self, report: StepReport):
         remaining = (report.total - report.step) * report.seconds
-        self.host.send(PROGRESS_EVENT, {
+        self.host.send("progress", {
             "node": self.unique_id, "step": report.step, "total": report.total, "loss": report.loss,
             "lr": report.lr, "seconds_per_step": report.seconds, "eta_seconds": remaining,
         })
@@ -171,7 +198,7 @@ class TrainingRun:
             if path is None:
                 return None
         log.warning("[LoRA Lab] training %s at step %d; what was trained is saved as %s", why, self.step, path)
-        self.host.send(STOPPED_EVENT, {
+        self.host.send("stopped", {
             "node": self.unique_id, "step": self.step, "reason": why, "saved": str(path)})
         return path
 
