@@ -55,7 +55,7 @@ def measure(folder: Path) -> dict:
     pack = types.ModuleType("lora_lab")
     pack.__path__ = [str(REPO)]
     sys.modules["lora_lab"] = pack
-    from lora_lab.trainer.data.dataset import clear_scan_cache, folder_signature, scan_folder
+    from lora_lab.trainer.data.folder_scan import clear_scan_cache, folder_signature, scan_folder
 
     baseline = peak_rss_mb()
     clear_scan_cache()

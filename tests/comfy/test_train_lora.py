@@ -168,7 +168,7 @@ def test_optimizer_args_the_optimizer_does_not_take_are_refused_before_any_work(
 
 def test_a_picture_changed_since_the_scan_is_reported_by_train_lora(fresh_unet, sd15_clip, small_vae, tmp_path):
     from PIL import Image
-    from lora_lab.trainer.data.dataset import scan_folder
+    from lora_lab.trainer.data.folder_scan import scan_folder
     for i in range(2):
         Image.fromarray((pattern_pixels(1, seed=i)[0].numpy() * 255).astype("uint8")).save(tmp_path / f"p{i}.png")
     dataset = scan_folder(str(tmp_path))

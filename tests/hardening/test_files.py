@@ -133,7 +133,8 @@ SEEN_SCAN: dict = {"examples": 0, "kinds": set(), "captions": set(), "nothing_us
 @SETTINGS
 @given(entries=st.lists(_entry(), min_size=1, max_size=9))
 def test_scanner_never_crashes_and_accounts_for_every_file(pack, entries):
-    from lora_lab.trainer.data.dataset import DatasetError, clean_caption, folder_signature, scan_folder, steps_report
+    from lora_lab.trainer.data.dataset import DatasetError, clean_caption, steps_report
+    from lora_lab.trainer.data.folder_scan import folder_signature, scan_folder
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch) / "set"
         root.mkdir()
@@ -194,7 +195,7 @@ def test_scanner_report_row(pack, hardening):
 @SETTINGS
 @given(raw=st.binary(max_size=4096))
 def test_caption_reader_survives_any_bytes(pack, raw):
-    from lora_lab.trainer.data.dataset import _read_caption
+    from lora_lab.trainer.data.folder_scan import _read_caption
     with tempfile.NamedTemporaryFile(suffix=".txt") as handle:
         handle.write(raw)
         handle.flush()
@@ -219,7 +220,8 @@ def _encode(text: str, encoding: str) -> bytes:
 @given(text=st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=200),
        encoding=st.sampled_from(ENCODINGS))
 def test_caption_reader_round_trips_unicode_encodings(pack, text, encoding):
-    from lora_lab.trainer.data.dataset import _read_caption, clean_caption
+    from lora_lab.trainer.data.dataset import clean_caption
+    from lora_lab.trainer.data.folder_scan import _read_caption
     with tempfile.NamedTemporaryFile(suffix=".txt") as handle:
         handle.write(_encode(text, encoding))
         handle.flush()
@@ -235,7 +237,8 @@ LATIN = "".join(chr(c) for c in range(0x20, 0x7F)) + "".join(chr(c) for c in ran
 @SETTINGS
 @given(text=st.text(st.sampled_from(LATIN), min_size=1, max_size=200))
 def test_latin1_captions_are_read_with_a_warning(pack, text):
-    from lora_lab.trainer.data.dataset import _read_caption, clean_caption
+    from lora_lab.trainer.data.dataset import clean_caption
+    from lora_lab.trainer.data.folder_scan import _read_caption
     raw = text.encode("latin-1")
     with tempfile.NamedTemporaryFile(suffix=".txt") as handle:
         handle.write(raw)

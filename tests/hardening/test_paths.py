@@ -136,7 +136,7 @@ def test_absolute_paths_inside_the_allowed_roots_keep_working(dataset_nodes, fol
 
 def test_the_audit_sees_a_read_outside(outside, audit, hardening):
     """Control: the audit is not blind — scanning the outside tree directly is caught."""
-    from lora_lab.trainer.data.dataset import clear_scan_cache, scan_folder
+    from lora_lab.trainer.data.folder_scan import clear_scan_cache, scan_folder
     clear_scan_cache()
     with audit.watch():
         scan_folder(str(outside / "pictures"))

@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 from lora_lab.trainer.captions import edits as ce
 from lora_lab.trainer.captions.edits import CaptionEdits
-from lora_lab.trainer.data.dataset import scan_folder
+from lora_lab.trainer.data.folder_scan import scan_folder
 
 # Caption-like text: words, commas, stray spaces and newlines.
 words = st.sampled_from(["a", "cat", "Cat", "red car", "ohwx", "OHWX", "1,000", "on the grass", "", " ", ",", "\n"])

@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile, ImageOps
 
-from lora_lab.trainer.data.dataset import (IMAGE_EXTENSIONS, Dataset, DatasetError, DatasetItem, clear_scan_cache,
-                                      dataset_from_pixels, folder_signature, scan_folder, steps_report)
+from lora_lab.trainer.data.dataset import IMAGE_EXTENSIONS, Dataset, DatasetError, DatasetItem, dataset_from_pixels, steps_report
+from lora_lab.trainer.data.folder_scan import clear_scan_cache, folder_signature, scan_folder
 
 
 def picture(path: Path, size=(64, 48), color=(200, 30, 30), mode="RGB", **save_options) -> Path:
