@@ -18,7 +18,8 @@ import comfy.utils
 import folder_paths
 
 from ..trainer.data.buckets import make_buckets, nearest_bucket
-from ..trainer.data.dataset import DEFAULT_MAX_PIXELS, EXACT_STEPS_NOTE, Dataset, DatasetError, dataset_from_pixels, steps_report
+from ..trainer.data.dataset import (DEFAULT_MAX_PIXELS, EXACT_STEPS_NOTE, Dataset, DatasetError, dataset_from_pixels,
+                                    steps_report)
 from ..trainer.data.folder_scan import folder_signature, normalize_caption_extension, scan_folder
 from ..trainer.paths import is_inside
 from .messages import user_error, validation_message

@@ -108,7 +108,8 @@ class LoraLabTrainLora:
                 steps=epoch_plan.steps_for(epochs) if epochs > 0 else steps, batch_size=batch_size,
                 learning_rate=learning_rate, text_encoder_lr=options.text_encoder_lr or None,
                 text_encoder_2_lr=options.text_encoder_2_lr or None, network=options.network(rank, alpha),
-                train_text_encoder=options.train_text_encoder, lr_schedule=options.lr_schedule, warmup_steps=options.warmup_steps,
+                train_text_encoder=options.train_text_encoder, lr_schedule=options.lr_schedule,
+                warmup_steps=options.warmup_steps,
                 gradient_accumulation=options.gradient_accumulation, max_grad_norm=options.max_grad_norm,
                 mixed_precision=options.resolved_precision(device), seed=seed,
                 # A UNet ComfyUI runs in fp16 gives fp16 gradients whatever we choose: scale them.
@@ -117,9 +118,10 @@ class LoraLabTrainLora:
                 weight_decay=options.weight_decay, lr_cycles=options.lr_cycles, noise=options.noise,
                 captions=options.captions)
             check_noise_settings(model, settings)
+            advice = lr_advice(settings.optimizer, settings.learning_rate)
             run.notes = (notes_for(comfy_bridge.prediction_type(comfy_bridge.model_sampling(model)), settings.noise)
                          + schedule_notes(settings.lr_schedule, settings.warmup_steps, settings.steps)
-                         + [advice for advice in [lr_advice(settings.optimizer, settings.learning_rate)] if advice])
+                         + ([advice] if advice else []))
             for note in run.notes:
                 log.warning("[LoRA Lab] %s", note)
             trigger_word = trigger_word or saves.shared_first_tag(dataset)

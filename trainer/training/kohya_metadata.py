@@ -129,7 +129,8 @@ class Description:
         }
         return kohya_metadata(
             output_name=Path(self.output_name).name, base_model_version=self.family,
-            network_dim=self.settings.network.rank, network_alpha=self.settings.network.alpha, resolution=(self.resolution, self.resolution),
+            network_dim=self.settings.network.rank, network_alpha=self.settings.network.alpha,
+            resolution=(self.resolution, self.resolution),
             num_train_images=sum(item.repeats for item in self.dataset.items),
             tag_frequency=tag_frequency(by_folder), steps=step, learning_rate=self.settings.learning_rate,
             started_at=started_at, finished_at=finished_at, trigger_word=self.trigger_word or None,

@@ -211,7 +211,8 @@ class TrainingRun:
             problem = f"the trained LoRA could not be written to {target} ({type(failed).__name__}: {failed})."
             if rescued:
                 raise SaveFailed(str(user_error(
-                    self.host.node_name, "output_name", f"{problem} The trained weights (step {step}) are safe in {rescued}.",
+                    self.host.node_name, "output_name",
+                    f"{problem} The trained weights (step {step}) are safe in {rescued}.",
                     "free disk space or fix the loras folder's permissions, then move that file into "
                     "models/loras: it loads like any LoRA."))) from failed
             raise SaveFailed(str(user_error(
