@@ -1,12 +1,11 @@
 """Learning-rate schedules as plain multipliers of the base rate (torch LambdaLR), kohya's names.
 
-A drop-in replacement for ``schedules.py``: the same ``lr_multiplier`` / ``make_scheduler`` signatures
-(plus ``cycles``), the same values for the three schedules that file had, and two more.
-
-Semantics follow Hugging Face's ``get_scheduler`` (which kohya calls), with one deliberate difference:
-warm-up rises as ``(step + 1) / (warmup + 1)`` instead of ``step / warmup``, so the very first step
-already learns a little instead of being a no-op at learning rate 0 (this is what ``schedules.py``
-always did, and resume tests depend on it). ``constant`` ignores warm-up, as in HF and kohya.
+Why not transformers' ``get_scheduler`` (a dependency, and what kohya calls): its semantics are followed,
+with one deliberate difference it cannot be configured to make. Warm-up rises as
+``(step + 1) / (warmup + 1)`` instead of ``step / warmup``, so the very first step already learns a
+little instead of being a no-op at learning rate 0; saved runs and the resume tests depend on these exact
+values. A resumed run also asks for the multiplier at any step (``training/loop.py``'s restore), which a
+plain function gives directly. ``constant`` ignores warm-up, as in Hugging Face and kohya.
 
 After warm-up, ``progress`` runs from 0 at step ``warmup`` to 1 at step ``total``:
   linear                1 - progress
