@@ -18,10 +18,10 @@ import torch
 
 from ..captions.augment import CaptionAugment, TextEncodingMemo, augment_batch, varies
 from ..data.encoded_dataset import EncodedDataset, PictureSize, TextEncoding, as_text_encoding, concat_conds
-from .schedules import make_scheduler
-from .noise import NoiseSettings, draw, loss_weights, weighted_mean
 from ..lora.network import Network
+from .noise import NoiseSettings, draw, loss_weights, weighted_mean
 from .optimizers import make_optimizer, param_groups, trainable_parameters
+from .schedules import make_scheduler
 
 log = logging.getLogger("LoRA Lab")
 
