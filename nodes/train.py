@@ -30,13 +30,12 @@ from ..trainer.training.schedules import schedule_notes
 from . import comfy_bridge, folders
 from .messages import user_error
 from .train_adapters import inject_adapters
-from .train_checks import check_inputs, check_noise_settings, check_optimizer
+from .train_checks import NODE, check_inputs, check_noise_settings, check_optimizer
 from .train_host import ComfyHost
 from .training_options import OPTIONS_TYPE, TrainingOptions
 from .training_previews import TrainingPreviews, empty_previews
 
 log = logging.getLogger("LoRA Lab")
-NODE = "Train LoRA"
 
 # Latents survive across queue runs (per VAE object, keyed by picture content and bucket), so changing
 # only the learning rate and queueing again does not re-encode the dataset. Weak keys: a VAE that is

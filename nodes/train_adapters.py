@@ -7,8 +7,7 @@ import torch
 from ..trainer.lora.adapters import InjectedLora, LoraSet
 from . import comfy_bridge
 from .messages import user_error
-
-NODE = "Train LoRA"
+from .train_checks import NODE
 
 
 def inject_adapters(model, unet, clip, text_model, network, seed, device) -> LoraSet:

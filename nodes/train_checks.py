@@ -10,7 +10,7 @@ from . import comfy_bridge, folders
 from .messages import user_error
 
 log = logging.getLogger("LoRA Lab")
-NODE = "Train LoRA"
+NODE = "Train LoRA"        # how Train LoRA's messages name it (train.py, train_adapters.py)
 
 
 FLOW_FAMILY_NAMES = {"sd3": "SD3", "flux1": "Flux.1"}
