@@ -109,3 +109,11 @@ export function triggerText(info) {
   const rank = Number.isFinite(info.network_dim) ? ` · rank ${info.network_dim}` : "";
   return (words.length ? `trigger: ${words.join(", ")}` : "no trigger words") + base + rank;
 }
+
+export function trainedTagsText(info, limit = 20) {
+  // The tags the LoRA was trained with and how many captions had each (kohya's ss_tag_frequency).
+  const tags = Array.isArray(info?.trained_tags) ? info.trained_tags.slice(0, limit) : [];
+  if (!tags.length) return "";
+  const more = info.trained_tags.length > limit ? ", …" : "";
+  return `trained tags: ${tags.map(([tag, count]) => `${tag} (${count})`).join(", ")}${more}`;
+}

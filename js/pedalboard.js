@@ -4,7 +4,7 @@
 // So saving, reloading and API export carry the rows with no help from this file.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-import { STRENGTH_LIMIT, STRENGTH_STEP, addRow, loraOptions, moveRow, parseRows, removeRow, rowIsActive, serializeRows, setRowField, triggerText } from "./pedal_rows.js";
+import { STRENGTH_LIMIT, STRENGTH_STEP, addRow, loraOptions, moveRow, parseRows, removeRow, rowIsActive, serializeRows, setRowField, trainedTagsText, triggerText } from "./pedal_rows.js";
 
 const NODE = "LoraLabPedalboard";
 const VALUE_WIDGET = "pedals";
@@ -234,7 +234,10 @@ class Pedalboard {
       style: "font:10px monospace;color:#8a8;padding-left:20px;white-space:nowrap;overflow:hidden;text-overflow:ellipsis;",
     });
     if (row.lora) {
-      fetchLoraInfo(row.lora).then((info) => { words.textContent = triggerText(info); words.title = words.textContent; });
+      fetchLoraInfo(row.lora).then((info) => {
+        words.textContent = triggerText(info);
+        words.title = [words.textContent, trainedTagsText(info)].filter(Boolean).join("\n");   // hover: what it learned
+      });
     }
     const controls = element("div", { style: "display:flex;gap:4px;align-items:center;" },
       element("input", { type: "checkbox", checked: row.on, title: "On / off", className: "loralab-pedal-on", dataset: { field: "on" } }),

@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 
 from ..trainer.lora import stack as stacks
+from ..trainer.lora import trigger_words as lora_words
 from ..trainer.lora.stack import LoraStackError
 from . import pedals as pedal_nodes
 from .messages import user_error, validation_message
@@ -116,7 +117,7 @@ def _words_from_headers(entries, strict: bool, input_name: str) -> list[str]:
     words = []
     for name, *_ in entries:
         try:
-            words += stacks.trigger_words(stacks.read_metadata(pedal_nodes.resolve_name(name).path))
+            words += lora_words.trigger_words(stacks.read_metadata(pedal_nodes.resolve_name(name).path))
         except LoraStackError as error:
             if strict:
                 raise user_error(NODE_BOARD, input_name, error.problem, error.fix) from None
@@ -150,7 +151,7 @@ class LoraLabPedalboard:
                        "The model wearing the whole stack; connect the MODEL input to use it.",
                        "The CLIP wearing the whole stack; without a CLIP input it is None.",
                        "Trigger words of every LoRA in the stack, comma-separated (stored trigger word, else "
-                       f"the {stacks.TRIGGER_TAGS_FROM_FREQUENCY} most frequent training tags).")
+                       f"the {lora_words.TRIGGER_TAGS_FROM_FREQUENCY} most frequent training tags).")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -224,7 +225,7 @@ class LoraLabPedalboard:
             lines = [f"{name}  {stacks.strength_text((name, m, c))}" for name, m, c in listed]
             summary = "\n".join((lines or ["no LoRA in the stack"]) + ["(MODEL not connected: nothing applied)"])
             return {"ui": {"text": [summary]},
-                    "result": (incoming + board + trained, None, None, stacks.join_words(words))}
+                    "result": (incoming + board + trained, None, None, lora_words.join_words(words))}
 
         applied, words = [], []
         for input_name, entries in segments:     # one chain; each part's errors name its own input
@@ -232,7 +233,7 @@ class LoraLabPedalboard:
             model, clip = result.model, result.clip
             applied += result.applied
             words += result.trigger_words.split(", ") if result.trigger_words else []
-        total = pedal_nodes.AppliedStack(model, clip, stacks.join_words(words), applied)
+        total = pedal_nodes.AppliedStack(model, clip, lora_words.join_words(words), applied)
         return {"ui": {"text": [total.summary()]},
                 "result": (incoming + board + trained, total.model, total.clip, total.trigger_words)}
 

@@ -23,6 +23,7 @@ import comfy.utils
 import folder_paths
 
 from ..trainer.lora import stack as stacks
+from ..trainer.lora import trigger_words as lora_words
 from ..trainer.image_grid import compose_grid
 from ..trainer.lora.stack import LoraStackError
 from . import comfy_bridge
@@ -234,9 +235,9 @@ def apply_stack(model, clip, stack, node: str = NODE_APPLY, input_name: str = "l
             error = stacks.describe_mismatch(resolved.path, lora.tensors)
             raise user_error(node, input_name, error.problem, error.fix)
         model, clip = comfy_bridge.apply_lora(model, clip, dict(lora.tensors), strength_model, strength_clip)
-        words += stacks.trigger_words(lora.metadata)
+        words += lora_words.trigger_words(lora.metadata)
         applied.append((resolved.name, strength_model, strength_clip))
-    return AppliedStack(model, clip, stacks.join_words(words), applied)
+    return AppliedStack(model, clip, lora_words.join_words(words), applied)
 
 
 class LoraLabApplyLoraStack:
@@ -249,7 +250,7 @@ class LoraLabApplyLoraStack:
     RETURN_NAMES = ("model", "clip", "trigger_words")
     OUTPUT_TOOLTIPS = ("The model wearing the LoRAs.", "The CLIP wearing the LoRAs (None without a CLIP input).",
                        "Trigger words of the applied LoRAs, comma-separated: each file's stored trigger word, "
-                       f"else its {stacks.TRIGGER_TAGS_FROM_FREQUENCY} most frequent training tags.")
+                       f"else its {lora_words.TRIGGER_TAGS_FROM_FREQUENCY} most frequent training tags.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -370,8 +371,8 @@ def stored_trigger_words(columns) -> str:
     words = []
     for name in names:
         lora = read_lora(resolve(name, NODE_GRID, "lora_stack"), NODE_GRID, "lora_stack")
-        words += stacks.trigger_words(lora.metadata)
-    return stacks.join_words(words)
+        words += lora_words.trigger_words(lora.metadata)
+    return lora_words.join_words(words)
 
 
 class CellRenderer:

@@ -1,7 +1,7 @@
 """HTTP routes the pedalboard's front end asks: which LoRAs exist, and what one of them is.
 
 ``GET /loralab/loras``            -> ["style.safetensors", "chars/hero.safetensors", ...]
-``GET /loralab/lora_info?name=N`` -> {"name", "trigger_words", "base_model", "network_dim", ...}
+``GET /loralab/lora_info?name=N`` -> {"name", "trigger_words", "trained_tags", "base_model", "network_dim", ...}
 
 The info route reads the file's safetensors header only (8-byte length + JSON): no tensor is loaded,
 nothing is unpickled, and names go through the same resolution as the pedals, so a request cannot
@@ -16,6 +16,7 @@ import re
 import sys
 
 from ..trainer.lora import stack as stacks
+from ..trainer.lora import trigger_words as lora_words
 from ..trainer.lora.stack import LoraNotFoundError, LoraStackError
 from . import pedals as pedal_nodes
 
@@ -72,7 +73,7 @@ def lora_info(name) -> tuple[int, dict]:
     metadata = stacks.header_metadata(header)
     return 200, {
         "name": resolved.name,
-        "trigger_words": stacks.trigger_words(metadata),
+        "trigger_words": lora_words.trigger_words(metadata),
         "base_model": metadata.get("ss_base_model_version") or None,
         "network_dim": _number(metadata.get("ss_network_dim"), int),
         "network_alpha": _number(metadata.get("ss_network_alpha"), float),
@@ -81,6 +82,9 @@ def lora_info(name) -> tuple[int, dict]:
         "resolution": metadata.get("ss_resolution") or None,
         "steps": _number(metadata.get("ss_steps"), int),
         "title": metadata.get("modelspec.title") or None,
+        "trained_tags": [[tag, count] for tag, count in lora_words.trained_tags(metadata)],
+        "base_model_file": metadata.get("ss_sd_model_name") or None,
+        "epochs": _number(metadata.get("ss_epoch"), int),
         "tensor_count": sum(1 for key in header if key != "__metadata__"),
         "size_bytes": size_bytes,
     }

@@ -267,6 +267,7 @@ def test_lora_info_reads_the_header_only(pack, files, loras_dir, monkeypatch):
     assert body["output_name"] == "board_style" and body["steps"] == 30 and body["tensor_count"] > 0
     status, body = routes.lora_info(files["hero"].replace("/", "\\"))
     assert status == 200 and body["trigger_words"] == ["hero", "red cape", "city"] and body["base_model"] is None
+    assert body["trained_tags"] == [["hero", 12], ["red cape", 7], ["city", 2], ["night", 1]]
     assert set(files.values()) <= set(routes.lora_names()) and "None" not in routes.lora_names()
 
 

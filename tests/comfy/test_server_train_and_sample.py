@@ -1,6 +1,7 @@
 """End to end through a real ComfyUI server: checkpoint -> dataset -> Train LoRA -> KSampler -> SaveImage."""
 from __future__ import annotations
 
+import hashlib
 import shutil
 
 import pytest
@@ -19,8 +20,10 @@ def train_and_sample_prompt(folder: str, name: str, steps: int = 2) -> dict:
         "2": {"class_type": "LoraLabDatasetFromFolder", "inputs": {
             "folder": folder, "caption_extension": ".txt", "default_repeats": 1, "batch_size": 1,
             "target_steps": steps}},
+        # kohya's --clip_skip 1, said the ComfyUI way: the metadata must say so (ss_clip_skip)
+        "10": {"class_type": "CLIPSetLastLayer", "inputs": {"clip": ["1", 1], "stop_at_clip_layer": -1}},
         "3": {"class_type": "LoraLabTrainLora", "inputs": {
-            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset": ["2", 0], "output_name": name,
+            "model": ["1", 0], "clip": ["10", 0], "vae": ["1", 2], "dataset": ["2", 0], "output_name": name,
             "resolution": 64, "steps": steps, "epochs": 0, "batch_size": 1, "learning_rate": 1e-4,
             "rank": 4, "alpha": 4.0, "seed": 1, "trigger_word": ""}},
         "4": {"class_type": "CLIPTextEncode", "inputs": {"text": f"{demo_data.TRIGGER}, a red circle",
@@ -57,6 +60,15 @@ def test_train_then_sample_on_the_next_node(server, dataset_folder):
     assert keys and all(k.startswith("lora_unet_") for k in keys)
     assert meta["ss_output_name"] == "e2e_lora" and meta["ss_num_train_images"] == "6"
     assert meta["loralab_trigger_word"] == demo_data.TRIGGER
+    # The checkpoint named by the graph, with kohya's two hashes of it (computed here independently)
+    with open(server.overlay / "models" / "checkpoints" / random_models.CHECKPOINT_NAME, "rb") as checkpoint:
+        whole = hashlib.file_digest(checkpoint, "sha256").hexdigest()
+        checkpoint.seek(0x100000)
+        legacy = hashlib.sha256(checkpoint.read(0x10000)).hexdigest()[:8]
+    assert meta["ss_sd_model_name"] == random_models.CHECKPOINT_NAME
+    assert (meta["ss_sd_model_hash"], meta["ss_new_sd_model_hash"]) == (legacy, whole)
+    assert meta["ss_clip_skip"] == meta["modelspec.encoder_layer"] == "1"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora" and meta["modelspec.title"] == "e2e_lora"
     assert "lora key not loaded" not in server.log_text().lower()
 
     train_outputs = history["outputs"]["3"]

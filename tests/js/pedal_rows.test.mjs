@@ -3,7 +3,7 @@ import test from "node:test";
 import assert from "node:assert/strict";
 import {
   addRow, clampStrength, loraOptions, moveRow, newRow, parseRows, removeRow, rowIsActive, serializeRows,
-  setRowField, triggerText,
+  setRowField, trainedTagsText, triggerText,
 } from "../../js/pedal_rows.js";
 
 const A = { on: true, lora: "a.safetensors", strength_model: 1, strength_clip: 0.5 };
@@ -108,4 +108,12 @@ test("trigger words read like a caption line", () => {
   assert.equal(triggerText({ trigger_words: [] }), "no trigger words");
   assert.equal(triggerText({ error: "not found" }), "not found");
   assert.equal(triggerText(null), "");
+});
+
+test("trained tags read as tag (captions), most frequent first, cut after the limit", () => {
+  const info = { trained_tags: [["hero", 12], ["red cape", 7], ["city", 2]] };
+  assert.equal(trainedTagsText(info), "trained tags: hero (12), red cape (7), city (2)");
+  assert.equal(trainedTagsText(info, 2), "trained tags: hero (12), red cape (7), …");
+  assert.equal(trainedTagsText({ trained_tags: [] }), "");
+  assert.equal(trainedTagsText(null), "");
 });

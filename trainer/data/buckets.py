@@ -21,12 +21,12 @@ def make_buckets(resolution: int, step: int | None = None, min_side: int | None 
     Like kohya, each width gets only the tallest height that fits in resolution² (and its
     transpose): a smaller bucket of slightly closer shape would throw away most of the pixels.
     """
-    if step is None:
-        step = 64 if resolution >= 256 else 8
+    step = step or bucket_step(resolution)
     if step < 1 or resolution < step:
         raise ValueError(f"resolution {resolution} must be at least the bucket step {step}")
-    min_side = _round_up(resolution // 2 if min_side is None else min_side, step)
-    max_side = (resolution * 2 if max_side is None else max_side) // step * step
+    default_min, default_max = bucket_side_range(resolution, step)
+    min_side = default_min if min_side is None else _round_up(min_side, step)
+    max_side = default_max if max_side is None else max_side // step * step
     square = resolution // step * step
     if not min_side <= square <= max_side:
         raise ValueError(f"bucket sides {min_side}..{max_side} must include the square side {square}")
@@ -39,6 +39,16 @@ def make_buckets(resolution: int, step: int | None = None, min_side: int | None 
             buckets.add((width, height))
             buckets.add((height, width))
     return sorted(buckets, key=lambda bucket: (bucket[0] / bucket[1], bucket))
+
+
+def bucket_step(resolution: int) -> int:
+    return 64 if resolution >= 256 else 8
+
+
+def bucket_side_range(resolution: int, step: int | None = None) -> tuple[int, int]:
+    """The default shortest and longest bucket side (kohya's min/max_bucket_reso): half and twice the resolution."""
+    step = step or bucket_step(resolution)
+    return _round_up(resolution // 2, step), resolution * 2 // step * step
 
 
 def nearest_bucket(width: int, height: int, buckets: Sequence[Bucket]) -> Bucket:

@@ -10,7 +10,7 @@ import math
 import os
 import re
 import threading
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -21,7 +21,6 @@ from .files import PICKLE_SUFFIXES
 from ..paths import is_inside
 
 NONE_NAME = "None"          # what Comfyroll, Efficiency and our pedal put in a slot without a LoRA
-TRIGGER_TAGS_FROM_FREQUENCY = 3
 
 Entry = tuple  # (lora_name: str, strength_model: float, strength_clip: float) -- plain, as others expect
 
@@ -318,40 +317,6 @@ def describe_mismatch(path: str, tensors: dict[str, torch.Tensor]) -> LoraStackE
         f"(keys look like: {sample}). It is not a LoRA, or it was made for another model family "
         "(an SDXL LoRA on SD1.5, say), or it only changes the text encoder and no CLIP is connected.",
         "use a LoRA trained for this checkpoint's family, and connect the CLIP if it is a text-encoder LoRA.")
-
-
-# --- trigger words ----------------------------------------------------------------------------------
-def trigger_words(metadata: dict, max_tags: int = TRIGGER_TAGS_FROM_FREQUENCY) -> list[str]:
-    """The words that call up a LoRA: its stored trigger word, else its most frequent training tags.
-
-    ``loralab_trigger_word`` (ours) or ``modelspec.trigger_phrase`` when present; otherwise the
-    ``max_tags`` most frequent tags of kohya's ``ss_tag_frequency`` summed over its folders.
-    """
-    for key in ("loralab_trigger_word", "modelspec.trigger_phrase"):
-        value = (metadata.get(key) or "").strip()
-        if value:
-            return [value]
-    try:
-        by_folder = json.loads(metadata.get("ss_tag_frequency") or "{}")
-    except ValueError:
-        return []
-    counts: Counter = Counter()
-    if isinstance(by_folder, dict):
-        for tags in by_folder.values():
-            if isinstance(tags, dict):
-                for tag, count in tags.items():
-                    if isinstance(count, (int, float)) and str(tag).strip():
-                        counts[str(tag).strip()] += count
-    return [tag for tag, _ in counts.most_common(max_tags)]
-
-
-def join_words(words: Iterable[str]) -> str:
-    seen, kept = set(), []
-    for word in words:
-        if word and word.lower() not in seen:
-            seen.add(word.lower())
-            kept.append(word)
-    return ", ".join(kept)
 
 
 # --- comparison grid columns ------------------------------------------------------------------------

@@ -1,19 +1,36 @@
-"""The kohya ``ss_*`` metadata of a trained LoRA, built in one place from the run's objects.
+"""The metadata of a trained LoRA, as kohya's sd-scripts writes it, built in one place from the run's objects.
 
-A1111/Forge show these keys, Civitai reads them on upload, kohya's scripts resume and merge from them;
-they are formatted as kohya's sd-scripts writes them. ``Description`` holds what a run was (the network,
-the settings with every learning rate, the dataset and its buckets) and turns it into the keys at each save.
+A1111/Forge show these keys, Civitai reads them on upload, kohya's scripts resume and merge from them.
+``Description`` holds what a run was (the network, the settings with every learning rate, the dataset,
+the base model's files) and turns it into every key kohya's ``train_network.py`` writes for an equivalent
+run, with kohya's value conventions (every value ``str()`` of the Python value: ``"None"``, ``"True"``,
+``"0.0001"``, tuples as ``"(512, 512)"``, dicts as JSON), plus the ModelSpec 1.0.1 ``modelspec.*`` keys.
+``tests/fixtures/kohya/`` holds what kohya wrote in real runs; ``tests/unit/training/test_kohya_metadata.py``
+compares against it.
+
+Keys for features LoRA Lab does not have (validation, regularisation images, multires noise, Huber
+loss…) carry the value kohya writes when the feature is off, so readers see "off", not "unknown". Left
+out, because they describe kohya's own command line and mean nothing for a LoRA Lab run:
+``ss_sd_scripts_commit_hash`` (the git revision of sd-scripts; ``modelspec.implementation_version`` says
+which LoRA Lab wrote the file) and ``ss_datasets`` (written by kohya only for ``--dataset_config`` TOML
+files). Ours beside kohya's: ``loralab_*``, ``ss_v_parameterization``, ``ss_network_train_unet_only``.
 """
 from __future__ import annotations
 
+import datetime
 import json
+import random
+import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..data.buckets import bucket_side_range, make_buckets, nearest_bucket
 from ..data.encoded_dataset import Epochs
+from ..file_hashes import FileHashes
 from ..lora.network import Network
 from .loop import TrainSettings
+from .optimizers import optimizer_description
 
 
 def kohya_metadata(*, output_name: str, base_model_version: str, network_dim: int, network_alpha: float,
@@ -84,9 +101,17 @@ def network_metadata(network: Network) -> dict[str, str]:
 
 
 def learning_rate_metadata(settings: TrainSettings) -> dict[str, str]:
-    """kohya's keys for what was trained at which rate."""
+    """kohya's keys for what was trained at which rate, and how."""
     data = {"ss_network_train_unet_only": str(not settings.train_text_encoder),
-            "ss_unet_lr": str(float(settings.learning_rate))}
+            "ss_unet_lr": str(float(settings.learning_rate)),
+            "ss_text_encoder_lr": "None",
+            "ss_lr_scheduler": settings.lr_schedule,
+            "ss_lr_warmup_steps": str(int(settings.warmup_steps)),
+            "ss_optimizer": optimizer_description(settings.optimizer, settings.weight_decay, settings.optimizer_args),
+            "ss_max_grad_norm": str(float(settings.max_grad_norm)),
+            "ss_gradient_accumulation_steps": str(int(settings.gradient_accumulation)),
+            "ss_mixed_precision": KOHYA_PRECISION.get(settings.mixed_precision, settings.mixed_precision),
+            "ss_seed": str(int(settings.seed))}
     if settings.train_text_encoder:
         first, second = settings.text_encoder_rates()
         # kohya writes one rate, or SDXL's two as a list when they differ (its --text_encoder_lr a b).
@@ -94,9 +119,168 @@ def learning_rate_metadata(settings: TrainSettings) -> dict[str, str]:
     return data
 
 
+KOHYA_PRECISION = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}     # its --mixed_precision choices
+
+
+def noise_and_caption_metadata(settings: TrainSettings) -> dict[str, str]:
+    """Noise offset, min-SNR, the timestep range and caption augmentation, as kohya names them.
+
+    kohya's options default to None (off); LoRA Lab's 0 means the same and is written as kohya's None.
+    """
+    noise, captions = settings.noise, settings.captions
+    return {"ss_noise_offset": _off_is_none(noise.noise_offset),
+            "ss_min_snr_gamma": _off_is_none(noise.min_snr_gamma),
+            "ss_shuffle_caption": str(bool(captions.shuffle_tags)),
+            "ss_keep_tokens": str(int(captions.keep_tokens)),
+            "ss_caption_dropout_rate": str(float(captions.caption_dropout)),
+            "ss_caption_tag_dropout_rate": str(float(captions.tag_dropout)),
+            "ss_caption_dropout_every_n_epochs": "0"}
+
+
+def kohya_max_token_length(encoded_lengths) -> int | None:
+    """kohya's --max_token_length that keeps every caption whole: None (75 tokens), else 75 per CLIP chunk.
+
+    ComfyUI encodes a long caption in chunks of 77 tokens (75 plus start and end) instead of cutting it,
+    as kohya does with --max_token_length 150 or 225; ``encoded_lengths`` are the encodings' token counts.
+    """
+    chunks = max((length // 77 for length in encoded_lengths), default=1)
+    return 75 * chunks if chunks > 1 else None
+
+
+def _off_is_none(value: float) -> str:
+    return str(float(value)) if value else "None"
+
+
+# What kohya writes for features LoRA Lab does not have, when they are off: readers see "off".
+KOHYA_FEATURES_OFF = {
+    "ss_num_validation_images": "0", "ss_validation_seed": "None", "ss_validation_split": "0.0",
+    "ss_max_validation_steps": "None", "ss_validate_every_n_epochs": "None", "ss_validate_every_n_steps": "None",
+    "ss_num_reg_images": "0", "ss_reg_dataset_dirs": "{}", "ss_prior_loss_weight": "1.0",
+    "ss_multires_noise_iterations": "None", "ss_multires_noise_discount": "0.3", "ss_adaptive_noise_scale": "None",
+    "ss_noise_offset_random_strength": "False", "ss_ip_noise_gamma": "None",
+    "ss_ip_noise_gamma_random_strength": "False", "ss_zero_terminal_snr": "False", "ss_debiased_estimation": "False",
+    "ss_loss_type": "l2", "ss_huber_schedule": "snr", "ss_huber_scale": "1.0", "ss_huber_c": "0.1",
+    "ss_scale_weight_norms": "None", "ss_full_fp16": "False", "ss_fp8_base": "False", "ss_fp8_base_unet": "False",
+    "ss_lowram": "False", "ss_face_crop_aug_range": "None", "ss_color_aug": "False", "ss_flip_aug": "False",
+    "ss_random_crop": "False", "ss_resize_interpolation": "None", "ss_training_comment": "None",
+}
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """The model the LoRA was trained on, as far as the graph tells (nodes/model_sources.py)."""
+    name: str | None = None               # the checkpoint / diffusion model file as its loader lists it
+    hashes: FileHashes | None = None
+    vae_name: str | None = None           # a separate VAE file; None: the checkpoint's own VAE
+    vae_hashes: FileHashes | None = None
+    variant: str | None = None            # Flux "dev"/"schnell", SD3 "medium"/"5-medium"/"5-large"
+    clip_skip: int | None = None          # kohya --clip_skip (ComfyUI's CLIP Set Last Layer)
+
+    def metadata(self) -> dict[str, str]:
+        data = {"ss_clip_skip": str(self.clip_skip)}
+        for prefix, name, hashes in (("sd_model", self.name, self.hashes), ("vae", self.vae_name, self.vae_hashes)):
+            if name:
+                data[f"ss_{prefix}_name"] = Path(name).name
+            if hashes:
+                data[f"ss_{prefix}_hash"], data[f"ss_new_{prefix}_hash"] = hashes.legacy, hashes.sha256
+        return data
+
+
+def picture_folders(dataset) -> dict[str, list]:
+    """The dataset's pictures by folder, named as kohya names them: the folder's base name ("10_sks person").
+
+    Pictures outside "N_name" folders count under the dataset folder's own name (an IMAGE batch: "images");
+    a name met twice gets " (2)", as kohya numbers them.
+    """
+    by_folder: dict[tuple[str, int], list] = {}
+    for item in dataset.items:
+        by_folder.setdefault((item.concept, item.repeats), []).append(item)
+    named = {}
+    for (concept, _), items in by_folder.items():
+        name = concept.rsplit("/", 1)[-1] if concept else (Path(dataset.root).name if dataset.root else "images")
+        unique, number = name, 2
+        while unique in named:
+            unique, number = f"{name} ({number})", number + 1
+        named[unique] = items
+    return named
+
+
+def dataset_dirs(dataset) -> dict[str, dict[str, int]]:
+    """kohya's ss_dataset_dirs: per picture folder, its repeats and pictures."""
+    return {name: {"n_repeats": items[0].repeats, "img_count": len(items)}
+            for name, items in picture_folders(dataset).items()}
+
+
+def bucket_info(dataset, resolution: int) -> dict:
+    """kohya's ss_bucket_info: each bucket in use (numbered by its place among all buckets of the
+    resolution) with its size and picture count including repeats, and the mean aspect-ratio error of
+    the pictures (bucket width/height minus picture width/height, without repeats)."""
+    buckets = make_buckets(resolution)
+    counts: dict[int, int] = {}
+    errors = []
+    for item in dataset.items:
+        bucket = nearest_bucket(item.width, item.height, buckets)
+        index = buckets.index(bucket)
+        counts[index] = counts.get(index, 0) + item.repeats
+        errors.append(abs(bucket[0] / bucket[1] - item.width / item.height))
+    return {"buckets": {index: {"resolution": list(buckets[index]), "count": count}
+                        for index, count in sorted(counts.items())},
+            "mean_img_ar_error": sum(errors) / len(errors) if errors else 0}
+
+
+def modelspec(*, title: str, family: str, variant: str | None, v_parameterization: bool, resolution: int,
+              saved_at: float, trigger_word: str | None, clip_skip: int | None, timestep_range) -> dict[str, str]:
+    """The ModelSpec 1.0.1 keys kohya writes for a LoRA (sd-scripts library/sai_model_spec.py)."""
+    flux = family.startswith("flux")
+    if family.startswith("sdxl"):
+        architecture, implementation = "stable-diffusion-xl-v1-base", STABILITY_AI
+    elif family.startswith("sd3"):
+        architecture, implementation = "stable-diffusion-3" + (f"-{variant}" if variant else ""), "diffusers"
+    elif flux:
+        architecture = {"dev": "flux-1-dev", "schnell": "flux-1-schnell"}.get(variant or "", "flux-1")
+        implementation = "https://github.com/black-forest-labs/flux"
+    elif family.startswith("sd_v2"):
+        architecture, implementation = ("stable-diffusion-v2-768-v" if v_parameterization
+                                        else "stable-diffusion-v2-512"), "diffusers"
+    else:
+        architecture, implementation = "stable-diffusion-v1", "diffusers"
+    data = {"modelspec.sai_model_spec": "1.0.1",
+            "modelspec.architecture": f"{architecture}/lora",
+            "modelspec.implementation": implementation,
+            "modelspec.title": title,
+            "modelspec.resolution": f"{resolution}x{resolution}",
+            # kohya: local time, whole seconds
+            "modelspec.date": datetime.datetime.fromtimestamp(int(saved_at)).isoformat(),
+            "modelspec.implementation_version": f"LoRA Lab/{LORALAB_VERSION}"}
+    if not flux:      # kohya writes no prediction type for Flux; SD3 gets "epsilon" from it too
+        data["modelspec.prediction_type"] = "v" if v_parameterization else "epsilon"
+    if clip_skip is not None:
+        data["modelspec.encoder_layer"] = str(clip_skip)
+    if trigger_word:
+        data["modelspec.trigger_phrase"] = trigger_word
+    if timestep_range:
+        data["modelspec.timestep_range"] = f"{timestep_range[0]},{timestep_range[1]}"
+    return data
+
+
+STABILITY_AI = "https://github.com/Stability-AI/generative-models"
+
+
+def _read_version() -> str:
+    try:
+        text = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text(encoding="utf-8")
+    except OSError:
+        return "unknown"
+    found = re.search(r'^version\s*=\s*"([^"]+)"', text, re.MULTILINE)
+    return found.group(1) if found else "unknown"
+
+
+LORALAB_VERSION = _read_version()
+
+
 @dataclass
 class Description:
-    """Everything the saved file says about how it was trained (kohya's ss_* keys and ours)."""
+    """Everything the saved file says about how it was trained (kohya's ss_* keys, modelspec.* and ours)."""
     output_name: str
     family: str
     resolution: int
@@ -107,32 +291,52 @@ class Description:
     epoch_plan: Epochs
     epochs: int
     v_parameterization: bool = False
+    base_model: BaseModel = field(default_factory=BaseModel)
+    gradient_checkpointing: bool = False
+    max_token_length: int | None = None      # kohya's: None = 75 tokens; 150, 225 for longer captions
+    session_id: int = field(default_factory=lambda: random.randint(0, 2 ** 32))   # kohya: one per run
 
     def metadata(self, step: int, started_at: float, finished_at: float) -> dict[str, str]:
-        by_folder: dict[str, list[str]] = {}
-        for item in self.dataset.items:
-            by_folder.setdefault(item.concept or "images", []).append(item.caption)
+        settings, plan = self.settings, self.epoch_plan
+        captions = {name: [item.caption for item in items] for name, items in picture_folders(self.dataset).items()}
+        min_side, max_side = bucket_side_range(self.resolution)
+        noise = settings.noise
+        timesteps = ((round(noise.min_timestep * 1000), round(noise.max_timestep * 1000))
+                     if (noise.min_timestep, noise.max_timestep) != (0.0, 1.0) else None)
         extra = {
-            "ss_bucket_info": json.dumps({"buckets": {f"{w}x{h}": n for (w, h), n in sorted(self.buckets.items())}}),
-            "ss_batch_size_per_device": str(self.settings.batch_size),
-            "ss_lr_scheduler": self.settings.lr_schedule,
-            "ss_seed": str(self.settings.seed),
-            "ss_mixed_precision": self.settings.mixed_precision,
+            **KOHYA_FEATURES_OFF,
+            "ss_session_id": str(self.session_id),
+            "ss_num_batches_per_epoch": str(plan.batches),
             # kohya: the epochs the run was set to (from steps: the epochs those steps start), and those done
-            "ss_num_epochs": str(self.epochs or -(-self.settings.steps * self.epoch_plan.accumulation
-                                                 // max(1, self.epoch_plan.batches))),
-            "ss_epoch": str(self.epoch_plan.completed_at(step)),
-            "loralab_total_steps": str(self.settings.steps),
+            "ss_num_epochs": str(self.epochs or -(-settings.steps * plan.accumulation // max(1, plan.batches))),
+            "ss_epoch": str(plan.completed_at(step)),
+            "ss_batch_size_per_device": str(settings.batch_size),
+            "ss_total_batch_size": str(settings.batch_size * settings.gradient_accumulation),
+            "ss_gradient_checkpointing": str(bool(self.gradient_checkpointing)),
+            "ss_cache_latents": "True",          # every picture is encoded once before the first step
+            "ss_max_token_length": str(self.max_token_length),
+            "ss_enable_bucket": "True", "ss_bucket_no_upscale": "False",   # small pictures are scaled up
+            "ss_min_bucket_reso": str(min_side), "ss_max_bucket_reso": str(max_side),
+            "ss_bucket_info": json.dumps(bucket_info(self.dataset, self.resolution)),
+            "ss_dataset_dirs": json.dumps(dataset_dirs(self.dataset)),
+            "loralab_total_steps": str(settings.steps),
             "loralab_dataset_fingerprint": self.dataset.fingerprint(),
-            **network_metadata(self.settings.network),
-            **learning_rate_metadata(self.settings),
+            **noise_and_caption_metadata(settings),
+            **network_metadata(settings.network),
+            **learning_rate_metadata(settings),
+            **self.base_model.metadata(),
+            **modelspec(title=Path(self.output_name).name, family=self.family, variant=self.base_model.variant,
+                        v_parameterization=self.v_parameterization, resolution=self.resolution,
+                        saved_at=finished_at, trigger_word=None, clip_skip=self.base_model.clip_skip,
+                        timestep_range=timesteps),
         }
         return kohya_metadata(
             output_name=Path(self.output_name).name, base_model_version=self.family,
-            network_dim=self.settings.network.rank, network_alpha=self.settings.network.alpha,
+            network_dim=settings.network.rank, network_alpha=settings.network.alpha,
             resolution=(self.resolution, self.resolution),
             num_train_images=sum(item.repeats for item in self.dataset.items),
-            tag_frequency=tag_frequency(by_folder), steps=step, learning_rate=self.settings.learning_rate,
+            tag_frequency=tag_frequency(captions), steps=step, max_train_steps=settings.steps,
+            learning_rate=settings.learning_rate,
             started_at=started_at, finished_at=finished_at, trigger_word=self.trigger_word or None,
             v_parameterization=self.v_parameterization, extra=extra)
 

@@ -94,8 +94,7 @@ def make_optimizer(name: str, params_groups, lr: float, weight_decay: float = 1e
     if name == "Adafactor":
         if not hasattr(module, "Adafactor"):
             raise OptimizerUnavailable(name, "transformers", "is installed in a version without Adafactor")
-        options = dict(relative_step=False, scale_parameter=False, warmup_init=False)
-        options.update(extra)
+        options = {**_ADAFACTOR_DEFAULTS, **extra}
         return module.Adafactor(groups, lr=lr, weight_decay=weight_decay, **options)
     if name == "AdamW8bit":
         return module.optim.AdamW8bit(groups, lr=lr, weight_decay=weight_decay, **extra)
@@ -133,6 +132,20 @@ def parse_optimizer_args(text: str) -> dict[str, Any]:
         except (ValueError, SyntaxError):
             args[key] = {"true": True, "false": False}.get(raw.lower(), raw)
     return args
+
+
+# The class each name builds, as kohya's ss_optimizer names it (module.Class), without importing it.
+OPTIMIZER_CLASSES = {"AdamW": "torch.optim.adamw.AdamW", "AdamW8bit": "bitsandbytes.optim.adamw.AdamW8bit",
+                     "Adafactor": "transformers.optimization.Adafactor", "Prodigy": "prodigyopt.prodigy.Prodigy"}
+_ADAFACTOR_DEFAULTS = dict(relative_step=False, scale_parameter=False, warmup_init=False)
+
+
+def optimizer_description(name: str, weight_decay: float, args: dict[str, Any]) -> str:
+    """kohya's ss_optimizer: "torch.optim.adamw.AdamW(weight_decay=0.01,betas=(0.9, 0.99))" — the class,
+    then the keyword arguments it was built with (learning rates aside), as make_optimizer passes them."""
+    keywords = {"weight_decay": weight_decay, **(_ADAFACTOR_DEFAULTS if name == "Adafactor" else {}), **args}
+    listed = ",".join(f"{key}={value}" for key, value in keywords.items())
+    return OPTIMIZER_CLASSES.get(name, name) + (f"({listed})" if listed else "")
 
 
 # --- helpers --------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ import torch
 from lora_lab.trainer.lora import stack as lora_stack
 from lora_lab.trainer.image_grid import compose_grid, grid_geometry
 from lora_lab.trainer.lora.stack import (LoraFileCache, LoraStackError, comparison_columns, normalize_stack,
-                                         parse_strengths, resolve_lora, trigger_words)
+                                         parse_strengths, resolve_lora)
+from lora_lab.trainer.lora.trigger_words import join_words, trigger_words
 
 
 def write_lora(path: Path, metadata=None, value=0.5) -> Path:
@@ -192,7 +193,7 @@ def test_trigger_words_prefer_the_stored_word_then_frequent_tags():
     frequency = {"10_hero": {"hero": 9, "red cape": 5, "sky": 1}, "2_extra": {"red cape": 6, "city": 2}}
     assert trigger_words({"ss_tag_frequency": json.dumps(frequency)}) == ["red cape", "hero", "city"]
     assert trigger_words({"ss_tag_frequency": "not json"}) == [] and trigger_words({}) == []
-    assert lora_stack.join_words(["sks", "hero", "SKS", ""]) == "sks, hero"
+    assert join_words(["sks", "hero", "SKS", ""]) == "sks, hero"
 
 
 # --- comparison columns ------------------------------------------------------------------------------
