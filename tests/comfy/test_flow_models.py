@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from training import SIZE, assert_base_untouched, encoded_training_set, run_train, training_loss, weights_snapshot, options
+from training import assert_loader_matches_adapter, SIZE, assert_base_untouched, encoded_training_set, run_train, training_loss, weights_snapshot, options
 
 # Module-scoped models: whatever a test loads with a LoRA patched in is unpatched before the next one.
 pytestmark = pytest.mark.usefixtures("leave_models_unpatched")
@@ -201,8 +201,7 @@ def loader_equals_adapter(patcher, clip, lora_name, tensors, x, sigma, cond, cap
             with InjectedLora(network, comfy_bridge.unet_lora_targets(patcher), rank=rank, alpha=float(rank)) as lora:
                 lora.load_kohya_state_dict(tensors)
                 via_adapter = patcher.model.apply_model(x, sigma, **cond).clone()
-    assert not torch.allclose(via_adapter, plain, atol=1e-4), "the LoRA changes nothing"
-    assert torch.allclose(via_loader, via_adapter, atol=1e-4, rtol=1e-4), (via_loader - via_adapter).abs().max()
+    assert_loader_matches_adapter(via_loader, via_adapter, plain)
     assert_base_untouched(patcher, before, flags)
 
 

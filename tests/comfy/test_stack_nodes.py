@@ -399,7 +399,9 @@ def test_trigger_placeholder_is_filled_like_the_training_previews(stack_nodes):
 
 
 def test_grid_fills_trigger_from_its_input_else_from_the_stacked_loras(stack_nodes, lora_files, tiny_unet, sd15_clip,
-                                                                       small_vae):
+                                                                       small_vae, one_arithmetic_path):
+    # Grids compared pixel for pixel are rendered on one arithmetic path (tests/conftest.py): the same
+    # prompt then gives the same picture bitwise, so equal means "the same prompt was used".
     stack = [(lora_files["style"], 1.0, 1.0), (lora_files["detail"], 1.0, 0.0)]   # stylex; detail stores none
 
     def grid(prompts, **extra):

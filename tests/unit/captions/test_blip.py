@@ -96,6 +96,10 @@ def test_one_caption_per_picture_from_the_models_vocabulary(blip):
 
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_batched_captions_equal_one_at_a_time(blip, num_beams):
+    # Exact string equality is safe only if no token choice is a near tie: batched and single generation
+    # multiply matrices of different shapes, so their logits differ by float rounding, about 1e-6 of
+    # their size (order 1-10 here). Measured on these pictures (greedy, output_scores), the smallest gap
+    # between the best and second-best next-token logit is 5e-4: 50 times or more that rounding.
     images = pictures()
     batched = blip.caption(images, min_length=2, max_length=8, num_beams=num_beams, batch_size=4)
     single = blip.caption(images, min_length=2, max_length=8, num_beams=num_beams, batch_size=1)
