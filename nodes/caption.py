@@ -267,7 +267,7 @@ class _LazyImages:
 
 
 NAME_MAX = 255                  # bytes per file name on ext4, NTFS, APFS
-TEMPORARY_NAME_EXTRA = 14       # write_text_atomically's ".<name>.<8 random>.tmp"
+TEMPORARY_NAME_EXTRA = 14       # the sidecar writer's ".<name>.<8 random>.tmp"
 
 
 def write_sidecars_for(dataset, captions: list[str], mode: str) -> SidecarReport:
@@ -286,13 +286,15 @@ def write_sidecars_for(dataset, captions: list[str], mode: str) -> SidecarReport
                          "Free disk space or fix the folder's permissions and queue again, or turn write_sidecars "
                          "off to use the captions in this graph only.") from None
     report.without_path -= len(refused)
-    report.moved, report.too_long = moved, too_long
+    report.moved, report.too_long = moved + report.moved, too_long   # + the links found when opening
     return report
 
 
 def _still_inside(path: str, root: str | None) -> bool:
     """Re-checked right before writing: a sidecar (or its folder) swapped for a symbolic link since the scan
-    could otherwise make this node read or write a file outside the dataset folder."""
+    could otherwise make this node read or write a file outside the dataset folder. Where the platform allows,
+    write_sidecars also opens every file without following links, so a link swapped in after this check is
+    skipped too (on Windows this check is the guard)."""
     if root is None:
         return True
     real_root = os.path.realpath(root)
@@ -336,8 +338,9 @@ def _sidecar_lines(dataset, sidecars: SidecarReport) -> list[str]:
         lines.append(f"Warning: {len(sidecars.too_long)} caption file name(s) would be longer than file systems "
                      f"allow ({NAME_MAX} bytes with the temporary name): {names}. Give those pictures shorter names.")
     if sidecars.moved:
-        lines.append(f"Warning: {len(sidecars.moved)} caption file(s) not written because they (or their folder) "
-                     f"became a symbolic link leading outside the dataset folder after it was scanned: "
+        lines.append(f"Warning: {len(sidecars.moved)} caption file(s) not written because they, their folder or "
+                     f"the backup folder became a symbolic link (or something other than a plain file or folder) "
+                     f"after the dataset was scanned: "
                      f"{', '.join(shown(path) for path in sidecars.moved[:10])}. Replace the links with real files or "
                      f"folders and run the dataset node again.")
     if sidecars.without_path:

@@ -70,3 +70,22 @@ def save_folders() -> SaveFolders:
 def resume_state_path(lora_path) -> Path:
     """Where the resume state of a LoRA in the loras folder is kept (user/loralab/train-state/...)."""
     return saves.resume_state_path(lora_path, save_folders())
+
+
+def resume_points() -> list[str]:
+    """The LoRAs that can be continued exactly: names as ComfyUI lists them for ``loras`` whose resume state
+    exists. Read fresh on every call (ComfyUI asks for INPUT_TYPES whenever the front end refreshes)."""
+    folders = save_folders()
+    # Only LoRAs whose name matches a state file are looked up: a large LoRA collection costs one listing.
+    state_names = set()
+    for _, _, files in os.walk(folders.states):
+        state_names.update(name[: -len(saves.STATE_SUFFIX)] for name in files if name.endswith(saves.STATE_SUFFIX))
+    points = []
+    for name in folder_paths.get_filename_list("loras"):
+        stem, suffix = os.path.splitext(os.path.basename(name))
+        if suffix.lower() != ".safetensors" or stem not in state_names:
+            continue
+        path = folder_paths.get_full_path("loras", name)
+        if path and saves.resume_state_path(path, folders).is_file():
+            points.append(name)
+    return points

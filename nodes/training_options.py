@@ -1,6 +1,7 @@
 """Training Options: the advanced settings, kept off the main Train LoRA node so it stays simple."""
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ from ..trainer.training.schedules import SCHEDULES
 from ..trainer.lora.network import PRESETS as NETWORK_PRESETS, Network
 from ..trainer.training.noise import NoiseSettings
 from ..trainer.training.optimizers import OPTIMIZERS, parse_optimizer_args, unavailable_reason
+from . import folders
 from .messages import user_error, validation_message
 from .training_previews import PreviewSettings
 
@@ -21,6 +23,21 @@ OPTIONS_TYPE = "LORALAB_TRAINING_OPTIONS"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 NODE = "Training Options"
+NO_RESUME = "none"        # resume_from's first choice; "" (a text box's empty value) means the same
+LOG = logging.getLogger("lora_lab.training_options")
+
+
+def resume_choices() -> list[str]:
+    """resume_from's list: "none", then every LoRA in the loras folders that has a resume state."""
+    try:
+        return [NO_RESUME, *folders.resume_points()]
+    except Exception as failed:      # an unreadable folder must not break the node list of the whole front end
+        LOG.warning("[LoRA Lab] could not list the resume points (%s: %s)", type(failed).__name__, failed)
+        return [NO_RESUME]
+
+
+def is_no_resume(value) -> bool:
+    return not value or not str(value).strip() or str(value).strip() == NO_RESUME
 
 
 @dataclass(frozen=True)
@@ -139,9 +156,10 @@ class LoraLabTrainingOptions:
                                    "Precision of the saved file; fp16 is what kohya and Civitai use."}),
                 "overwrite_existing": ("BOOLEAN", {"default": d.overwrite_existing, "tooltip":
                                        "Off: an existing LoRA of that name is kept and a numbered name is used."}),
-                "resume_from": ("STRING", {"default": d.resume_from, "tooltip":
-                                "A LoRA Lab save in models/loras (e.g. 'my_lora_step500.safetensors') to continue; "
-                                "steps on Train LoRA is then the new total."}),
+                "resume_from": (resume_choices(), {"default": NO_RESUME, "tooltip":
+                                "A LoRA Lab save to continue exactly (weights, optimizer, schedule, step count); "
+                                "the list holds every LoRA in models/loras with a resume state and refreshes with "
+                                "the node definitions (R). steps on Train LoRA is then the new total."}),
             },
             "optional": {
                 "optimizer": (list(OPTIMIZERS), {"default": d.optimizer, "tooltip":
@@ -224,20 +242,21 @@ class LoraLabTrainingOptions:
             parse_optimizer_args(optimizer_args or "")
         except ValueError as bad:
             return validation_message(NODE, "optimizer_args", str(bad), "write pairs like 'd_coef=2 decouple=True'.")
-        if resume_from and resume_from.strip():
-            suffix = os.path.splitext(resume_from.strip())[1].lower()
-            if suffix != ".safetensors":
-                return validation_message(NODE, "resume_from", f"'{resume_from}' is not a .safetensors save"
-                                          + (" (a Python pickle, which can run code when loaded)"
-                                             if suffix in PICKLE_SUFFIXES else "") + ".",
-                                          "pick a LoRA Lab save such as 'my_lora_step500.safetensors', or leave it empty.")
-            if folder_paths.get_full_path("loras", resume_from.strip()) is None:
-                return validation_message(NODE, "resume_from", f"{resume_from!r} is not in any loras folder.",
-                                          "use a name exactly as the LoRA loaders list it, or leave it empty.")
+        # resume_from is named here, so ComfyUI leaves its list check to this method: "" (saved by versions
+        # where resume_from was a text box) must keep meaning "none".
+        problem = None if is_no_resume(resume_from) else _resume_problem(resume_from.strip())
+        if problem:
+            return validation_message(NODE, "resume_from", *problem)
         return True
 
     def build(self, **values):
-        values["resume_from"] = values.get("resume_from", "").strip()
+        resume_from = values.get("resume_from", "")
+        values["resume_from"] = "" if is_no_resume(resume_from) else resume_from.strip()
+        # Checked again here: ComfyUI 2024-03 validates only nodes reached through required inputs, and this
+        # node feeds Train LoRA's optional one, so VALIDATE_INPUTS never runs for it there.
+        problem = _resume_problem(values["resume_from"]) if values["resume_from"] else None
+        if problem:
+            raise user_error(NODE, "resume_from", *problem)
         options = TrainingOptions(**values)
         try:
             options.noise            # validates the timestep range and the other noise settings
@@ -247,6 +266,21 @@ class LoraLabTrainingOptions:
             raise user_error(NODE, None, str(bad), "check min_timestep < max_timestep, the optimizer_args and "
                              "the network_preset.")
         return (options,)
+
+
+def _resume_problem(name: str) -> tuple[str, str] | None:
+    """None for a resume point on the list, else (why it is not one, what to do)."""
+    suffix = os.path.splitext(name)[1].lower()
+    pick = f"pick a save from the list (refresh it with R after training), or '{NO_RESUME}' to start fresh."
+    if suffix != ".safetensors":
+        return (f"'{name}' is not a .safetensors save" + (" (a Python pickle, which can run code when loaded)"
+                                                          if suffix in PICKLE_SUFFIXES else "") + ".", pick)
+    if name in resume_choices():
+        return None
+    if folder_paths.get_full_path("loras", name) is None:
+        return f"'{name}' is not in any loras folder (any more).", pick
+    return (f"'{name}' has no resume state (LoRA Lab keeps one for each save it writes, under "
+            f"user/loralab/train-state/), so it cannot be continued where it stopped.", pick)
 
 
 NODE_CLASS_MAPPINGS = {"LoraLabTrainingOptions": LoraLabTrainingOptions}

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 
 import os
-import socket
 import sys
 import types
 from pathlib import Path
@@ -17,6 +16,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "support"))
+
+# Before anything else is imported: the hubs read their offline variables at import, and collection and
+# session fixtures must be covered as well as the tests themselves.
+import network_guard  # noqa: E402
+
+network_guard.install()
 
 import comfyui_home  # noqa: E402
 import random_models  # noqa: E402
@@ -41,23 +46,38 @@ def pytest_report_header(config):
 
 
 # --- no network during tests ---------------------------------------------------------------------
-_real_connect = socket.socket.connect
-
-
-def _loopback_only_connect(self, address):
-    host = address[0] if isinstance(address, tuple) else address
-    if isinstance(host, str) and host not in ("127.0.0.1", "localhost", "::1") and self.family in (
-            socket.AF_INET, socket.AF_INET6):
-        raise AssertionError(f"a test tried to reach the network: {address!r}")
-    return _real_connect(self, address)
+# The guard itself is installed above, for the whole session; servers get it too (ComfyServer).
+OUTSIDE_TESTS: list = []            # refused attempts made outside any test (collection, session fixtures)
+SERVER_ATTEMPTS: list = []          # refused attempts ComfyUI itself made in a test server (noted, not failed)
 
 
 @pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Fail any test that opens a non-loopback connection (model hubs included)."""
-    monkeypatch.setattr(socket.socket, "connect", _loopback_only_connect)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    yield
+def no_network():
+    """The network attempts this test made: each was refused, and any left at teardown fails the test, even
+    one the code under test swallowed. A test that provokes attempts on purpose checks and clears the list."""
+    OUTSIDE_TESTS.extend(network_guard.ATTEMPTS)
+    network_guard.ATTEMPTS.clear()
+    yield network_guard.ATTEMPTS
+    attempts = list(network_guard.ATTEMPTS)
+    network_guard.ATTEMPTS.clear()
+    assert not attempts, f"network access was attempted (and maybe swallowed by the code under test): {attempts}"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    OUTSIDE_TESTS.extend(network_guard.ATTEMPTS)
+    if OUTSIDE_TESTS and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter):
+    if OUTSIDE_TESTS:
+        terminalreporter.section("network attempts outside tests (refused; the run fails)", red=True)
+        for what, address in OUTSIDE_TESTS:
+            terminalreporter.line(f"{what} {address!r}")
+    if SERVER_ATTEMPTS:
+        terminalreporter.section("network attempts ComfyUI made in a test server (refused, see its log)")
+        for line in SERVER_ATTEMPTS[:20]:
+            terminalreporter.line(line[:400])
 
 
 # --- ComfyUI ---------------------------------------------------------------------------------------
@@ -176,6 +196,11 @@ def server(tmp_path_factory, comfyui_root, full_checkpoint):
     instance = ComfyServer(overlay, log_path=ARTIFACTS / "server.log").start()
     yield instance
     instance.stop()
+    # The server runs behind the same guard: attempts from the pack fail the run, ComfyUI's own are noted.
+    attempts = instance.network_attempts()
+    ours = [line for line in attempts if f"custom_nodes/{comfyui_home.PACK_LINK_NAME}/" in line or str(REPO) in line]
+    SERVER_ATTEMPTS.extend(line for line in attempts if line not in ours)
+    assert not ours, "LoRA Lab tried to reach the network inside the test server:\n" + "\n".join(ours)
 
 
 # --- a real front end in Debian's headless Chromium (Playwright), on the shared server ----------

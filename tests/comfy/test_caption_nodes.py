@@ -287,6 +287,7 @@ def test_online_but_unreachable_hub_ends_in_the_same_manual_instructions(pack, f
     import huggingface_hub.constants
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)   # read from the environment at import
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
     folder = os.path.join(folder_paths.get_folder_paths("blip")[0], "blip-large")
     with pytest.raises(errors.LoraLabError) as raised:

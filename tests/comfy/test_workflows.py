@@ -229,6 +229,32 @@ def test_workflow_4_resumes_the_trained_lora(workflow_server, object_info, train
     assert "resum" in report.lower()
 
 
+def test_resume_from_accepts_old_empty_values_and_names_a_missing_save(workflow_server, object_info):
+    """resume_from is a list now. ComfyUI's prompt validation must still accept the "" that workflows saved
+    while it was a text box; a name not on the list fails with Training Options' message -- at validation on
+    ComfyUI versions that validate nodes behind optional inputs (2025-10), when the node runs on 2024-03."""
+    from comfyui_server import ComfyExecutionError
+    choices = object_info["LoraLabTrainingOptions"]["input"]["required"]["resume_from"][0]
+    assert choices[0] == "none"
+    prompt = workflow_api.ui_to_api(load("4_resume_training"), object_info)
+    options = node_id(prompt, "LoraLabTrainingOptions")
+    # A missing checkpoint fails validation wherever the prompt is checked, so nothing runs; the options node's
+    # own verdict is in node_errors (absent when valid).
+    for value in ("", "none"):
+        broken = workflow_api.with_values(prompt, {("LoraLabTrainingOptions", "resume_from"): value,
+                                                   ("CheckpointLoaderSimple", "ckpt_name"): "missing.safetensors"})
+        with pytest.raises(ComfyExecutionError) as refused:
+            workflow_server.queue(broken)
+        node_errors = refused.value.details.get("node_errors") or {}
+        assert "resume_from" not in json.dumps(node_errors.get(options, {})), (value, node_errors)
+    with pytest.raises(ComfyExecutionError) as refused:
+        run_bundled(workflow_server, object_info, "4_resume_training",
+                    {("LoraLabTrainingOptions", "resume_from"): "deleted_since.safetensors"})
+    text = str(refused.value) + json.dumps(refused.value.details, ensure_ascii=False)
+    assert "Training Options › resume_from" in text and "not in any loras folder" in text, text
+    assert "Fix: pick a save from the list" in text, text
+
+
 def test_templates_browser_lists_them(workflow_server):
     """ComfyUI 2025-10 serves a pack's workflows/ to its templates browser (2024-03 has no such route)."""
     import urllib.error

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -130,6 +130,9 @@ def write_tree(root: Path, entries) -> dict:
 SEEN_SCAN: dict = {"examples": 0, "kinds": set(), "captions": set(), "nothing_usable": 0}
 
 
+# A fixed seed, not derandomize's hash of this function: the trees (and the counts docs/hardening.md reports
+# about them) change only when Hypothesis or the strategies do, not when this test's code is edited.
+@seed(17)
 @SETTINGS
 @given(entries=st.lists(_entry(), min_size=1, max_size=9))
 def test_scanner_never_crashes_and_accounts_for_every_file(pack, entries):

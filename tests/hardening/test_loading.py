@@ -6,6 +6,7 @@ torch.load is weights_only); the others load booby-trapped folders and files and
 from __future__ import annotations
 
 import ast
+import os
 import shutil
 import socket
 import threading
@@ -216,12 +217,53 @@ def test_the_guard_fails_non_loopback_connections(no_network, hardening):
                   "teardown); loopback connections still work")
 
 
+def test_servers_started_by_the_tests_run_behind_the_same_guard(tmp_path, hardening):
+    """ComfyServer starts main.py through guarded_main.py; run a script the same way and let it try."""
+    import subprocess
+    import sys
+    import time
+    import network_guard
+    from comfyui_server import ComfyServer
+    command = ComfyServer(tmp_path, port=1).command()
+    assert command[1] == os.path.join(os.path.dirname(network_guard.__file__), "guarded_main.py"), command
+    assert command[2] == "main.py"
+    script = tmp_path / "main.py"
+    script.write_text(
+        "import os, socket, sys, urllib.request\n"
+        "assert __name__ == '__main__' and sys.argv[1:] == ['--cpu'] and sys.path[0] == os.path.dirname(__file__)\n"
+        "for attempt in (lambda: urllib.request.urlopen('https://huggingface.co', timeout=30),\n"
+        "                lambda: socket.create_connection(('192.0.2.1', 443), timeout=30),\n"
+        "                lambda: socket.socket().connect(('198.51.100.7', 80))):\n"
+        "    try:\n"
+        "        attempt()\n"
+        "    except OSError as error:\n"
+        "        print('failed as offline:', type(error).__name__)\n"
+        "print('HF_HUB_OFFLINE=' + os.environ['HF_HUB_OFFLINE'])\n", encoding="utf-8")
+    started = time.monotonic()
+    run = subprocess.run(network_guard.launcher_command(sys.executable, "main.py", "--cpu"), cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60,
+                         env={key: value for key, value in os.environ.items() if not key.startswith("HF_")})
+    seconds = time.monotonic() - started
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("failed as offline:") == 3 and "HF_HUB_OFFLINE=1" in run.stdout, run.stdout
+    refused = network_guard.attempts_in_log(run.stderr)
+    assert len(refused) == 3 and all(f"{script}:" in line for line in refused), run.stderr
+    assert seconds < 20, f"refusals must be immediate, took {seconds:.1f} s"
+    hardening.row(AREA, "a ComfyUI server started by the tests (ComfyServer) opens huggingface.co, connects to "
+                  "192.0.2.1 and 198.51.100.7",
+                  "main.py runs behind the same guard (guarded_main.py): each attempt fails at once with the "
+                  "errors of an offline machine and is written to the server log with the calling code; "
+                  "HF_HUB_OFFLINE=1 even when the caller's environment unset it")
+
+
 def test_an_online_blip_download_is_stopped_by_the_guard(pack, no_network, monkeypatch, blip_root, hardening):
     """With HF_HUB_OFFLINE unset the loader tries the hub: the guard stops it even though the loader catches
     every download error -- and the node still answers with the manual instructions."""
+    import huggingface_hub.constants
     from lora_lab.nodes.caption import LoraLabBlipLoader
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)   # read from the environment at import
     assert not (blip_root / "blip-base").exists()
     with pytest.raises(ValueError) as raised:
         LoraLabBlipLoader().load("blip-base", "cpu", "auto")

@@ -228,6 +228,67 @@ def test_sidecars_swapped_for_links_after_the_scan_are_not_written_through(
         shutil.rmtree(folder)
 
 
+def test_links_swapped_in_after_the_write_time_check_are_not_followed(
+        dataset_nodes, input_dir, outside, tiny_blip, audit, monkeypatch, hardening):
+    """The race the re-check leaves open, made deterministic: the swaps happen right after Caption's last
+    check returns, before any sidecar is opened. Every open below the dataset folder refuses links."""
+    from lora_lab.nodes import caption as caption_node
+    from lora_lab.trainer.captions import edits as caption_edits
+    if not caption_edits.NO_FOLLOW_OPENS:
+        pytest.skip("no O_NOFOLLOW/dir_fd on this platform: the write-time check is the guard")
+    folder = input_dir / f"race_{uuid.uuid4().hex[:6]}"
+    for name in ("a", "b", "e", "f", "sub/c"):
+        picture(folder / f"{name}.png", colour=(len(name) * 40, 20, 90))
+    for name, text in (("a.txt", "old a"), ("f.txt", "old f"), ("sub/c.txt", "old c")):
+        (folder / name).write_text(text, encoding="utf-8")
+    backups = folder / caption_edits.BACKUP_FOLDER
+
+    def swap_everything():
+        (folder / "a.txt").unlink()
+        (folder / "a.txt").symlink_to(outside / "secret.txt")                 # read + back up the outside file
+        (folder / "b.txt").symlink_to(outside / "notes" / "planted.txt")      # dangling: create a file outside
+        shutil.rmtree(folder / "sub")
+        (folder / "sub").symlink_to(outside / "notes", target_is_directory=True)   # write into the outside folder
+        backups.symlink_to(outside / "notes", target_is_directory=True)       # f.txt's backup would land outside
+
+    real_check, checked = caption_node._still_inside, []
+
+    def check_then_swap(path, root):
+        inside = real_check(path, root)
+        checked.append((path, inside))
+        if len(checked) == 5:                     # the last sidecar checked: swap before any is opened
+            with audit.paused():
+                swap_everything()
+        return inside
+
+    try:
+        dataset = run_folder(dataset_nodes, folder.name)["result"][0]
+        monkeypatch.setattr(caption_node, "_still_inside", check_then_swap)
+        with audit.watch():
+            output = run_caption(dataset, tiny_blip, mode="overwrite")
+        audit.assert_clean()
+        assert len(checked) == 5 and all(inside for _, inside in checked), checked   # the check saw no link
+        report = output["ui"]["text"][0]
+        assert (folder / "e.txt").read_text(encoding="utf-8").startswith("sks"), "the normal sidecar is written"
+        for name in ("a.txt", "b.txt", "sub/c.txt"):
+            assert (folder / name).is_symlink() or (folder / "sub").is_symlink()
+        assert (folder / "f.txt").read_text(encoding="utf-8") == "old f", "not replaced without a backup"
+        skipped = report.split("after the dataset was scanned: ", 1)[1].split(". Replace", 1)[0].split(", ")
+        assert sorted(skipped) == ["a.txt", "b.txt", "f.txt", "sub/c.txt"], report
+        assert not (outside / "notes" / "planted.txt").exists() and not any((outside / "notes").iterdir())
+        hardening.row(AREA_SIDECAR, "the same swaps raced in after Caption's write-time check (overwrite mode): a "
+                      "sidecar replaced by a link to a file outside, a dangling link, a subfolder by a link, and "
+                      "the backup folder by a link",
+                      "every open below the dataset folder refuses links (O_NOFOLLOW, relative to a folder "
+                      "descriptor): those 4 sidecars are skipped and named in the report, the normal one is "
+                      "written; nothing outside read or written")
+    finally:
+        for link in (folder / "a.txt", folder / "b.txt", folder / "sub", backups):
+            if link.is_symlink():
+                link.unlink()
+        shutil.rmtree(folder)
+
+
 def test_over_long_sidecar_names_and_a_full_disk_are_reported_not_crashed(
         dataset_nodes, input_dir, tiny_blip, audit, monkeypatch, hardening):
     from lora_lab.trainer.captions import edits as caption_edits
@@ -248,15 +309,15 @@ def test_over_long_sidecar_names_and_a_full_disk_are_reported_not_crashed(
                       "(before: OSError 'File name too long' after captioning, all captions lost)")
         for name in ("a.txt", "b.txt"):
             (folder / name).unlink()
-        real_write, written = caption_edits.write_text_atomically, []
+        real_write, written = caption_edits._write_in, []
 
-        def disk_full_on_the_second(path, text):
+        def disk_full_on_the_second(folder, name, text, mode):
             if written:
-                raise OSError(28, "No space left on device", path)
-            written.append(path)
-            return real_write(path, text)
+                raise OSError(28, "No space left on device", os.path.join(folder.path, name))
+            written.append(os.path.join(folder.path, name))
+            return real_write(folder, name, text, mode)
 
-        monkeypatch.setattr(caption_edits, "write_text_atomically", disk_full_on_the_second)
+        monkeypatch.setattr(caption_edits, "_write_in", disk_full_on_the_second)
         message = refusal(lambda: run_caption(dataset, tiny_blip, mode="fill-missing"), "Caption Dataset",
                           "write_sidecars")
         assert "No space left on device" in message and len(written) == 1 and Path(written[0]).is_file()

@@ -134,9 +134,9 @@ WORKFLOWS = {
     "4_resume_training": [
         note("readme", 0,
              "RESUME TRAINING A LORA\n\n"
-             f"'resume_from' names a LoRA in models/loras ({TRAINED}.safetensors, from workflow 2). A LoRA Lab "
-             "save continues exactly where it stopped (weights, optimizer, schedule, step count); a LoRA "
-             "from elsewhere continues its weights with a fresh optimizer.\n\n"
+             f"'resume_from' picks the save to continue ({TRAINED}.safetensors, from workflow 2). Its list holds "
+             "every LoRA Lab save in models/loras that has a resume state (press R to refresh it after training); "
+             "the save continues exactly where it stopped (weights, optimizer, schedule, step count).\n\n"
              "'steps' is the total: 3000 here continues a 1500-step LoRA for 1500 more. Use the same "
              f"checkpoint, dataset folder (ComfyUI/input/{DATASET}), rank and alpha as the first run. "
              "The result is saved under the new output_name; "

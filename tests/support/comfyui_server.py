@@ -16,6 +16,8 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import network_guard
+
 
 class ComfyExecutionError(RuntimeError):
     """A prompt was rejected (HTTP 400) or a node raised while executing; carries ComfyUI's text."""
@@ -32,11 +34,17 @@ def free_port() -> int:
 
 
 class ComfyServer:
-    """``python main.py --cpu`` in an overlay root, on a loopback port; stop() kills it by PID."""
+    """``python main.py --cpu`` in an overlay root, on a loopback port; stop() kills it by PID.
+
+    With ``network_guard`` (the default) main.py runs behind the tests' loopback-only network guard: whatever
+    the server tries to reach fails at once like on an offline machine and is written to its log
+    (``network_attempts()``).
+    """
 
     def __init__(self, overlay: Path, port: int | None = None, log_path: Path | None = None,
-                 extra_args: list[str] | None = None, python: str = sys.executable):
+                 extra_args: list[str] | None = None, python: str = sys.executable, network_guard: bool = True):
         self.overlay = Path(overlay)
+        self.network_guard = network_guard
         self.port = port or free_port()
         self.log_path = Path(log_path or self.overlay / "server.log")
         self.extra_args = extra_args or []
@@ -47,12 +55,18 @@ class ComfyServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def command(self) -> list[str]:
+        args = ["--cpu", "--use-pytorch-cross-attention",
+                "--listen", "127.0.0.1", "--port", str(self.port), "--disable-auto-launch",
+                "--output-directory", str(self.overlay / "output"),
+                "--input-directory", str(self.overlay / "input"),
+                "--temp-directory", str(self.overlay / "temp"), *self.extra_args]
+        if self.network_guard:
+            return network_guard.launcher_command(self.python, "main.py", *args)
+        return [self.python, "main.py", *args]
+
     def start(self, timeout: float = 180.0) -> "ComfyServer":
-        cmd = [self.python, "main.py", "--cpu", "--use-pytorch-cross-attention",
-               "--listen", "127.0.0.1", "--port", str(self.port), "--disable-auto-launch",
-               "--output-directory", str(self.overlay / "output"),
-               "--input-directory", str(self.overlay / "input"),
-               "--temp-directory", str(self.overlay / "temp"), *self.extra_args]
+        cmd = self.command()
         env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"))
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(cmd, cwd=self.overlay, stdout=self._log, stderr=subprocess.STDOUT,
@@ -88,6 +102,10 @@ class ComfyServer:
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def network_attempts(self) -> list[str]:
+        """The connections and name lookups the guard refused, one log line each (with the calling code)."""
+        return network_guard.attempts_in_log(self.log_text())
 
     # --- HTTP -------------------------------------------------------------------------------------
     def get_json(self, path: str, timeout: float = 30):

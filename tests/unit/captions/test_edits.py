@@ -167,7 +167,7 @@ def test_a_failed_write_leaves_the_old_caption_and_no_temporary_file(tmp_path, m
     target = tmp_path / "a.txt"
     target.write_text("old caption", encoding="utf-8")
 
-    def crash(*_):
+    def crash(*_, **__):
         raise OSError("disk full")
 
     monkeypatch.setattr(ce.os, "replace", crash)
