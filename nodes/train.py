@@ -21,13 +21,13 @@ from ..trainer.lora.files import load_lora_file
 from ..trainer.loss_plot import loss_curve_image
 from ..trainer.training import run_reuse, saves
 from ..trainer.training.half_precision_base import frozen_weights_in
-from ..trainer.training.kohya_metadata import Description
+from ..trainer.training.kohya_metadata import Description, kohya_max_token_length
 from ..trainer.training.loop import TrainSettings, train
 from ..trainer.training.noise import notes_for
 from ..trainer.training.optimizers import lr_advice, parse_optimizer_args
 from ..trainer.training.run import TrainingRun
 from ..trainer.training.schedules import schedule_notes
-from . import comfy_bridge, folders
+from . import comfy_bridge, folders, model_sources
 from .messages import user_error
 from .train_adapters import inject_adapters
 from .train_checks import NODE, check_inputs, check_noise_settings, check_optimizer
@@ -84,11 +84,12 @@ class LoraLabTrainLora:
                                  "Stored in the file's metadata; empty = the first tag all captions share."}),
                 "options": (OPTIONS_TYPE, {"tooltip": "Advanced settings from a LoRA Lab Training Options node."}),
             },
-            "hidden": {"unique_id": "UNIQUE_ID"},
+            # The queued graph names the checkpoint and VAE files the MODEL/VAE came from (model_sources.py).
+            "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"},
         }
 
     def train_lora(self, model, clip, vae, dataset, output_name, resolution, steps, epochs, batch_size,
-                   learning_rate, rank, alpha, seed, trigger_word="", options=None, unique_id=None):
+                   learning_rate, rank, alpha, seed, trigger_word="", options=None, unique_id=None, prompt=None):
         options = options or TrainingOptions()
         check_inputs(model, dataset, output_name, rank, alpha, options)
         check_optimizer(options, learning_rate)
@@ -124,10 +125,15 @@ class LoraLabTrainLora:
             for note in run.notes:
                 log.warning("[LoRA Lab] %s", note)
             trigger_word = trigger_word or saves.shared_first_tag(dataset)
+            family = comfy_bridge.base_model_version(model)
             describe = Description(
-                output_name=run.output_name, family=comfy_bridge.base_model_version(model), resolution=resolution,
+                output_name=run.output_name, family=family, resolution=resolution,
                 settings=settings, dataset=dataset, buckets=data.buckets, trigger_word=trigger_word,
-                epoch_plan=epoch_plan, epochs=epochs, v_parameterization=comfy_bridge.predicts_v(model))
+                epoch_plan=epoch_plan, epochs=epochs, v_parameterization=comfy_bridge.predicts_v(model),
+                base_model=model_sources.base_model(prompt, unique_id, model, clip),
+                gradient_checkpointing=options.gradient_checkpointing,
+                max_token_length=None if family in comfy_bridge.FLOW_FAMILIES else kohya_max_token_length(
+                    encoding.cross_attn.shape[1] for encoding in data.conds.values()))
             if resume and resume.step >= settings.steps and epochs > 0:
                 done = epoch_plan.completed_at(resume.step)
                 raise user_error(NODE, "epochs", f"'{options.resume_from}' already has {resume.step} steps "
@@ -142,6 +148,8 @@ class LoraLabTrainLora:
             if finished:
                 del data
                 return reuse_finished(model, clip, finished, run, describe)
+            if resume is None:      # this run was interrupted before (ComfyUI killed): it goes on from its last save
+                resume, describe = run.continue_interrupted(saves.base_name(output_name), describe)
             if options.previews.every_n_steps:      # prompts encoded now: CLIP is not loaded mid-run
                 run.previews = TrainingPreviews(model, clip, options.previews, trigger_word, (resolution, resolution),
                                                 unique_id, settings.mixed_precision)

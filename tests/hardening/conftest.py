@@ -8,15 +8,15 @@
 - ``outside``: a sentinel tree next to the private ComfyUI (a valid LoRA, pictures, captions, a folder);
   attacks aim at it, and it is compared byte for byte (listing, sizes, mtimes, contents) afterwards.
 - ``hardening``: each test records ``(area, attack, outcome)`` rows; at the end of a session that ran
-  the whole hardening suite, ``docs/hardening.md`` is rewritten from them (a failing test's rows are
-  marked FAILED). Paths are redacted to placeholders so the file only changes when results change.
+  the whole hardening suite with ``LORALAB_WRITE_HARDENING_REPORT=1``, ``docs/hardening.md`` is rewritten
+  from them (a failing test's rows are marked FAILED); without it a test run leaves the repository alone.
+  Paths are redacted to placeholders so the file only changes when results change.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import re
-import socket
 import sys
 import threading
 from contextlib import contextmanager
@@ -28,6 +28,12 @@ import pytest
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 REPORT = REPO / "docs" / "hardening.md"
+# Regenerating the report is asked for, never a side effect of a test run: "1" writes REPORT, a path writes
+# there instead (to compare a run with the committed report without touching the repository).
+WRITE_REPORT = "LORALAB_WRITE_HARDENING_REPORT"
+# Hand-kept sections the report includes verbatim at its end, each written by its own tool, so that
+# regenerating the report keeps them (tools/crash_campaign.py writes docs/crash_campaign.md).
+HAND_KEPT_SECTIONS = (REPO / "docs" / "crash_campaign.md",)
 
 
 # --- the report -------------------------------------------------------------------------------------------
@@ -109,11 +115,15 @@ def pytest_runtest_makereport(item, call):
 
 def pytest_sessionfinish(session, exitstatus):
     state = REPORT_STATE
+    requested = os.environ.get(WRITE_REPORT, "").strip()
+    if requested in ("", "0"):
+        return      # a test run leaves the repository as it found it
     if not state.expected or state.partial or set(state.results) != state.expected:
         return      # a partial run (-k, one file, -x stop) must not replace the full report
     failed = sorted(nodeid for nodeid, result in state.results.items() if result == "failed")
-    REPORT.parent.mkdir(parents=True, exist_ok=True)
-    REPORT.write_text(render_report(state, failed), encoding="utf-8")
+    target = REPORT if requested == "1" else Path(requested)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(render_report(state, failed), encoding="utf-8")
 
 
 ALLOWED_ROOTS = """\
@@ -121,9 +131,9 @@ ALLOWED_ROOTS = """\
 |---|---|---|
 | Dataset from Folder `folder` | a subfolder of ComfyUI's `input/`, or of a root registered as `lora_datasets` in `extra_model_paths.yaml` (typed `lora_datasets/<sub>`); an absolute path is accepted only when it lies inside one of those roots | nothing (the preview writes its contact sheet to ComfyUI's `temp/`) |
 | pictures and captions inside a dataset | files under the dataset folder; symbolic links are followed only while they stay inside it | — |
-| Caption `write_sidecars` | — | `.txt` sidecars next to the pictures and `.loralab_caption_backup/` inside the dataset folder, re-checked at write time (a sidecar or folder swapped for a link leading out is skipped) |
+| Caption `write_sidecars` | — | `.txt` sidecars next to the pictures and `.loralab_caption_backup/` inside the dataset folder, re-checked at write time, then opened without following links (O_NOFOLLOW, relative to folder descriptors; on Windows the re-check alone): a sidecar, folder or backup folder swapped for a link is skipped |
 | Train LoRA `output_name` | — | the first `loras` folder (subfolders allowed, never through a link leading out of it); resume state and latent cache under `user/loralab/`; if the loras folder cannot be written, a rescue copy under `user/loralab/rescued/` |
-| Training Options `resume_from` | `.safetensors` files ComfyUI lists for `loras` (its own lookup: `..` and absolute paths are folded into the loras folders); resume state only via `torch.load(weights_only=True)` | — |
+| Training Options `resume_from` | a name from its list: the `.safetensors` files ComfyUI lists for `loras` that have a resume state in `user/loralab/train-state/` (a name not on the list is refused at validation); resume state only via `torch.load(weights_only=True)` | — |
 | LoRA Pedal / Apply LoRA Stack names, `/loralab/lora_info?name=` | files ComfyUI lists for `loras`; absolute paths only when inside a loras folder; `.safetensors` only | — |
 | links a server owner puts inside `models/loras` | followed for reading, as ComfyUI's own LoRA loaders do (the owner chose them) | never written through when they lead out |
 | BLIP Loader `model` | a plain folder name under `models/blip/`; weights only from `model.safetensors`, transformers' own BLIP classes (no remote code) | a download into `models/blip/<name>/` when online (never during tests) |
@@ -151,7 +161,11 @@ FIXED = """\
 - UTF-32 caption files (with BOM) were reported as binary data; they are read now.
 - The test network guard could be swallowed by code that catches every exception (the BLIP download fallback)
   and did not cover `connect_ex` or name lookups; this suite's guard records every attempt and fails the test
-  at teardown.
+  at teardown. It now covers the whole test session and every ComfyUI server the tests start
+  (tests/support/network_guard.py).
+- Caption's write-time re-check left a window: a link swapped in after it (or a backup folder swapped for a
+  link) was still followed. Sidecars and backups are now opened with O_NOFOLLOW relative to folder descriptors
+  reached from the dataset root; the old bytes are backed up from the descriptor that read them.
 """
 
 
@@ -164,10 +178,11 @@ def render_report(state: Report, failed: list[str]) -> str:
         "Generated by the hardening suite — do not edit by hand. Regenerate with",
         "",
         "```bash",
-        ".venv/bin/python -m pytest -c tests/pytest.ini tests/hardening -q",
+        f"{WRITE_REPORT}=1 .venv/bin/python -m pytest -c tests/pytest.ini tests/hardening -q",
         "```",
         "",
-        "(the file is rewritten only when the whole suite ran; `-k`, a single file or `-x` leave it alone).",
+        f"(the file is rewritten only when asked for with `{WRITE_REPORT}=1` and the whole suite ran;",
+        "a plain test run, `-k`, a single file or `-x` leave it alone).",
         "",
         f"Last run against **{state.comfyui or 'ComfyUI'}**: {passed} of {total} tests passed"
         + (f"; failed: {', '.join(failed)}" if failed else "") + ".",
@@ -197,6 +212,7 @@ def render_report(state: Report, failed: list[str]) -> str:
         for row in rows:
             lines.append(f"| {_cell(row.attack)} | {_cell(row.outcome)} | {row.status} |")
         lines.append("")
+    lines += [section.read_text(encoding="utf-8").strip() + "\n" for section in HAND_KEPT_SECTIONS if section.is_file()]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -294,16 +310,43 @@ def _as_path(value):
     return value if isinstance(value, str) else None
 
 
+# Where an event's path is relative to a folder descriptor (os.mkdir(name, dir_fd=...)), the descriptor's index
+# in the event's arguments, one per path. The "open" event carries none: the audit fixture's os.open spy
+# hands the folder over in _OPEN_FOLDER instead.
+_DIR_FD_ARGS = {"os.mkdir": (2,), "os.remove": (1,), "os.rmdir": (1,), "os.chmod": (2,), "os.chown": (3,),
+                "os.utime": (3,), "os.rename": (2, 3), "os.replace": (2, 3), "os.link": (2, 3), "os.symlink": (None, 2)}
+_OPEN_FOLDER = threading.local()
+
+
+def _folder_of(fd) -> str | None:
+    """The folder an open descriptor refers to (Linux /proc, macOS F_GETPATH); None when unknown."""
+    if not isinstance(fd, int) or fd < 0:
+        return None
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        pass
+    try:
+        import fcntl
+        return os.fsdecode(fcntl.fcntl(fd, fcntl.F_GETPATH, b"\0" * 1024).rstrip(b"\0"))
+    except (ImportError, AttributeError, OSError):
+        return None
+
+
 def _audit_hook(event, args):
     if not _ACTIVE:
         return
     kind = None
     paths = []
+    folders = [None, None]
+    follows = event not in _NOT_FOLLOWING
     if event == "open":
         path, mode, flags = (list(args) + [None, None, None])[:3]
         writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or \
                  (isinstance(flags, int) and flags & _WRITE_FLAGS)
         kind, paths = ("write" if writes else "read"), [path]
+        folders = [getattr(_OPEN_FOLDER, "path", None)]
+        follows = not (isinstance(flags, int) and flags & getattr(os, "O_NOFOLLOW", 0))
     elif event in ("os.listdir", "os.scandir"):
         kind, paths = "list", [args[0] if args else "."]
     elif event in ("os.rename", "os.replace", "os.link", "os.symlink", "shutil.copyfile", "shutil.copytree",
@@ -314,19 +357,41 @@ def _audit_hook(event, args):
         kind, paths = "write", [args[0]] if args else []
     if kind is None:
         return
-    for value in paths:
+    if event in _DIR_FD_ARGS:
+        folders = [_folder_of(args[index]) if index is not None and index < len(args) else None
+                   for index in _DIR_FD_ARGS[event]]
+    for value, folder in zip(paths, folders + [None] * len(paths)):
         path = _as_path(value)
         if path is None or not path:
             continue
+        if folder and not os.path.isabs(path):
+            path = os.path.join(folder, path)
+        path = os.path.abspath(path)
+        real = _real_path(path, follows)
         for watcher in list(_ACTIVE):
-            watcher.events.append((kind, event, os.path.abspath(path)))
+            watcher.events.append((kind, event, path))
+            watcher.real_paths.append(real)
+
+
+# Events that act on a link itself, not on what it leads to (and opens with O_NOFOLLOW).
+_NOT_FOLLOWING = {"os.remove", "os.rmdir", "os.rename", "os.replace", "os.mkdir", "os.symlink", "os.link",
+                  "shutil.rmtree", "shutil.move"}
+
+
+def _real_path(path: str, follows: bool) -> str:
+    """Resolved when the event happens (a link swapped in later must not turn an earlier read inside into
+    one outside); the last part is resolved only when the operation follows it."""
+    if follows:
+        return os.path.realpath(path)
+    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
 
 
 class FileAudit:
     def __init__(self, outside: Path, writable: list[str]):
         self.outside = [str(outside), os.path.realpath(outside)]
         self.writable = writable
-        self.events: list = []
+        self.events: list = []          # (kind, event, absolute path as named)
+        self.real_paths: list = []      # each event's path resolved at the time (see _real_path)
 
     @contextmanager
     def watch(self):
@@ -341,20 +406,30 @@ class FileAudit:
         finally:
             _ACTIVE.remove(self)
 
+    @contextmanager
+    def paused(self):
+        """What the test itself does mid-watch (swapping links in, as an attacker would) is not the node's."""
+        _ACTIVE.remove(self)
+        try:
+            yield self
+        finally:
+            _ACTIVE.append(self)
+
     def record(self, kind: str, event: str, path) -> None:
         if _ACTIVE and self in _ACTIVE:
             self.events.append((kind, event, os.path.abspath(os.fspath(path))))
+            self.real_paths.append(os.path.realpath(path))
 
     def touching_outside(self) -> list:
-        return [event for event in self.events
-                if any(_inside(event[2], root) or _inside(os.path.realpath(event[2]), root) for root in self.outside)]
+        return [event for event, real in zip(self.events, self.real_paths)
+                if any(_inside(event[2], root) or _inside(real, root) for root in self.outside)]
 
     def writes_outside_allowed(self) -> list:
         bad = []
-        for kind, event, path in self.events:
+        for (kind, event, path), real in zip(self.events, self.real_paths):
             if kind != "write" or "__pycache__" in path or path.startswith("/dev/"):
                 continue
-            real_parent = os.path.realpath(os.path.dirname(path))
+            real_parent = os.path.dirname(real)
             if not any(_inside(real_parent, root) for root in self.writable):
                 bad.append((kind, event, path))
         return bad
@@ -397,58 +472,24 @@ def audit(outside, roots, monkeypatch):
     monkeypatch.setattr(safetensors, "safe_open", spying_safe_open)
     monkeypatch.setattr(safetensors.torch, "load_file", spying_load_file)
     monkeypatch.setattr(torch, "load", spying_torch_load)
+    real_open = os.open
+
+    def open_telling_the_audit_its_folder(path, flags, mode=0o777, *, dir_fd=None):
+        # Python's "open" audit event leaves out dir_fd: without this, a name opened relative to a folder
+        # descriptor (the caption writer's O_NOFOLLOW opens) would be taken as relative to the working folder.
+        _OPEN_FOLDER.path = _folder_of(dir_fd)
+        try:
+            return real_open(path, flags, mode, dir_fd=dir_fd)
+        finally:
+            _OPEN_FOLDER.path = None
+
+    monkeypatch.setattr(os, "open", open_telling_the_audit_its_folder)
     before = tree_state(outside)
     yield watcher
     assert tree_state(outside) == before, "the outside tree changed"
 
 
-# --- a stricter network guard for this suite -------------------------------------------------------------------
-# tests/conftest.py's guard raises from socket.connect; code that catches every exception (a download
-# fallback, say) would swallow that and the test would pass. Here every attempt is also recorded and the
-# test fails at teardown, and connect_ex and name lookups (getaddrinfo) are guarded too.
-LOOPBACK = ("127.0.0.1", "localhost", "::1", "0.0.0.0", "", None)
-NETWORK_ATTEMPTS: list = []
-_real_connect, _real_connect_ex, _real_getaddrinfo = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
-
-
-def _refuse(what: str, address):
-    NETWORK_ATTEMPTS.append((what, address))
-    raise AssertionError(f"a test tried to reach the network ({what}): {address!r}")
-
-
-def _is_remote(sock, address) -> bool:
-    host = address[0] if isinstance(address, tuple) else address
-    return sock.family in (socket.AF_INET, socket.AF_INET6) and isinstance(host, str) and host not in LOOPBACK
-
-
-def _guarded_connect(self, address):
-    if _is_remote(self, address):
-        _refuse("connect", address)
-    return _real_connect(self, address)
-
-
-def _guarded_connect_ex(self, address):
-    if _is_remote(self, address):
-        _refuse("connect_ex", address)
-    return _real_connect_ex(self, address)
-
-
-def _guarded_getaddrinfo(host, *args, **kwargs):
-    name = host.decode() if isinstance(host, bytes) else host
-    if name not in LOOPBACK:
-        _refuse("getaddrinfo", host)
-    return _real_getaddrinfo(host, *args, **kwargs)
-
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Overrides tests/conftest.py's guard for this directory (same name): stricter, and not swallowable."""
-    monkeypatch.setattr(socket.socket, "connect", _guarded_connect)
-    monkeypatch.setattr(socket.socket, "connect_ex", _guarded_connect_ex)
-    monkeypatch.setattr(socket, "getaddrinfo", _guarded_getaddrinfo)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    NETWORK_ATTEMPTS.clear()
-    yield NETWORK_ATTEMPTS
-    attempts = list(NETWORK_ATTEMPTS)
-    NETWORK_ATTEMPTS.clear()
-    assert not attempts, f"network access was attempted (and maybe swallowed by the code under test): {attempts}"
+# --- the network guard ------------------------------------------------------------------------------------------
+# This suite used its own, stricter guard (connect_ex and name lookups too, every attempt recorded and failing the
+# test at teardown, even when swallowed); that guard is now tests/support/network_guard.py, installed for the whole
+# session and in every test server, and tests/conftest.py's ``no_network`` fixture is the one used here.

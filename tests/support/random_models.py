@@ -128,13 +128,14 @@ def small_vae(seed: int = 2):
         return comfy.sd.VAE(sd=state, config={"params": {"ddconfig": SMALL_VAE_DDCONFIG, "embed_dim": 4}})
 
 
-def full_sd15_checkpoint_state(seed: int = 0) -> dict[str, torch.Tensor]:
-    """A state dict ComfyUI's CheckpointLoaderSimple recognises as SD1.5: real shapes, random values."""
+def full_sd15_checkpoint_state(seed: int = 0, unet_config: dict | None = None) -> dict[str, torch.Tensor]:
+    """A state dict ComfyUI's CheckpointLoaderSimple recognises as SD1.5: real shapes, random values.
+    ``unet_config``: another SD1.5 UNet layout (SD15_SLIM_UNET) beside the full CLIP and VAE."""
     import comfy.ldm.models.autoencoder
     import comfy.supported_models
     state: dict[str, torch.Tensor] = {}
     with torch.inference_mode(False), torch.no_grad():
-        unet = sd15_model_patcher(320, seed).model
+        unet = patcher_for(comfy.supported_models.SD15(unet_config or sd15_unet_config(320)), seed).model
         state.update({"model." + k: v.half() for k, v in unet.state_dict().items()
                       if k.startswith("diffusion_model.")})
         del unet
@@ -151,19 +152,26 @@ def full_sd15_checkpoint_state(seed: int = 0) -> dict[str, torch.Tensor]:
 
 CHECKPOINT_NAME = "loralab_random_sd15.safetensors"
 CHECKPOINT_FORMAT = 1  # bump when the recipe changes, so cached files are rebuilt
+# ComfyUI tells SD1.5 by model_channels 320 and context_dim 768 (comfy.supported_models.SD15), not by depth:
+# two levels with one ResBlock each is still "SD1.5" to every loader, and trains a 64 px step about 20x
+# faster than the full UNet on a CPU (the crash campaign restarts the server dozens of times).
+SD15_SLIM_UNET = dict(SD15_FULL_UNET, num_res_blocks=[1, 1], channel_mult=[1, 2], transformer_depth=[1, 1],
+                      transformer_depth_output=[1, 1, 1, 1])
+SLIM_CHECKPOINT_NAME = "loralab_slim_sd15.safetensors"
 
 
-def ensure_full_sd15_checkpoint(cache: Path, seed: int = 0) -> Path:
+def ensure_full_sd15_checkpoint(cache: Path, seed: int = 0, slim: bool = False) -> Path:
     """Write (once) a full-shape SD1.5 checkpoint with random weights and return its path.
 
     Cached outside the repository; about 2.1 GB in fp16. Its pictures are noise: it exists so that
     ComfyUI's own loaders, samplers and our nodes can run end to end without downloading a model.
+    ``slim``: the UNet is SD15_SLIM_UNET (CLIP and VAE as in the full one).
     """
     import safetensors.torch
-    path = Path(cache) / f"random-sd15-seed{seed}-v{CHECKPOINT_FORMAT}.safetensors"
+    path = Path(cache) / f"random-{'slim-' if slim else ''}sd15-seed{seed}-v{CHECKPOINT_FORMAT}.safetensors"
     if path.exists():
         return path
-    state = full_sd15_checkpoint_state(seed)
+    state = full_sd15_checkpoint_state(seed, SD15_SLIM_UNET if slim else None)
     partial = path.with_suffix(".partial")
     safetensors.torch.save_file(state, str(partial), metadata={
         "loralab_note": "random weights for tests; produces noise", "modelspec.architecture": "stable-diffusion-v1"})
@@ -171,8 +179,8 @@ def ensure_full_sd15_checkpoint(cache: Path, seed: int = 0) -> Path:
     return path
 
 
-def full_sd15_checkpoint_built_aside(timeout: float = 1200) -> Path:
-    """The cached full-shape random SD1.5 checkpoint, built first if missing.
+def full_sd15_checkpoint_built_aside(timeout: float = 1200, slim: bool = False) -> Path:
+    """The cached full-shape (or ``slim``) random SD1.5 checkpoint, built first if missing.
 
     Building needs ComfyUI imported; a child process keeps its 3.5 GB of fp32 weights out of the caller's
     memory (the test session, the demo).
@@ -180,13 +188,14 @@ def full_sd15_checkpoint_built_aside(timeout: float = 1200) -> Path:
     import subprocess
     import sys
     import comfyui_home
-    cached = Path(comfyui_home.cache_dir()) / f"random-sd15-seed0-v{CHECKPOINT_FORMAT}.safetensors"
+    kind = "slim-sd15" if slim else "sd15"
+    cached = Path(comfyui_home.cache_dir()) / f"random-{kind}-seed0-v{CHECKPOINT_FORMAT}.safetensors"
     if cached.exists():
         return cached
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import comfyui_home, random_models, pathlib, tempfile;"
             "ov = comfyui_home.build_overlay(pathlib.Path(tempfile.mkdtemp()) / 'c', link_pack=False);"
             "comfyui_home.prepare_in_process(ov);"
-            "print(random_models.ensure_full_sd15_checkpoint(comfyui_home.cache_dir()))")
+            f"print(random_models.ensure_full_sd15_checkpoint(comfyui_home.cache_dir(), slim={slim}))")
     made = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parent)], capture_output=True,
                           text=True, timeout=timeout)
     if made.returncode != 0:
@@ -194,12 +203,12 @@ def full_sd15_checkpoint_built_aside(timeout: float = 1200) -> Path:
     return Path(made.stdout.strip().splitlines()[-1])
 
 
-def link_checkpoint(checkpoint: Path, overlay: Path) -> str:
+def link_checkpoint(checkpoint: Path, overlay: Path, name: str = CHECKPOINT_NAME) -> str:
     """Make the cached checkpoint visible in an overlay's models/checkpoints; returns its list name."""
-    link = Path(overlay) / "models" / "checkpoints" / CHECKPOINT_NAME
+    link = Path(overlay) / "models" / "checkpoints" / name
     if not link.exists():
         link.symlink_to(checkpoint)
-    return CHECKPOINT_NAME
+    return name
 
 
 # --- BLIP (transformers; no ComfyUI needed) --------------------------------------------------------

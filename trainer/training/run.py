@@ -8,6 +8,7 @@ torch code with unit tests of their own.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -18,7 +19,7 @@ import torch
 
 from ..lora.files import save_lora_file
 from ..messages import LoraLabError, user_error
-from . import run_reuse, saves
+from . import interrupted_runs, run_reuse, saves
 from .loop import NonFiniteLoss, StepReport
 from .saves import SaveFolders
 
@@ -65,6 +66,7 @@ class TrainingRun:
         self.previews = None                  # the host's sample previews (due, render, rendered...), if asked for
         self.identity: str | None = None      # run_reuse: written into the final save
         self.notes: list[str] = []            # settings that do nothing here, for the report
+        self.carried_steps = 0                # losses of an interrupted run this one continues (not timed here)
 
     @contextlib.contextmanager
     def kept_if_stopped(self, lora, describe):
@@ -142,20 +144,48 @@ class TrainingRun:
             metadata[run_reuse.LOSS_HISTORY_KEY] = run_reuse.loss_history_text(self.losses)
             if self.identity:
                 metadata[run_reuse.RUN_IDENTITY_KEY] = self.identity
+        elif self.identity:     # the same run queued after a crash goes on from here (interrupted_runs.py)
+            metadata[interrupted_runs.UNFINISHED_RUN_KEY] = self.identity
         path = save_lora_file(self.folders.loras, name, lora.kohya_state_dict(), metadata,
                               overwrite=overwrite, dtype=self.save_dtype)
         try:
-            state_path = saves.save_resume_state(path, lora, loop_state, step, self.optimizer_name, self.folders)
+            state_path = saves.save_resume_state(path, lora, loop_state, step, self.optimizer_name, self.folders,
+                                                 run={"run_identity": self.identity, "losses": list(self.losses)})
         except Exception as failed:     # the LoRA itself is written: only an exact resume is lost
             state_path = None
-            log.warning("[LoRA Lab] %s is saved, but its resume state could not be written (%s: %s); resuming "
-                        "it will start a fresh optimizer", path, type(failed).__name__, failed)
+            log.warning("[LoRA Lab] %s is saved, but its resume state could not be written (%s: %s); it cannot "
+                        "be continued exactly (resume_from lists only saves with a state)", path,
+                        type(failed).__name__, failed)
         if not final:
             self.periodic.append(saves.WrittenSave.of(path, state_path))
         self.saves.append(str(path))
         self.saved_step = step
         log.info("[LoRA Lab] saved %s (step %d)", path, step)
         return path
+
+    def continue_interrupted(self, base_name: str, describe):
+        """When this very run (same identity) was interrupted before (ComfyUI killed or crashed): its newest
+        whole save to go on from, and ``describe`` under that run's name -> (ResumePoint or None, describe).
+        The run then saves under that name, counts its earlier saves for keep_last_saves and carries on
+        its loss history; the notes say what happened."""
+        if not self.identity:
+            return None, describe
+        found, skipped = interrupted_runs.find_interrupted(self.folders, base_name, self.identity)
+        self.notes += skipped
+        if found is None:
+            if skipped:
+                self.notes.append("no save of the interrupted run could be continued: training starts fresh")
+            return None, describe
+        self.output_name = found.base_name
+        self.periodic = [saves.WrittenSave.of(lora, state) for lora, state in found.run_saves]
+        # Stopped again before a step: that save still holds all that was trained, and messages name it.
+        self.step = self.saved_step = found.point.step
+        self.saves = [str(found.lora)]
+        self.losses = [float(value) for value in found.point.run.get("losses", [])][: found.point.step]
+        self.carried_steps = len(self.losses)
+        self.notes.append(found.note())
+        log.warning("[LoRA Lab] %s", found.note())
+        return found.point, dataclasses.replace(describe, output_name=self.output_name)
 
     def keep_last_periodic_saves(self, keep: int):
         """keep_last_saves: delete this run's older step saves (and their resume state), newest K stay.
@@ -247,7 +277,8 @@ class TrainingRun:
         elapsed = time.time() - self.started_at
         finite = [v for v in self.losses if math.isfinite(v)]
         lines = [f"Saved {lora_name} in {self.folders.loras}",
-                 f"{len(self.losses)} steps in {elapsed:.0f}s; loss {finite[0]:.4f} -> {finite[-1]:.4f}"
+                 f"{len(self.losses) - self.carried_steps} steps in {elapsed:.0f}s; "
+                 f"loss {finite[0]:.4f} -> {finite[-1]:.4f}"
                  if finite else "no steps", describe.arithmetic(), self.cache_report]
         lines += [f"note: {note}" for note in self.notes]
         if self.previews:

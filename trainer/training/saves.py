@@ -9,7 +9,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -67,6 +67,7 @@ class ResumePoint:
     tensors: dict
     loop_state: LoopState
     optimizer_name: str | None = None
+    run: dict = field(default_factory=dict)   # RUN_KEYS of the run that wrote it, when its state says
 
     def for_optimizer(self, name: str) -> "ResumePoint":
         """Optimizer state only carries over to the same optimizer; otherwise it starts fresh."""
@@ -90,19 +91,45 @@ def resume_state_path(lora_path, folders: SaveFolders) -> Path:
     return folder / (str(relative)[: -len(".safetensors")] + STATE_SUFFIX)
 
 
+# What a state also records about the run that wrote it, so that the run can go on after a crash
+# (interrupted_runs.py): its identity (run_reuse) and its losses so far.
+RUN_KEYS = ("run_identity", "losses")
+
+
 def save_resume_state(lora_path: Path, lora, loop_state: LoopState | None, step: int, optimizer_name: str,
-                      folders: SaveFolders) -> Path:
+                      folders: SaveFolders, run: dict | None = None) -> Path:
     """Beside each save: full-precision adapters + optimizer/scheduler state, for an exact resume."""
     state = {"step": step, "adapters": lora.kohya_state_dict(dtype=torch.float32), "optimizer_name": optimizer_name}
     if loop_state is not None:
         state.update(optimizer=loop_state.optimizer, scheduler=loop_state.scheduler, scaler=loop_state.scaler,
                      rng=loop_state.rng)
+    state.update({key: value for key, value in (run or {}).items() if key in RUN_KEYS and value is not None})
     path = resume_state_path(lora_path, folders)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + f".tmp-{os.getpid()}")
-    torch.save(state, partial)
-    os.replace(partial, path)
+    _save_atomically(state, path)
     return path
+
+
+def _save_atomically(state: dict, path: Path) -> None:
+    """``torch.save`` to ``<path>.tmp-<pid>``, fsync, then one ``os.replace``: whenever the process dies
+    (kill -9, power loss, a full disk), ``path`` holds the previous state or the new one, never part of one;
+    a failed write removes its temporary file."""
+    partial = path.with_name(path.name + f".tmp-{os.getpid()}")
+    try:
+        with open(partial, "wb") as out:
+            torch.save(state, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(partial, path)
+    finally:
+        if partial.exists():
+            partial.unlink()
+    if os.name == "posix":          # the new directory entry survives a power loss too (Windows cannot open folders)
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
 @dataclass
@@ -127,8 +154,8 @@ class WrittenSave:
     def remove(self) -> bool:
         """Delete the LoRA, then its resume state, each only if still the file written.
 
-        A LoRA the user changed (or replaced) is kept, and so is its resume state: a LoRA without it
-        would still resume, but with a fresh optimizer.
+        A LoRA the user changed (or replaced) is kept, and so is its resume state: without it the LoRA
+        could no longer be continued.
         """
         if not self._unlink_if_unchanged(self.lora):
             return False
@@ -159,20 +186,30 @@ def load_resume(lora_path, name: str, node: str, folders: SaveFolders) -> Resume
                          "pick a .safetensors save written by LoRA Lab (name_stepN.safetensors), or leave "
                          "resume_from empty.") from None
     if not state_path.exists():
-        # A LoRA from elsewhere still resumes its weights; the optimizer starts fresh.
+        # Training Options lists only saves with a state; one deleted since still resumes its weights, with
+        # a fresh optimizer, rather than failing a run that was already validated.
         return ResumePoint(step, tensors, LoopState(step))
     try:
-        # weights_only: a state file replaced by a crafted pickle is refused, never executed.
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        step = int(state["step"])
-        adapters = dict(state["adapters"])
+        return read_resume_state(state_path)
     except Exception as bad:
-        first_line = (str(bad).strip().splitlines() or [type(bad).__name__])[0][:200]
         raise user_error(node, "resume_from", f"the resume state {state_path} of '{name}' cannot be read safely "
-                         f"({type(bad).__name__}: {first_line}).",
-                         "delete that state file to resume the weights alone (the optimizer starts fresh), "
-                         "or leave resume_from empty.") from None
+                         f"({problem_text(bad)}).",
+                         "pick another save from resume_from's list, or 'none' to start fresh.") from None
+
+
+def read_resume_state(state_path) -> ResumePoint:
+    """A resume state file as a ResumePoint; raises whatever reading or checking it raised."""
+    # weights_only: a state file replaced by a crafted pickle is refused, never executed.
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    step = int(state["step"])
+    adapters = dict(state["adapters"])
     return ResumePoint(step, adapters, LoopState(step, state.get("optimizer"), state.get("scheduler"),
                                                           state.get("scaler"), state.get("rng")),
-                       state.get("optimizer_name"))
+                       state.get("optimizer_name"), {key: state[key] for key in RUN_KEYS if key in state})
+
+
+def problem_text(error: BaseException) -> str:
+    """``Type: first line`` of an error, short enough for a message or a note."""
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    return f"{type(error).__name__}: {first_line}"
 
