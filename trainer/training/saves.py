@@ -183,8 +183,8 @@ def load_resume(lora_path, name: str, node: str, folders: SaveFolders) -> Resume
         step = int(metadata.get("ss_steps", "0") or 0)
     except ValueError as bad:
         raise user_error(node, "resume_from", f"'{name}' cannot be resumed: {bad}.",
-                         "pick a .safetensors save written by LoRA Lab (name_stepN.safetensors), or leave "
-                         "resume_from empty.") from None
+                         "pick a .safetensors save written by LoRA Lab from resume_from's list, or 'none' to "
+                         "start fresh.") from None
     if not state_path.exists():
         # Training Options lists only saves with a state; one deleted since still resumes its weights, with
         # a fresh optimizer, rather than failing a run that was already validated.
