@@ -1,4 +1,8 @@
-"""A labelled grid of equally sized pictures: column labels on top, row labels on the left (PIL only)."""
+"""A labelled grid of equally sized pictures: column labels on top, row labels on the left (PIL only).
+
+Not torchvision's ``make_grid``: it tiles tensors but draws no labels, and a comparison grid is read by
+its labels (which LoRA, which strength, which prompt); the tiling itself is a few lines of numpy here.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass

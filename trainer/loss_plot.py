@@ -1,4 +1,8 @@
-"""A loss curve as a picture (raw and smoothed), drawn with PIL so no plotting library is needed."""
+"""A loss curve as a picture (raw and smoothed), drawn with PIL so no plotting library is needed.
+
+matplotlib is not a dependency of ComfyUI or of this pack, and pulling it in (with its font cache built on
+first import) for one line chart per run would cost users more than these hundred lines.
+"""
 from __future__ import annotations
 
 import math
