@@ -128,7 +128,7 @@ class LoraLabTrainLora:
             family = comfy_bridge.base_model_version(model)
             describe = Description(
                 output_name=run.output_name, family=family, resolution=resolution,
-                settings=settings, dataset=dataset, buckets=data.buckets, trigger_word=trigger_word,
+                settings=settings, dataset=dataset, trigger_word=trigger_word,
                 epoch_plan=epoch_plan, epochs=epochs, v_parameterization=comfy_bridge.predicts_v(model),
                 base_model=model_sources.base_model(prompt, unique_id, model, clip),
                 gradient_checkpointing=options.gradient_checkpointing,

@@ -17,8 +17,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import safetensors
-
+from .run_reuse import file_metadata
 from .saves import ResumePoint, SaveFolders, problem_text, read_resume_state, resume_state_path
 
 UNFINISHED_RUN_KEY = "loralab_unfinished_run"     # a save's metadata: the identity of the run it is part of
@@ -48,7 +47,7 @@ def find_interrupted(folders: SaveFolders, base_name: str, identity: str) -> tup
     ours = []
     for path in folder.iterdir():
         if saves.fullmatch(path.name) and path.is_file():
-            metadata = _metadata(path)
+            metadata = file_metadata(path)
             if metadata.get(UNFINISHED_RUN_KEY) == identity:
                 ours.append((_int(metadata.get("ss_steps")), path.stat().st_mtime_ns, path))
     notes = []
@@ -135,14 +134,6 @@ def _writer_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _metadata(path: Path) -> dict:
-    try:
-        with safetensors.safe_open(str(path), framework="pt", device="cpu") as opened:
-            return dict(opened.metadata() or {})
-    except Exception:              # unreadable or foreign: not a save of this run
-        return {}
 
 
 def _int(text) -> int:

@@ -286,7 +286,6 @@ class Description:
     resolution: int
     settings: TrainSettings
     dataset: object
-    buckets: dict
     trigger_word: str
     epoch_plan: Epochs
     epochs: int

@@ -70,12 +70,13 @@ def find_finished(folder: str | Path, base_name: str, identity: str) -> Path | N
     if base.parent.is_dir():
         candidates += sorted(p for p in base.parent.iterdir() if numbered.fullmatch(p.name))
     for path in candidates:
-        if path.is_file() and _metadata(path).get(RUN_IDENTITY_KEY) == identity:
+        if path.is_file() and file_metadata(path).get(RUN_IDENTITY_KEY) == identity:
             return path
     return None
 
 
-def _metadata(path: Path) -> dict:
+def file_metadata(path: Path) -> dict:
+    """A safetensors file's metadata; {} for a file that cannot be read (not a match, not ours)."""
     try:
         with safetensors.safe_open(str(path), framework="pt", device="cpu") as opened:
             return dict(opened.metadata() or {})

@@ -95,7 +95,7 @@ def description(name: str) -> Description:
     with torch.inference_mode():
         dataset = dataset_from_pixels(torch.rand(3, 8, 8, 3), ["sks, 0", "sks, 1", "sks, 2"], 1)
     return Description(output_name=name, family="sd_v1", resolution=32, settings=settings(), dataset=dataset,
-                       buckets={(32, 32): 3}, trigger_word="sks", epoch_plan=Epochs(batches=2), epochs=0)
+                       trigger_word="sks", epoch_plan=Epochs(batches=2), epochs=0)
 
 
 def queue(host, name="run", identity=IDENTITY, kill_after=None, options=Options()):

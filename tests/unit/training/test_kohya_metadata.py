@@ -60,7 +60,7 @@ def kohya_like_run(steps_done: int, base_model: BaseModel | None = None) -> dict
         noise=NoiseSettings(noise_offset=0.05, min_snr_gamma=5.0),
         captions=CaptionAugment(caption_dropout=0.05, shuffle_tags=True, keep_tokens=1))
     describe = Description(output_name="refrun", family="sd_v1", resolution=128, settings=settings, dataset=dataset,
-                           buckets={(128, 128): 3}, trigger_word="", epoch_plan=Epochs(batches=30), epochs=2,
+                           trigger_word="", epoch_plan=Epochs(batches=30), epochs=2,
                            base_model=base_model or BaseModel(name="sd15_random.safetensors",
                                                               hashes=FileHashes("c6406a4c", "3b" * 32), clip_skip=1),
                            gradient_checkpointing=True)

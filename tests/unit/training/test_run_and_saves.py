@@ -63,7 +63,7 @@ def description(steps=4) -> Description:
         dataset = dataset_from_pixels(torch.rand(2, 8, 8, 3), ["sks, red", "sks, blue"], 1)
     settings = TrainSettings(steps=steps, batch_size=1, network=Network(rank=2, alpha=2.0))
     return Description(output_name="run", family="sd_v1", resolution=512, settings=settings, dataset=dataset,
-                       buckets={(512, 512): 2}, trigger_word="sks", epoch_plan=Epochs(batches=2), epochs=0)
+                       trigger_word="sks", epoch_plan=Epochs(batches=2), epochs=0)
 
 
 def report(step, total=4, loss=0.5) -> StepReport:
