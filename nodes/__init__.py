@@ -1,9 +1,9 @@
 """ComfyUI adapters. Each module registers its own nodes; this file only merges the tables."""
-from . import dataset, caption, train, training_options, pedals, pedalboard, routes
+from . import dataset, caption, tagger, train, option_nodes, pedals, pedalboard, prompt, epoch_grid, routes
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}
-for _module in (dataset, caption, train, training_options, pedals, pedalboard):
+for _module in (dataset, caption, tagger, train, option_nodes, pedals, pedalboard, prompt, epoch_grid):
     NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
     NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
 

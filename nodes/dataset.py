@@ -12,7 +12,7 @@ import re
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 import comfy.utils
 import folder_paths
@@ -21,6 +21,7 @@ from ..trainer.data.buckets import make_buckets, nearest_bucket
 from ..trainer.data.dataset import (DEFAULT_MAX_PIXELS, EXACT_STEPS_NOTE, Dataset, DatasetError, dataset_from_pixels,
                                     steps_report)
 from ..trainer.data.folder_scan import folder_signature, normalize_caption_extension, scan_folder
+from ..trainer.fonts import drawable, fit, label_font, text_width, wrap
 from ..trainer.paths import is_inside
 from .messages import user_error, validation_message
 
@@ -42,7 +43,9 @@ class LoraLabDatasetFromFolder:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "folder": ("STRING", {"default": "", "tooltip": FOLDER_TOOLTIP}),
+            # A list, not a text box: what there is to pick (refreshed with R). A saved name that is not
+            # on this machine's list still arrives (VALIDATE_INPUTS names `folder`) and gets its own message.
+            "folder": (dataset_folder_choices(), {"tooltip": FOLDER_TOOLTIP}),
             "caption_extension": ("STRING", {"default": ".txt", "tooltip":
                 "Captions are read from a file next to each picture with the same name and this "
                 "extension: a.png -> a.txt (or a.caption)."}),
@@ -261,6 +264,40 @@ def _how_to_allow(path: str | None) -> str:
             f"({folder_paths.get_input_directory()}) and type its name, or (server owners) {register}.")
 
 
+KOHYA_REPEAT_FOLDER = re.compile(r"^\d+_")     # "10_mychar": part of a dataset, not a dataset of its own
+NOT_DATASETS = {"clipspace", "3d"}            # folders ComfyUI's own front end keeps in input/
+MAX_CHOICES = 500
+
+
+def dataset_folder_choices() -> list[str]:
+    """`folder`'s list: the input folder's subfolders and theirs (projects/mychar), and each registered
+    lora_datasets root's, as `lora_datasets/<name>`; kohya's `10_name` folders are listed with their parent
+    only. The list's first entry is "" when there is nothing to pick yet, so the widget still shows."""
+    choices = _dataset_folders(folder_paths.get_input_directory(), "")
+    if DATASET_ROOT_KIND in folder_paths.folder_names_and_paths:
+        for base in folder_paths.get_folder_paths(DATASET_ROOT_KIND):
+            choices += [DATASET_ROOT_KIND] + _dataset_folders(base, f"{DATASET_ROOT_KIND}/")
+    unique = list(dict.fromkeys(choices))[:MAX_CHOICES]
+    return unique or [""]
+
+
+def _dataset_folders(base: str, prefix: str, depth: int = 2) -> list[str]:
+    found = []
+    try:
+        entries = sorted((entry for entry in os.scandir(base) if entry.is_dir()), key=lambda entry: entry.name.lower())
+    except OSError:
+        return found
+    for entry in entries:
+        if entry.name.startswith(".") or entry.name in NOT_DATASETS or KOHYA_REPEAT_FOLDER.match(entry.name):
+            continue
+        found.append(prefix + entry.name)
+        if depth > 1:
+            found += _dataset_folders(entry.path, f"{prefix}{entry.name}/", depth - 1)
+        if len(found) >= MAX_CHOICES:
+            break
+    return found
+
+
 def _subfolders(bases: list[str], limit: int = 12) -> str:
     names = []
     for base in bases:
@@ -282,7 +319,7 @@ PADDING = 8
 def contact_sheet(dataset: Dataset, thumbnail_size: int, max_images: int, buckets=None) -> Image.Image:
     """A grid of thumbnails with name, repeats, bucket and caption; pictures decoded one at a time."""
     shown = min(dataset.num_images, max_images)
-    font = _font(max(11, thumbnail_size // 15))
+    font = label_font(max(11, thumbnail_size // 15))
     line_height = _line_height(font)
     text_lines = 1 + (buckets is not None) + CAPTION_LINES
     columns = max(1, min(shown, math.ceil(math.sqrt(max(shown, 1)))))
@@ -299,7 +336,7 @@ def contact_sheet(dataset: Dataset, thumbnail_size: int, max_images: int, bucket
               f"{dataset.total_repeats} per epoch with repeats")
     if shown < dataset.num_images:
         header += f" - showing the first {shown}"
-    for row, line in enumerate(_wrap(draw, header, font, width - 2 * PADDING, 2)):
+    for row, line in enumerate(wrap(draw, header, font, width - 2 * PADDING, 2)):
         _text(draw, (PADDING, PADDING // 2 + row * line_height), line, font, TEXT)
 
     for index in range(shown):
@@ -319,16 +356,16 @@ def contact_sheet(dataset: Dataset, thumbnail_size: int, max_images: int, bucket
             _text(draw, (x + 4, y + 4), "cannot read", font, ATTENTION)
         text_y = y + thumbnail_size + PADDING // 2
         repeats = f" x{item.repeats}" if item.repeats != 1 else ""
-        _text(draw, (x, text_y), _fit(draw, item.key, font, cell_width - _width(draw, repeats, font)) + repeats,
+        _text(draw, (x, text_y), fit(draw, item.key, font, cell_width - text_width(draw, repeats, font)) + repeats,
               font, DIM)
         text_y += line_height
         if bucket:
-            _text(draw, (x, text_y), _fit(draw, f"{item.width}x{item.height} -> bucket {bucket[0]}x{bucket[1]}",
+            _text(draw, (x, text_y), fit(draw, f"{item.width}x{item.height} -> bucket {bucket[0]}x{bucket[1]}",
                                           font, cell_width), font, DIM)
             text_y += line_height
         if not item.has_caption:
             _text(draw, (x, text_y), "(no caption yet)", font, ATTENTION)
-        for line in _wrap(draw, item.caption, font, cell_width, CAPTION_LINES):
+        for line in wrap(draw, item.caption, font, cell_width, CAPTION_LINES):
             _text(draw, (x, text_y), line, font, TEXT)
             text_y += line_height
     return sheet
@@ -343,61 +380,13 @@ def _crop_outline(size: tuple[int, int], bucket: tuple[int, int], left: int, top
     return x0, y0, x0 + keep_width - 1, y0 + keep_height - 1
 
 
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)    # Pillow >= 10.1: a scalable TrueType font
-    except TypeError:
-        return ImageFont.load_default()             # older Pillow: a small bitmap font
-
-
 def _line_height(font) -> int:
     box = font.getbbox("Hgjy|")
     return box[3] - box[1] + 4
 
 
-def _printable(text: str, font) -> str:
-    """Pillow's bundled fonts lack typographic glyphs, and the old bitmap one only knows Latin-1
-    (anything else would raise while drawing)."""
-    text = text.replace("…", "...").replace("→", "->").replace("×", "x")
-    if isinstance(font, ImageFont.FreeTypeFont):
-        return text
-    return text.encode("latin-1", "replace").decode("latin-1")
-
-
 def _text(draw, position, text: str, font, fill) -> None:
-    draw.text(position, _printable(text, font), font=font, fill=fill)
-
-
-def _width(draw, text: str, font) -> float:
-    return draw.textlength(_printable(text, font), font=font)
-
-
-def _fits(draw, text: str, font, width: float) -> bool:
-    return _width(draw, text, font) <= width
-
-
-def _fit(draw, text: str, font, width: float) -> str:
-    """The text, cut with an ellipsis when it is wider than ``width`` pixels."""
-    return text if _fits(draw, text, font, width) else _with_ellipsis(draw, text, font, width)
-
-
-def _with_ellipsis(draw, text: str, font, width: float) -> str:
-    while text and not _fits(draw, text + "…", font, width):    # "…" is drawn as "..."
-        text = text[:-1]
-    return text.rstrip() + "…"
-
-
-def _wrap(draw, text: str, font, width: float, max_lines: int) -> list[str]:
-    """Greedy word wrap into at most ``max_lines``; an ellipsis marks a caption that goes on."""
-    words, lines = text.split(), []
-    while words and len(lines) < max_lines:
-        line = words.pop(0)
-        while words and _fits(draw, f"{line} {words[0]}", font, width):
-            line += " " + words.pop(0)
-        lines.append(_fit(draw, line, font, width))     # a single overlong word is cut
-    if words and not lines[-1].endswith("…"):
-        lines[-1] = _with_ellipsis(draw, lines[-1], font, width)
-    return lines
+    draw.text(position, drawable(text, font), font=font, fill=fill)
 
 
 def _save_temp_png(sheet: Image.Image) -> dict:

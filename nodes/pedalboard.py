@@ -136,6 +136,12 @@ def _outputs_in_use(prompt, unique_id) -> set[int]:
     return used
 
 
+TRAINED_STRENGTH_TOOLTIP = (
+    "The strength of the LoRA arriving on trained_lora (connect Train LoRA's lora_name output there): it plays "
+    "as the board's last row, changing the {part} this strongly (1 = as trained, 0 = not at all, negative "
+    "inverts it). Unused while trained_lora is not connected.")
+
+
 class LoraLabPedalboard:
     TITLE = NODE_BOARD
     DESCRIPTION = ("A whole pedalboard of LoRAs on one node: add rows, switch each on or off, set its model and "
@@ -169,8 +175,10 @@ class LoraLabPedalboard:
                 "trained_lora": ("STRING", {"forceInput": True, "tooltip":
                                  "A LoRA name from another node (Train LoRA's lora_name): added as the last "
                                  "row, at the trained strengths below."}),
-                "trained_strength_model": pedal_nodes.strength_input("diffusion model (trained_lora row)"),
-                "trained_strength_clip": pedal_nodes.strength_input("text encoder (trained_lora row)"),
+                "trained_strength_model": ("FLOAT", dict(pedal_nodes.strength_input("")[1], tooltip=
+                                           TRAINED_STRENGTH_TOOLTIP.format(part="diffusion model"))),
+                "trained_strength_clip": ("FLOAT", dict(pedal_nodes.strength_input("")[1], tooltip=
+                                          TRAINED_STRENGTH_TOOLTIP.format(part="text encoder"))),
             },
             "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"},
         }

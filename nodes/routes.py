@@ -2,6 +2,8 @@
 
 ``GET /loralab/loras``            -> ["style.safetensors", "chars/hero.safetensors", ...]
 ``GET /loralab/lora_info?name=N`` -> {"name", "trigger_words", "trained_tags", "base_model", "network_dim", ...}
+``GET /loralab/presets``          -> {"SD1.5": {"character": {"8 GB": {"widgets", "options", "notes"}}}, ...}
+  (Train LoRA's preset choice writes a preset's widget values into the node: js/presets.js)
 
 The info route reads the file's safetensors header only (8-byte length + JSON): no tensor is loaded,
 nothing is unpickled, and names go through the same resolution as the pedals, so a request cannot
@@ -19,9 +21,11 @@ from ..trainer.lora import stack as stacks
 from ..trainer.lora import trigger_words as lora_words
 from ..trainer.lora.stack import LoraNotFoundError, LoraStackError
 from . import pedals as pedal_nodes
+from . import train_preset
 
 LORAS_ROUTE = "/loralab/loras"
 INFO_ROUTE = "/loralab/lora_info"
+PRESETS_ROUTE = "/loralab/presets"
 log = logging.getLogger("LoRA Lab")
 
 
@@ -91,12 +95,16 @@ def lora_info(name) -> tuple[int, dict]:
 
 
 def add_routes(routes) -> None:
-    """Register both routes on an aiohttp RouteTableDef (ComfyUI's PromptServer.instance.routes)."""
+    """Register the routes on an aiohttp RouteTableDef (ComfyUI's PromptServer.instance.routes)."""
     from aiohttp import web
 
     @routes.get(LORAS_ROUTE)
     async def loralab_loras(request):
         return web.json_response(lora_names())
+
+    @routes.get(PRESETS_ROUTE)
+    async def loralab_presets(request):
+        return web.json_response(train_preset.presets_table())
 
     @routes.get(INFO_ROUTE)
     async def loralab_lora_info(request):
@@ -120,7 +128,7 @@ def register_with_server() -> bool:
     try:
         add_routes(routes)
     except Exception:      # the nodes still work without the row editor's lists; say why it is empty
-        logging.exception("LoRA Lab: could not register %s and %s", LORAS_ROUTE, INFO_ROUTE)
+        logging.exception("LoRA Lab: could not register %s, %s and %s", LORAS_ROUTE, INFO_ROUTE, PRESETS_ROUTE)
         return False
     prompt_server._loralab_routes = True
     return True

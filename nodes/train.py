@@ -27,7 +27,8 @@ from ..trainer.training.noise import notes_for
 from ..trainer.training.optimizers import lr_advice, parse_optimizer_args
 from ..trainer.training.run import TrainingRun
 from ..trainer.training.schedules import schedule_notes
-from . import comfy_bridge, folders, model_sources
+from ..trainer.training.validation import NothingLeftToTrain, ValidationHistory, hold_out
+from . import comfy_bridge, folders, model_sources, train_preset
 from .messages import user_error
 from .train_adapters import inject_adapters
 from .train_checks import NODE, check_inputs, check_noise_settings, check_optimizer
@@ -49,8 +50,9 @@ class LoraLabTrainLora:
                    "models/loras, and outputs MODEL and CLIP wearing it, so the next KSampler samples with it.")
     CATEGORY = "LoRA Lab/Train"
     FUNCTION = "train_lora"
-    RETURN_TYPES = ("MODEL", "CLIP", "STRING", "IMAGE", "IMAGE")
-    RETURN_NAMES = ("model", "clip", "lora_name", "loss_curve", "previews")
+    # trigger_word came after the first release: last, so saved workflows' links keep their output slots.
+    RETURN_TYPES = ("MODEL", "CLIP", "STRING", "IMAGE", "IMAGE", "STRING")
+    RETURN_NAMES = ("model", "clip", "lora_name", "loss_curve", "previews", "trigger_word")
     OUTPUT_NODE = True
 
     @classmethod
@@ -82,28 +84,40 @@ class LoraLabTrainLora:
             "optional": {
                 "trigger_word": ("STRING", {"default": "", "tooltip":
                                  "Stored in the file's metadata; empty = the first tag all captions share."}),
-                "options": (OPTIONS_TYPE, {"tooltip": "Advanced settings from a LoRA Lab Training Options node."}),
+                "options": (OPTIONS_TYPE, {"tooltip": "Advanced settings from LoRA Lab's option nodes (Optimizer & "
+                            "Schedule, Network, Noise & Loss, Caption Augment, Saves & Resume, Previews, Memory & "
+                            "Speed), chained in any order."}),
+                # Added after the first release: last, so saved workflows keep their widget values in place.
+                **train_preset.PRESET_INPUTS,
             },
             # The queued graph names the checkpoint and VAE files the MODEL/VAE came from (model_sources.py).
             "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"},
         }
 
     def train_lora(self, model, clip, vae, dataset, output_name, resolution, steps, epochs, batch_size,
-                   learning_rate, rank, alpha, seed, trigger_word="", options=None, unique_id=None, prompt=None):
-        options = options or TrainingOptions()
+                   learning_rate, rank, alpha, seed, trigger_word="", options=None, preset=train_preset.NO_PRESET,
+                   goal=train_preset.GOALS[0], gpu_memory=train_preset.GPU_MEMORY[0], unique_id=None, prompt=None):
         check_inputs(model, dataset, output_name, rank, alpha, options)
+        chosen = train_preset.choose(preset, goal, gpu_memory, comfy_bridge.model_family(model), dict(
+            resolution=resolution, batch_size=batch_size, learning_rate=learning_rate, rank=rank, alpha=alpha,
+            steps=steps, epochs=epochs), options or TrainingOptions())
+        options = chosen.options
         check_optimizer(options, learning_rate)
         resolution = resolution or comfy_bridge.default_resolution(model)
         device = torch.device(model.load_device)
         host = ComfyHost(NODE)
         run = TrainingRun(host, saves.free_base_name(host.save_folders.loras, output_name, options.overwrite_existing),
                           unique_id, options.save_dtype, options.optimizer)
+        run.notes += chosen.report_lines()
 
         with torch.inference_mode(False):   # tensors made in here (resume state too) may take part in autograd
             resume = load_resume(options, host) if options.resume_from else None
             data, run.cache_report = encode_for_training(model, clip, vae, dataset, resolution,
                                                          options.latent_disk_cache)
-            epoch_plan = data.epochs(batch_size, options.gradient_accumulation)
+            split = hold_out_for_validation(data, options.validation_pictures, seed)
+            epoch_plan = split.training.epochs(batch_size, options.gradient_accumulation)
+            steps, rounding = train_preset.steps_in_whole_epochs(chosen, epoch_plan)
+            run.notes += [rounding] if rounding else []
             settings = TrainSettings(
                 steps=epoch_plan.steps_for(epochs) if epochs > 0 else steps, batch_size=batch_size,
                 learning_rate=learning_rate, text_encoder_lr=options.text_encoder_lr or None,
@@ -116,19 +130,21 @@ class LoraLabTrainLora:
                 loss_scaling=model.model.get_dtype() == torch.float16,
                 optimizer=options.optimizer, optimizer_args=parse_optimizer_args(options.optimizer_args),
                 weight_decay=options.weight_decay, lr_cycles=options.lr_cycles, noise=options.noise,
-                captions=options.captions)
+                captions=options.captions, validation_pictures=options.validation_pictures)
             check_noise_settings(model, settings)
+            run.validate_on(split, settings,
+                            resumed_save=folder_paths.get_full_path("loras", options.resume_from) if resume else None)
             advice = lr_advice(settings.optimizer, settings.learning_rate)
-            run.notes = (notes_for(comfy_bridge.prediction_type(comfy_bridge.model_sampling(model)), settings.noise)
-                         + schedule_notes(settings.lr_schedule, settings.warmup_steps, settings.steps)
-                         + ([advice] if advice else []))
+            run.notes += (notes_for(comfy_bridge.prediction_type(comfy_bridge.model_sampling(model)), settings.noise)
+                          + schedule_notes(settings.lr_schedule, settings.warmup_steps, settings.steps)
+                          + ([advice] if advice else []))
             for note in run.notes:
                 log.warning("[LoRA Lab] %s", note)
             trigger_word = trigger_word or saves.shared_first_tag(dataset)
             family = comfy_bridge.base_model_version(model)
             describe = Description(
                 output_name=run.output_name, family=family, resolution=resolution,
-                settings=settings, dataset=dataset, trigger_word=trigger_word,
+                settings=settings, dataset=split.trained_items(dataset), trigger_word=trigger_word,
                 epoch_plan=epoch_plan, epochs=epochs, v_parameterization=comfy_bridge.predicts_v(model),
                 base_model=model_sources.base_model(prompt, unique_id, model, clip),
                 gradient_checkpointing=options.gradient_checkpointing,
@@ -153,27 +169,36 @@ class LoraLabTrainLora:
             if options.previews.every_n_steps:      # prompts encoded now: CLIP is not loaded mid-run
                 run.previews = TrainingPreviews(model, clip, options.previews, trigger_word, (resolution, resolution),
                                                 unique_id, settings.mixed_precision)
-            saved = train_adapters(model, clip, data, settings, options, device, run, describe, resume)
-            del data
+            saved = train_adapters(model, clip, split, settings, options, device, run, describe, resume)
+            del data, split
         comfy.model_management.soft_empty_cache()
         previews = run.previews.decoded(vae) if run.previews else None
 
         tensors, _ = load_lora_file(saved)
         model_out, clip_out = comfy_bridge.apply_lora(model, clip, tensors)
         lora_name = os.path.relpath(saved, host.save_folders.loras)
-        curve = torch.from_numpy(loss_curve_image(run.losses, title=f"{lora_name} loss")).unsqueeze(0)
-        ui = {"text": [run.report(lora_name, describe)], "loss": run.losses[-5000:]}
+        curve = torch.from_numpy(run.loss_curve(title=f"{lora_name} loss")).unsqueeze(0)
+        ui = {"text": [run.report(lora_name, describe)], **run.chart()}
         if run.previews and run.previews.shown:
-            ui["images"] = run.previews.shown          # ComfyUI shows them on the node after the run
+            # For the node's own preview strip (js/preview_strip.js), not "images": ComfyUI would show them
+            # a second time as node images, squeezed and without their steps.
+            ui["previews"] = run.previews.shown
         return {"ui": ui, "result": (model_out, clip_out, lora_name, curve,
-                                     previews if previews is not None else empty_previews())}
+                                     previews if previews is not None else empty_previews(), describe.trigger_word or "")}
 
 
 # Options that cannot change the trained weights or the file: a finished run stays reusable when
 # only these differ (trainer/training/run_reuse.py).
 NOT_IN_RUN_IDENTITY = ("save_every_n_steps", "save_every_n_epochs", "keep_last_saves", "overwrite_existing",
                        "latent_disk_cache", "gradient_checkpointing", "preview_every_n_steps", "preview_prompts",
-                       "preview_seed", "preview_steps", "preview_cfg")
+                       "preview_seed", "preview_steps", "preview_cfg",
+                       "groups_set")      # which node set an option: the values themselves are in the identity
+
+
+def options_added_since_saved(options) -> tuple[str, ...]:
+    """Options added after runs were saved, left out of the identity while off, so those runs stay reusable
+    (and an interrupted one continuable) after an update."""
+    return () if options.validation_pictures else ("validation_pictures",)
 
 
 def identity_of_run(model, data, settings, options, resolution, trigger_word, resume) -> str | None:
@@ -185,7 +210,8 @@ def identity_of_run(model, data, settings, options, resolution, trigger_word, re
         return None
     return run_reuse.run_identity(
         data=run_reuse.data_fingerprint(data), model=comfy_bridge.model_fingerprint(model),
-        settings={"options": run_reuse.settings_of(options, NOT_IN_RUN_IDENTITY), "resolution": resolution,
+        settings={"options": run_reuse.settings_of(options, NOT_IN_RUN_IDENTITY + options_added_since_saved(options)),
+                  "resolution": resolution,
                   "steps": settings.steps, "batch_size": settings.batch_size, "learning_rate": settings.learning_rate,
                   "rank": settings.network.rank, "alpha": settings.network.alpha, "seed": settings.seed,
                   "trigger_word": trigger_word,
@@ -198,15 +224,18 @@ def reuse_finished(model, clip, path, run, describe):
     tensors, metadata = load_lora_file(path)
     lora_name = os.path.relpath(path, run.folders.loras)
     losses = run_reuse.loss_history(metadata)
+    validation = ValidationHistory.from_metadata(metadata) or ValidationHistory()
     log.info("[LoRA Lab] %s was trained from the same pictures, captions, model and settings; reusing it", path)
     model_out, clip_out = comfy_bridge.apply_lora(model, clip, tensors)
-    curve = torch.from_numpy(loss_curve_image(losses, title=f"{lora_name} loss (reused)")).unsqueeze(0)
+    chart = run_reuse.reused_chart(losses, metadata, validation)
+    curve = torch.from_numpy(loss_curve_image(losses, title=f"{lora_name} loss (reused)", steps=chart["loss_steps"],
+                                              validation=validation.entries)).unsqueeze(0)
     text = "\n".join([f"Reused {lora_name} in {run.folders.loras}: it was trained from these same "
                       "pictures, captions, model and settings, so nothing was trained again.",
                       "To train again, change a setting (the seed, say) or delete or rename that file.",
-                      describe.arithmetic()])
-    return {"ui": {"text": [text], "loss": losses[-5000:]},
-            "result": (model_out, clip_out, lora_name, curve, empty_previews())}
+                      describe.arithmetic(), *validation.report_lines()])
+    return {"ui": {"text": [text], **chart},
+            "result": (model_out, clip_out, lora_name, curve, empty_previews(), describe.trigger_word or "")}
 
 
 def encode_for_training(model, clip, vae, dataset, resolution, use_disk_cache: bool):
@@ -238,8 +267,9 @@ def encode_for_training(model, clip, vae, dataset, resolution, use_disk_cache: b
     return data, (describe_cache(disk.stats) if disk else "latent disk cache: off")
 
 
-def train_adapters(model, clip, data, settings, options, device, run, describe, resume):
-    """Inject, train, save; whatever happens the shared model comes back as it was."""
+def train_adapters(model, clip, split, settings, options, device, run, describe, resume):
+    """Inject, train (``split.training``; ``split.pictures`` held out for validation), save; whatever happens
+    the shared model comes back as it was."""
     text_encoder_trains = settings.train_text_encoder
     # Captions that change per step (dropout, shuffle) or a training text encoder mean CLIP runs inside
     # the loop: it is loaded beside the UNet up front, and never through ComfyUI's loader mid-run.
@@ -261,10 +291,11 @@ def train_adapters(model, clip, data, settings, options, device, run, describe, 
                 # A trained text encoder encodes every step's captions with gradients; a frozen one's
                 # encodings are made once (data.conds) or, when captions vary, memoised by the loop.
                 encode_caption = comfy_bridge.loaded_caption_encoder(clip, with_gradients=text_encoder_trains)
-                loop_state = train(comfy_bridge.ComfyDenoiser(model), data, lora.parameters_by_part(), settings,
-                                   device, on_step=run.step_callback(lora, describe, options),
+                loop_state = train(comfy_bridge.ComfyDenoiser(model), split.training, lora.parameters_by_part(),
+                                   settings, device, on_step=run.step_callback(lora, describe, options),
                                    resume=resume.loop_state if resume else None,
-                                   encode_caption=encode_caption, text_encoder_trains=text_encoder_trains)
+                                   encode_caption=encode_caption, text_encoder_trains=text_encoder_trains,
+                                   held_out=split.pictures, adapter_dropout=lora.train)
                 return run.save_final(lora, describe, loop_state, settings.steps, options.overwrite_existing)
     except comfy_bridge.PartiallyLoaded as too_big:
         clip_advice = (" turn off train_text_encoder / caption dropout and tag shuffle (they keep the text encoder "
@@ -277,6 +308,14 @@ def train_adapters(model, clip, data, settings, options, device, run, describe, 
 # bf16/fp16 training: the frozen UNet weights train in that precision too (as ComfyUI's own trainer
 # does), the shared fp32 originals set aside and put back bitwise afterwards (trainer/training/half_precision_base.py).
 HALF_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def hold_out_for_validation(data, count: int, seed: int):
+    """The encoded dataset without the validation pictures (validation_pictures, on the Previews node)."""
+    try:
+        return hold_out(data, count, seed)
+    except NothingLeftToTrain as error:
+        raise user_error("Previews", "validation_pictures", error.problem, error.fix) from None
 
 
 def load_resume(options, host) -> saves.ResumePoint:

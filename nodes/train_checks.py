@@ -29,7 +29,7 @@ def check_inputs(model, dataset, output_name, rank, alpha, options=None):
         raise user_error(NODE, "options", f"train_text_encoder is not supported for {FLOW_FAMILY_NAMES[family]} "
                          "models: LoRA Lab trains the CLIP text encoders of SD1.x, SD2.x and SDXL only (T5-XXL "
                          "cannot carry a LoRA here).",
-                         "turn train_text_encoder off in Training Options: the LoRA then trains the "
+                         "turn train_text_encoder off on the Network options node: the LoRA then trains the "
                          f"{FLOW_FAMILY_NAMES[family]} transformer alone, as kohya does by default.")
     if dataset is None or not getattr(dataset, "items", None):
         raise user_error(NODE, "dataset", "the dataset has no pictures.",
@@ -49,12 +49,12 @@ def check_optimizer(options, learning_rate):
         make_optimizer(options.optimizer, [torch.nn.Parameter(torch.zeros(2))], learning_rate,
                        **{"weight_decay": options.weight_decay, **args})
     except OptimizerUnavailable as missing:
-        raise user_error(NODE, "options", f"{missing}", f"install the package or choose AdamW in Training "
-                         "Options.") from None
+        raise user_error(NODE, "options", f"{missing}", "install the package, or choose AdamW on an Optimizer & "
+                         "Schedule node (or the preset's GPU memory: its optimizer may need it).") from None
     except (TypeError, ValueError) as bad:
         raise user_error(NODE, "options", f"the {options.optimizer} optimizer does not accept optimizer_args "
                          f"'{options.optimizer_args}' ({bad}).",
-                         f"remove or correct optimizer_args in Training Options: they must be keyword arguments of "
+                         f"remove or correct optimizer_args on the Optimizer & Schedule node: they must be keyword arguments of "
                          f"{options.optimizer} (d_coef and decouple are Prodigy's; AdamW takes betas, eps and "
                          "amsgrad).") from None
 
@@ -65,7 +65,7 @@ def check_noise_settings(model, settings):
         raise user_error(NODE, "options", "min_snr_gamma weights the loss by the signal-to-noise ratio of eps- and "
                          "v-prediction models (SD1.x, SD2.x, SDXL); this model is trained by flow matching (SD3, "
                          "Flux.1), where that weighting does not apply.",
-                         "set min_snr_gamma to 0 in Training Options (flow models train with the plain loss).")
+                         "set min_snr_gamma to 0 on the Noise & Loss options node (flow models train with the plain loss).")
     if settings.noise.min_snr_gamma > 0 and kind not in ("eps", "v"):
         raise user_error(NODE, "options", f"min_snr_gamma applies to eps and v prediction; this model predicts {kind}.",
-                         "set min_snr_gamma to 0 in Training Options.")
+                         "set min_snr_gamma to 0 on the Noise & Loss options node.")

@@ -68,7 +68,8 @@ class TrainingPreviews:
             self.passes = [self.model_passes(denoiser, text, uncond, picture, cpu) for text in texts]
         self.sigmas = schedule(model.model, settings.steps).detach().clone()   # the same for every preview
         self.rendered: list[tuple[int, torch.Tensor]] = []    # (step, model-space latents of every prompt)
-        self.shown: list[dict] = []                           # the quick pictures, as /view references
+        # Each render's quick pictures as /view references, {step, prompts, images}: the strip on Train LoRA.
+        self.shown: list[dict] = []
         self.failed: str | None = None
 
     def model_passes(self, denoiser, text, uncond, picture, device) -> list[tuple[int, dict]]:
@@ -94,7 +95,7 @@ class TrainingPreviews:
             lora.train(True)
         self.rendered.append((step, latents.float().cpu()))
         files = [self.quick_picture(latent, step, index) for index, latent in enumerate(latents)]
-        self.shown += files
+        self.shown.append({"step": step, "prompts": self.prompts, "images": files})
         log.info("[LoRA Lab] preview at step %d: %d picture(s) in %.1fs", step, len(files), time.perf_counter() - started)
         send_to_front_end(events.TRAIN_PREVIEW, {"node": self.unique_id, "step": step, "prompts": self.prompts,
                                           "images": files})

@@ -8,7 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
+
+from .fonts import label_font, wrap
 
 BACKGROUND = (255, 255, 255)
 INK = (25, 25, 25)
@@ -66,7 +68,7 @@ def compose_grid(cells: list[list[np.ndarray]], column_labels: list[str], row_la
     geometry = grid_geometry(rows, columns, width, height)
     canvas = Image.new("RGB", (geometry.width, geometry.height), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
-    font = _font(geometry.font_size)
+    font = label_font(geometry.font_size)
     for column, label in enumerate(column_labels):
         x, _ = geometry.cell_origin(0, column)
         _text_block(draw, label, font, x + 2, 3, width - 4, MAX_LABEL_LINES, geometry.font_size + 4)
@@ -80,46 +82,6 @@ def compose_grid(cells: list[list[np.ndarray]], column_labels: list[str], row_la
     return np.asarray(canvas, dtype=np.uint8).copy()
 
 
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)   # Pillow >= 10.1 with FreeType
-    except TypeError:
-        return ImageFont.load_default()
-
-
 def _text_block(draw, text: str, font, x: int, y: int, max_width: int, max_lines: int, line_height: int) -> None:
     for number, line in enumerate(wrap(draw, text, font, max_width, max_lines)):
         draw.text((x, y + number * line_height), line, fill=INK, font=font)
-
-
-def wrap(draw, text: str, font, max_width: int, max_lines: int) -> list[str]:
-    """Greedy word wrap; over-long words are cut; the last line ends in '…' when text is left over."""
-    def fits(candidate: str) -> bool:
-        return draw.textlength(candidate, font=font) <= max_width
-
-    words = " ".join(str(text).split()).split(" ")
-    lines: list[str] = []
-    current = ""
-    for word in words:
-        candidate = f"{current} {word}".strip()
-        if fits(candidate):
-            current = candidate
-            continue
-        if current:
-            lines.append(current)
-        current = word
-        while not fits(current) and len(current) > 1:
-            cut = len(current) - 1
-            while cut > 1 and not fits(current[:cut]):
-                cut -= 1
-            lines.append(current[:cut])
-            current = current[cut:]
-    if current:
-        lines.append(current)
-    if len(lines) > max_lines:
-        lines = lines[:max_lines]
-        last = lines[-1]
-        while last and not fits(last + "…"):
-            last = last[:-1]
-        lines[-1] = last + "…"
-    return lines

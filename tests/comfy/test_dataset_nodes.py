@@ -71,6 +71,22 @@ def test_nodes_are_registered_with_their_fixed_ids(pack):
 
 
 # --- Dataset from Folder ------------------------------------------------------------------------------
+def test_folder_is_a_list_of_the_folders_there_are_and_old_names_still_validate(pack, dataset_dir):
+    """A list to pick from, not a text box: input subfolders and theirs, without kohya's repeat folders,
+    hidden ones or ComfyUI's clipspace; a saved name that is not on the list gets the node's own message."""
+    name, path = dataset_dir
+    for sub in ("10_sks", ".hidden", "projects/mychar", "projects/mychar/5_more"):
+        (path / sub).mkdir(parents=True)
+    node = pack.NODE_CLASS_MAPPINGS[FOLDER_NODE]
+    choices = node.INPUT_TYPES()["required"]["folder"][0]
+    assert {name, f"{name}/projects"} <= set(choices), choices
+    assert not {f"{name}/10_sks", f"{name}/.hidden", f"{name}/projects/mychar", "clipspace"} & set(choices)
+    # A name typed before `folder` was a list (or picked on another machine) is checked by the node itself:
+    assert node.VALIDATE_INPUTS(folder=f"{name}/projects/mychar") is True
+    message = node.VALIDATE_INPUTS(folder="not_here_at_all")
+    assert "Dataset from Folder › folder" in message and "Fix:" in message and name in message
+
+
 def test_folder_node_agrees_with_train_lora_on_steps(pack):
     """Its report is kohya's estimate: it names the SD1.5 range Train LoRA names and points at Train LoRA's
     exact count (batches per aspect-ratio bucket, gradient accumulation)."""

@@ -222,7 +222,7 @@ def test_flux_lora_learns_and_loads_in_comfyui_as_trained(flux_unet, flux_clip, 
     result = run_train(flux_unet, flux_clip, flow_vae, dataset, "flux_learns", steps=40, learning_rate=5e-3,
                        rank=8, alpha=8.0, options=options(save_precision="fp32"))
     assert_base_untouched(flux_unet, before, flags)
-    model_out, _, lora_name, _, _ = result["result"]
+    model_out, _, lora_name, _, _, _ = result["result"]
     trained_loss = training_loss(model_out, data)          # through ComfyUI's own LoRA patching
     # Fixed noise and timesteps (measure_loss), so any drop is learning. Measured 1.36 -> 1.02 (x0.75) at
     # seeds 0-2, lr 2e-3 to 1e-2 all within x0.74-0.77: most of the flow target (noise - x0) is noise no
@@ -313,7 +313,8 @@ def test_flux_previews_render(flux_unet, flux_clip, flow_vae, make_dataset):
     assert previews.shape == (2, SIZE, SIZE, 3), "two prompts at step 2"
     assert torch.isfinite(previews).all() and previews.max() > 0
     assert "previews stopped" not in result["ui"]["text"][0]
-    assert len(result["ui"]["images"]) == 2
+    [shot] = result["ui"]["previews"]
+    assert shot["step"] == 2 and len(shot["images"]) == 2
 
 
 @pytest.mark.parametrize("which", ["flux", "sd3"])

@@ -109,11 +109,17 @@ def test_resuming_with_another_network_shape_is_refused_clearly(fresh_unet, sd15
     assert "does not fit this run's network" in problem and "missing keys" in problem, problem
 
 
-def test_bad_network_settings_are_refused_by_the_options_node(pack):
-    from lora_lab.nodes.training_options import LoraLabTrainingOptions, TrainingOptions
-    defaults = {k: v for k, v in vars(TrainingOptions()).items()}
-    with pytest.raises(ValueError, match="network preset"):
-        LoraLabTrainingOptions().build(**dict(defaults, network_preset="everything"))
-    (built,) = LoraLabTrainingOptions().build(**dict(defaults, network_preset="LoCon (+conv)", conv_rank=8))
+@pytest.mark.parametrize("node", ["LoraLabNetworkOptions", "LoraLabTrainingOptions"])
+def test_bad_network_settings_are_refused_by_the_options_node(pack, node):
+    from lora_lab.nodes import option_nodes
+    from lora_lab.nodes.training_options import GROUPS, TrainingOptions
+    make = option_nodes.NODE_CLASS_MAPPINGS[node]
+    names = [name for kind in make.INPUT_TYPES().values() for name in kind if name != "options"]
+    defaults = {name: getattr(TrainingOptions(), name) for name in names}
+    with pytest.raises(ValueError, match="network preset") as refused:
+        make().build(**dict(defaults, network_preset="everything"))
+    assert make.TITLE in str(refused.value)
+    (built,) = make().build(**dict(defaults, network_preset="LoCon (+conv)", conv_rank=8))
     assert built.network(16, 8.0).rank_alpha("conv") == (8, 8.0)
     assert built.network(16, 8.0).rank_alpha("linear") == (16, 8.0)
+    assert built.groups_set == ({"network"} if node == "LoraLabNetworkOptions" else set(GROUPS))

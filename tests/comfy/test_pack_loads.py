@@ -10,8 +10,11 @@ import random_models
 # Node ids from DESIGN.md that are implemented; workflows and tests depend on them, so they never change.
 EXPECTED_NODES = {
     "LoraLabDatasetFromFolder", "LoraLabDatasetFromImages", "LoraLabDatasetPreview",
-    "LoraLabBlipLoader", "LoraLabCaption", "LoraLabTrainLora", "LoraLabTrainingOptions",
+    "LoraLabBlipLoader", "LoraLabCaption", "LoraLabWd14Loader", "LoraLabTagImages", "LoraLabTagReport",
+    "LoraLabTrainLora", "LoraLabTrainingOptions",
     "LoraLabLoraStack", "LoraLabApplyLoraStack", "LoraLabLoraCompareGrid",
+    "LoraLabOptimizerOptions", "LoraLabNetworkOptions", "LoraLabNoiseOptions", "LoraLabCaptionOptions",
+    "LoraLabSaveOptions", "LoraLabPreviewOptions", "LoraLabMemoryOptions",
 }
 
 

@@ -89,7 +89,7 @@ def test_sdxl_lora_learns_and_previews_render(sdxl_unet, sdxl_clip, small_vae, m
                        rank=8, alpha=8.0, options=options(save_precision="fp32", network_preset="LoCon (+conv)",
                                                           preview_every_n_steps=20, preview_steps=2))
     assert_base_untouched(sdxl_unet, unet_before, unet_flags)
-    model_out, _, lora_name, _, previews = result["result"]
+    model_out, _, lora_name, _, previews, _ = result["result"]
     trained_loss = training_loss(model_out, data)      # through ComfyUI's own LoRA patching
     assert trained_loss < 0.8 * base_loss, f"no learning: {base_loss:.4f} -> {trained_loss:.4f}"
     assert previews.shape == (4, SIZE, SIZE, 3), "two prompts at steps 20 and 40, with SDXL's conditioning"

@@ -58,7 +58,7 @@ def test_text_encoder_lora_trains_per_step_saves_te_keys_and_loads_in_comfyui(
     untouched.check()
     # 2 captions encoded once up front (the frozen path's cache), then 2 per step: no cached embeddings
     assert len(tokenized) == 2 + 3 * 2, tokenized
-    _, clip_out, lora_name, _, _ = result["result"]
+    _, clip_out, lora_name, _, _, _ = result["result"]
 
     with safe_open(str(loras_dir / lora_name), "pt") as f:
         tensors = {key: f.get_tensor(key) for key in f.keys()}

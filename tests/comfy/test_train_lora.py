@@ -1,6 +1,7 @@
 """Train LoRA in a real in-process ComfyUI with small random-weight SD1.5-architecture models."""
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 
@@ -23,7 +24,7 @@ def test_training_learns_saves_and_leaves_the_base_model_alone(fresh_unet, sd15_
 
     result = run_train(fresh_unet, sd15_clip, small_vae, dataset, "learns", steps=40,
                        options=options(save_precision="fp32"), learning_rate=2e-3, rank=8, alpha=8.0)
-    model_out, clip_out, lora_name, curve, previews = result["result"]
+    model_out, clip_out, lora_name, curve, previews, trigger_word = result["result"]
 
     assert_base_untouched(fresh_unet, before, flags)
     trained_loss = training_loss(model_out, data)
@@ -51,7 +52,7 @@ def test_training_learns_saves_and_leaves_the_base_model_alone(fresh_unet, sd15_
     assert meta["ss_steps"] == "40" and meta["ss_base_model_version"] == "sd_v1"
     assert meta["ss_num_train_images"] == "4" and meta["ss_output_name"] == "learns"
     assert "sks" in meta["ss_tag_frequency"] and meta.get("sshs_model_hash")
-    assert meta["loralab_trigger_word"] == "sks"
+    assert meta["loralab_trigger_word"] == "sks" == trigger_word      # the first tag all captions share
     for required in ("ss_network_module", "ss_resolution", "ss_learning_rate", "ss_training_started_at",
                      "ss_training_finished_at"):
         assert meta.get(required), required
@@ -214,17 +215,19 @@ def test_mixed_aspect_ratios_train_in_buckets(fresh_unet, sd15_clip, small_vae, 
 
 
 def resume_from_choices() -> list[str]:
-    from lora_lab.nodes.training_options import LoraLabTrainingOptions
-    return LoraLabTrainingOptions.INPUT_TYPES()["required"]["resume_from"][0]
+    from lora_lab.nodes.option_nodes import LoraLabSaveOptions, LoraLabTrainingOptions
+    choices = LoraLabSaveOptions.INPUT_TYPES()["required"]["resume_from"][0]
+    assert LoraLabTrainingOptions.INPUT_TYPES()["required"]["resume_from"][0] == choices
+    return choices
 
 
 def test_resume_continues_the_step_count(fresh_unet, sd15_clip, small_vae, make_dataset, loras_dir):
-    from lora_lab.nodes.training_options import LoraLabTrainingOptions
+    from lora_lab.nodes.option_nodes import LoraLabSaveOptions
     dataset = make_dataset(2)
     first = run_train(fresh_unet, sd15_clip, small_vae, dataset, "resumable", steps=3)
     name = first["result"][2]
     assert name in resume_from_choices(), "the save is offered as a resume point"
-    (picked,) = LoraLabTrainingOptions().build(resume_from=name)
+    (picked,) = LoraLabSaveOptions().build(resume_from=name)
     second = run_train(fresh_unet, sd15_clip, small_vae, dataset, "resumable", steps=5, options=picked)
     assert len(second["ui"]["loss"]) == 2
     with safe_open(str(loras_dir / second["result"][2]), "pt") as f:
@@ -236,7 +239,7 @@ def test_resume_from_lists_the_saves_that_have_a_resume_state(fresh_unet, sd15_c
                                                               loras_dir):
     import shutil
     from lora_lab.nodes import folders
-    from lora_lab.nodes.training_options import LoraLabTrainingOptions
+    from lora_lab.nodes.option_nodes import LoraLabSaveOptions, LoraLabTrainingOptions
     saved = run_train(fresh_unet, sd15_clip, small_vae, make_dataset(2), "listed", steps=2,
                       options=options(save_every_n_steps=1))["result"][2]
     choices = resume_from_choices()
@@ -254,10 +257,10 @@ def test_resume_from_lists_the_saves_that_have_a_resume_state(fresh_unet, sd15_c
         assert any(name.replace("\\", "/") == "listed_sub/moved.safetensors" for name in choices), choices
 
         # Saved before resume_from was a list ("" in a text box) or picked "none": no resume, valid.
-        for nothing in ("", "  ", "none"):
-            assert LoraLabTrainingOptions.VALIDATE_INPUTS(resume_from=nothing) is True
-            assert LoraLabTrainingOptions().build(resume_from=nothing)[0].resume_from == ""
-        assert LoraLabTrainingOptions.VALIDATE_INPUTS(resume_from=saved) is True
+        for node, nothing in itertools.product((LoraLabSaveOptions, LoraLabTrainingOptions), ("", "  ", "none")):
+            assert node.VALIDATE_INPUTS(resume_from=nothing) is True
+            assert node().build(resume_from=nothing)[0].resume_from == ""
+        assert LoraLabSaveOptions.VALIDATE_INPUTS(resume_from=saved) is True
 
         # Names that are not (or no longer) on the list: the node, the input and what to do.
         folders.resume_state_path(loras_dir / "listed_step1.safetensors").unlink()
@@ -265,13 +268,13 @@ def test_resume_from_lists_the_saves_that_have_a_resume_state(fresh_unet, sd15_c
                               ("listed_step1.safetensors", "has no resume state"),
                               ("deleted_since.safetensors", "is not in any loras folder"),
                               ("old.ckpt", "Python pickle")):
-            message = LoraLabTrainingOptions.VALIDATE_INPUTS(resume_from=name)
+            message = LoraLabSaveOptions.VALIDATE_INPUTS(resume_from=name)
             assert isinstance(message, str), name
-            assert "[LoRA Lab · Training Options › resume_from]" in message and problem in message, message
+            assert "[LoRA Lab · Saves & Resume › resume_from]" in message and problem in message, message
             assert "Fix: pick a save from the list" in message and "'none'" in message, message
             # Also when the node runs: ComfyUI 2024-03 never validates a node feeding an optional input.
             with pytest.raises(ValueError) as raised:
-                LoraLabTrainingOptions().build(resume_from=name)
+                LoraLabSaveOptions().build(resume_from=name)
             assert str(raised.value) == message
         assert "listed_step1.safetensors" not in resume_from_choices()
     finally:
@@ -518,15 +521,38 @@ def test_unsupported_model_family_fails_before_any_work(comfy, sd15_clip, small_
     assert "SDXLRefiner" in message and "model" in message and "Fix:" in message and "SDXL" in message
 
 
+KOHYA_OPTIONS = dict(
+    lr_schedule="cosine_with_restarts", warmup_steps=1, gradient_accumulation=1, max_grad_norm=1.0,
+    gradient_checkpointing=False, precision="auto", dropout=0.1, save_every_n_steps=0, save_precision="fp16",
+    overwrite_existing=False, resume_from="", optimizer="Adafactor", optimizer_args="", weight_decay=0.0,
+    lr_cycles=2, noise_offset=0.1, min_timestep=100, max_timestep=900, min_snr_gamma=5.0,
+    scale_v_pred_loss=False, caption_dropout=0.3, shuffle_tags=True, keep_tokens=1, tag_dropout=0.1,
+    latent_disk_cache=False)
+
+
+def chained_option_nodes(values: dict):
+    """The options the small option nodes give, chained one into the next, each with its share of `values`."""
+    from lora_lab.nodes import option_nodes
+    options = None
+    for node in option_nodes.GROUP_NODES:
+        inputs = node.INPUT_TYPES()["required"]
+        (options,) = node().build(options=options, **{k: v for k, v in values.items() if k in inputs})
+    return options
+
+
+def test_option_nodes_chained_equal_the_all_in_one_node(pack):
+    """A workflow saved with the deprecated all-in-one node trains the same as the chain that replaces it."""
+    import dataclasses
+    from lora_lab.nodes.option_nodes import LoraLabTrainingOptions
+    (all_in_one,) = LoraLabTrainingOptions().build(**KOHYA_OPTIONS)
+    chained = chained_option_nodes(KOHYA_OPTIONS)
+    assert dataclasses.replace(chained, groups_set=frozenset()) == dataclasses.replace(all_in_one,
+                                                                                        groups_set=frozenset())
+    assert chained.groups_set == all_in_one.groups_set
+
+
 def test_kohya_options_train_together(fresh_unet, sd15_clip, small_vae, make_dataset, loras_dir):
-    from lora_lab.nodes.training_options import LoraLabTrainingOptions
-    (opts,) = LoraLabTrainingOptions().build(
-        lr_schedule="cosine_with_restarts", warmup_steps=1, gradient_accumulation=1, max_grad_norm=1.0,
-        gradient_checkpointing=False, precision="auto", dropout=0.1, save_every_n_steps=0, save_precision="fp16",
-        overwrite_existing=False, resume_from="", optimizer="Adafactor", optimizer_args="", weight_decay=0.0,
-        lr_cycles=2, noise_offset=0.1, min_timestep=100, max_timestep=900, min_snr_gamma=5.0,
-        scale_v_pred_loss=False, caption_dropout=0.3, shuffle_tags=True, keep_tokens=1, tag_dropout=0.1,
-        latent_disk_cache=False)
+    opts = chained_option_nodes(KOHYA_OPTIONS)
     # Captions vary per step here, so CLIP runs inside the loop: it must be loaded up front, never through
     # ComfyUI's loader mid-run (which could unload the UNet, adapters and all, on a tight GPU).
     import comfy.model_management
@@ -562,15 +588,17 @@ def test_latent_disk_cache_is_warm_on_a_second_run(comfy, fresh_unet, sd15_clip,
     assert "2 hit(s), 0 miss(es)" in warm["ui"]["text"][0]
 
 
-def test_options_node_refuses_a_missing_optimizer_package_at_validation(pack):
-    from lora_lab.nodes.training_options import LoraLabTrainingOptions
+@pytest.mark.parametrize("node", ["LoraLabOptimizerOptions", "LoraLabTrainingOptions"])
+def test_options_node_refuses_a_missing_optimizer_package_at_validation(pack, node):
+    from lora_lab.nodes.option_nodes import NODE_CLASS_MAPPINGS
     import importlib.util
-    message = LoraLabTrainingOptions.VALIDATE_INPUTS(optimizer="Prodigy")
+    make = NODE_CLASS_MAPPINGS[node]
+    message = make.VALIDATE_INPUTS(optimizer="Prodigy")
     if importlib.util.find_spec("prodigyopt") is None:
-        assert "prodigyopt" in message and "Training Options" in message
+        assert "prodigyopt" in message and f"[LoRA Lab · {make.TITLE} › optimizer]" in message
     else:
         assert message is True
-    assert "optimizer" in LoraLabTrainingOptions.VALIDATE_INPUTS(optimizer="SGD-made-up")
+    assert "optimizer" in make.VALIDATE_INPUTS(optimizer="SGD-made-up")
 
 
 def test_keep_last_saves_deletes_only_this_runs_older_step_saves(fresh_unet, sd15_clip, small_vae, make_dataset,
@@ -636,8 +664,11 @@ def test_previews_render_at_the_right_steps_without_changing_the_training(fresh_
     assert not torch.equal(images[0], images[1]), "each prompt has its own picture"
     report = shown["ui"]["text"][0]
     assert "previews: 4 picture(s) at step(s) 2, 4" in report
-    assert len(shown["ui"]["images"]) == 4 and all(i["type"] == "temp" for i in shown["ui"]["images"])
-    assert plain["result"][4].shape[0] == 1 and "images" not in plain["ui"]
+    # Shown once, in the node's strip (ui "previews", by step), never again as ComfyUI's node images.
+    assert [shot["step"] for shot in shown["ui"]["previews"]] == [2, 4] and "images" not in shown["ui"]
+    assert all(len(shot["images"]) == 2 and shot["images"][0]["type"] == "temp" for shot in shown["ui"]["previews"])
+    assert shown["ui"]["previews"][0]["prompts"] == ["sks, a photo", "plain words"]
+    assert plain["result"][4].shape[0] == 1 and "previews" not in plain["ui"]
     assert_base_untouched(fresh_unet, before, flags)
 
 

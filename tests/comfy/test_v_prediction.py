@@ -75,7 +75,7 @@ def test_v_prediction_training_learns_and_the_file_says_v(sd2_v_unet, sd2_clip, 
 
     result = run_train(sd2_v_unet, sd2_clip, small_vae, dataset, "sd2_v", steps=30,
                        options=options(save_precision="fp32"), learning_rate=2e-3, rank=8, alpha=8.0)
-    model_out, _, lora_name, _, _ = result["result"]
+    model_out, _, lora_name, _, _, _ = result["result"]
     assert_base_untouched(sd2_v_unet, before, flags)
     trained_loss = training_loss(model_out, data)
     # fixed noise and timesteps (measure_loss), so any drop is learning; 30 steps give about -18%

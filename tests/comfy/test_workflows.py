@@ -85,15 +85,24 @@ def test_saved_widget_values_match_the_nodes_inputs(object_info):
                 "run tools/build_workflows.py")
 
 
-def test_defaults_suit_sd15_on_an_8gb_gpu(object_info):
+def test_the_first_run_is_the_sd15_8gb_preset_and_needs_only_a_folder_and_a_trigger_word(pack, object_info):
+    """Workflow 2 trains with the SD1.5 · character · 8 GB preset's values as picking it writes them, and the
+    trigger word is typed once (the Caption node): the sample prompt takes it from Train LoRA's output."""
+    from lora_lab.trainer.training.presets import preset_for
     prompt = workflow_api.ui_to_api(load("2_caption_train_sample"), object_info)
-    [train] = [n["inputs"] for n in prompt.values() if n["class_type"] == "LoraLabTrainLora"]
-    assert train["batch_size"] == 1 and train["rank"] <= 32 and train["resolution"] in (0, 512)
+    [train_id] = [key for key, n in prompt.items() if n["class_type"] == "LoraLabTrainLora"]
+    train = prompt[train_id]["inputs"]
+    assert (train["preset"], train["goal"], train["gpu_memory"]) == ("SD1.5", "character", "8 GB")
+    preset = preset_for("SD1.5", "character", "8 GB")
+    assert {name: train[name] for name in preset.widget_values()} == preset.widget_values()
+    assert train["epochs"] == 0 and train["trigger_word"] == ""      # the first tag the captions share
     [checkpoint] = [n["inputs"] for n in prompt.values() if n["class_type"] == "CheckpointLoaderSimple"]
     assert checkpoint["ckpt_name"] == CHECKPOINT
-    [sample] = [n["inputs"] for n in prompt.values() if n["class_type"] == "CLIPTextEncode"
-                and n["inputs"]["text"].startswith(TRIGGER)]
-    assert sample
+    [sample] = [n["inputs"] for n in prompt.values() if n["class_type"] == "LoraLabPromptWithTrigger"]
+    assert sample["text"].startswith(PLACEHOLDER) and sample["trigger_word"] == [train_id, 5]
+    typed = [(n["class_type"], name) for n in prompt.values() for name, value in n["inputs"].items()
+             if isinstance(value, str) and (TRIGGER in value or value == DATASET)]
+    assert sorted(typed) == [("LoraLabCaption", "trigger_word"), ("LoraLabDatasetFromFolder", "folder")], typed
 
 
 def widgets_of(object_info, workflow: str, class_type: str) -> list[dict]:
@@ -103,8 +112,7 @@ def widgets_of(object_info, workflow: str, class_type: str) -> list[dict]:
 
 def test_prompts_say_trigger_instead_of_a_hard_coded_word(object_info):
     """{trigger} becomes the run's trigger word (previews) or the grid's/stack's trigger words."""
-    for workflow, class_type, name in (("2_caption_train_sample", "LoraLabTrainingOptions", "preview_prompts"),
-                                       ("4_resume_training", "LoraLabTrainingOptions", "preview_prompts"),
+    for workflow, class_type, name in (("2_caption_train_sample", "LoraLabPreviewOptions", "preview_prompts"),
                                        ("3_pedals_and_grid", "LoraLabLoraCompareGrid", "prompts")):
         [widgets] = widgets_of(object_info, workflow, class_type)
         lines = widgets[name].splitlines()
@@ -185,7 +193,8 @@ def test_workflow_2_trains_and_samples(workflow_server, trained):
         assert f.metadata()["ss_output_name"] == TRAINED and f.metadata()["ss_steps"] == "2"
     assert saved_image(workflow_server, history, node_id(prompt, "SaveImage")).size == (64, 64)
     assert history["outputs"][node_id(prompt, "LoraLabTrainLora")]["loss"]
-    assert len(history["outputs"][node_id(prompt, "LoraLabTrainLora")]["images"]) == 4   # 2 steps x 2 prompts
+    shots = history["outputs"][node_id(prompt, "LoraLabTrainLora")]["previews"]
+    assert [len(shot["images"]) for shot in shots] == [2, 2]              # 2 steps x 2 prompts
     assert saved_image(workflow_server, history, node_id(prompt, "PreviewImage")).size[0] > 64  # the loss curve
 
 
@@ -231,17 +240,17 @@ def test_workflow_4_resumes_the_trained_lora(workflow_server, object_info, train
 
 def test_resume_from_accepts_old_empty_values_and_names_a_missing_save(workflow_server, object_info):
     """resume_from is a list now. ComfyUI's prompt validation must still accept the "" that workflows saved
-    while it was a text box; a name not on the list fails with Training Options' message -- at validation on
+    while it was a text box; a name not on the list fails with the Saves & Resume node's message -- at validation on
     ComfyUI versions that validate nodes behind optional inputs (2025-10), when the node runs on 2024-03."""
     from comfyui_server import ComfyExecutionError
-    choices = object_info["LoraLabTrainingOptions"]["input"]["required"]["resume_from"][0]
+    choices = object_info["LoraLabSaveOptions"]["input"]["required"]["resume_from"][0]
     assert choices[0] == "none"
     prompt = workflow_api.ui_to_api(load("4_resume_training"), object_info)
-    options = node_id(prompt, "LoraLabTrainingOptions")
+    options = node_id(prompt, "LoraLabSaveOptions")
     # A missing checkpoint fails validation wherever the prompt is checked, so nothing runs; the options node's
     # own verdict is in node_errors (absent when valid).
     for value in ("", "none"):
-        broken = workflow_api.with_values(prompt, {("LoraLabTrainingOptions", "resume_from"): value,
+        broken = workflow_api.with_values(prompt, {("LoraLabSaveOptions", "resume_from"): value,
                                                    ("CheckpointLoaderSimple", "ckpt_name"): "missing.safetensors"})
         with pytest.raises(ComfyExecutionError) as refused:
             workflow_server.queue(broken)
@@ -249,9 +258,9 @@ def test_resume_from_accepts_old_empty_values_and_names_a_missing_save(workflow_
         assert "resume_from" not in json.dumps(node_errors.get(options, {})), (value, node_errors)
     with pytest.raises(ComfyExecutionError) as refused:
         run_bundled(workflow_server, object_info, "4_resume_training",
-                    {("LoraLabTrainingOptions", "resume_from"): "deleted_since.safetensors"})
+                    {("LoraLabSaveOptions", "resume_from"): "deleted_since.safetensors"})
     text = str(refused.value) + json.dumps(refused.value.details, ensure_ascii=False)
-    assert "Training Options › resume_from" in text and "not in any loras folder" in text, text
+    assert "Saves & Resume › resume_from" in text and "not in any loras folder" in text, text
     assert "Fix: pick a save from the list" in text, text
 
 

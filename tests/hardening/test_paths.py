@@ -461,7 +461,8 @@ def resume_attacks(loras: Path, outside: Path) -> list[tuple[str, str]]:
 
 
 def test_resume_from_attacks_are_refused(train_inputs, roots, outside, resume_playground, audit, hardening):
-    from lora_lab.nodes.training_options import LoraLabTrainingOptions, TrainingOptions
+    from lora_lab.nodes.option_nodes import LoraLabTrainingOptions
+    from lora_lab.nodes.training_options import TrainingOptions
     loras = Path(roots["loras"][0])
     folder, marker = resume_playground
     for attack, name in resume_attacks(loras, outside):

@@ -3,7 +3,7 @@
 No ComfyUI in here: the bridge in nodes/ adapts a ComfyUI MODEL to ``Denoiser``; tests use tiny
 torch modules. One step, top to bottom: pick a batch from one bucket, draw noise and a uniform
 timestep, noise the latents, ask the model for its clean-image estimate, measure the error in the
-model's own output parameterization, step AdamW, report.
+model's own output parameterization, step AdamW; at an epoch's end, measure the held-out pictures; report.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from ..lora.network import Network
 from .noise import NoiseSettings, draw, loss_weights, weighted_mean
 from .optimizers import make_optimizer, param_groups, trainable_parameters
 from .schedules import make_scheduler
+from .validation import HeldOutLoss
 
 log = logging.getLogger("LoRA Lab")
 
@@ -77,6 +78,7 @@ class TrainSettings:
     lr_cycles: int = 1
     noise: NoiseSettings = field(default_factory=NoiseSettings)
     captions: CaptionAugment = field(default_factory=CaptionAugment)
+    validation_pictures: int = 0       # pictures the caller held out (validation.hold_out): measured every epoch
 
     def text_encoder_rates(self) -> tuple[float, float]:
         """The learning rates of the first and second text encoder."""
@@ -92,6 +94,8 @@ class StepReport:
     lr: float
     seconds: float       # wall time of this step
     snapshot: Callable[[], "LoopState"] | None = None   # resumable state after this step, built on demand
+    epoch: int = 0       # whole epochs shown after this step
+    validation_loss: float | None = None   # the held-out pictures' loss, when an epoch ended in this step
 
 
 class NonFiniteLoss(RuntimeError):
@@ -173,7 +177,9 @@ def train(denoiser: Denoiser, data: EncodedDataset,
           on_step: Callable[[StepReport], None] | None = None,
           resume: LoopState | None = None,
           encode_caption: Callable[[str], torch.Tensor] | None = None,
-          text_encoder_trains: bool = False) -> LoopState:
+          text_encoder_trains: bool = False,
+          held_out: EncodedDataset | None = None,
+          adapter_dropout: Callable[[bool], object] | None = None) -> LoopState:
     """Run ``settings.steps`` optimizer steps (counting any resumed ones) and return the loop state.
 
     ``on_step`` runs after every optimizer step; raising from it (Cancel) stops within one step —
@@ -183,7 +189,10 @@ def train(denoiser: Denoiser, data: EncodedDataset,
     ``text_encoder_trains`` every step encodes its captions through ``encode_caption`` with gradients
     (the encoder carries adapters); nothing encoded up front is used. A NaN/inf loss or gradient
     raises NonFiniteLoss before it reaches the weights (with loss scaling, the scaler skips such
-    steps itself, as fp16 training expects).
+    steps itself, as fp16 training expects). ``held_out``: the ``settings.validation_pictures`` pictures
+    the caller kept out of ``data`` (validation.hold_out); in every step that ends an epoch their loss is
+    measured (``validation_loss``) and reported. ``adapter_dropout(on)`` switches the adapters' dropout,
+    which is off while measuring.
     """
     optimizer = make_optimizer(settings.optimizer, learning_rate_groups(adapters, settings), settings.learning_rate,
                                **{"weight_decay": settings.weight_decay, **settings.optimizer_args})
@@ -197,6 +206,8 @@ def train(denoiser: Denoiser, data: EncodedDataset,
     # Frozen text encoder: "" and recurring captions are encoded once. (A trained one: call it directly.)
     text_for = TextEncodingMemo(lambda caption: as_text_encoding(encode_caption(caption)).stored())
     scaler = _grad_scaler(device) if settings.mixed_precision == "fp16" or settings.loss_scaling else None
+    validation = _held_out_loss(held_out, settings)
+    epochs = data.epochs(settings.batch_size, settings.gradient_accumulation)
     start = resume.step if resume is not None else 0
     if resume is not None:
         _restore(resume, optimizer, scheduler, scaler, chosen=("lr", "initial_lr", "weight_decay",
@@ -244,11 +255,43 @@ def train(denoiser: Denoiser, data: EncodedDataset,
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
+        seconds, done = time.perf_counter() - began, step + 1
+        epoch, validation_loss = epochs.completed_at(done), None
+        if validation and epoch > epochs.completed_at(step):     # an epoch ended: measure the held-out pictures
+            validation_loss = validation_loss_of(denoiser, validation, device, settings, adapter_dropout,
+                                                 encode_caption if text_encoder_trains else None)
         if on_step:
-            done = step + 1
-            on_step(StepReport(done, settings.steps, step_loss, lr, time.perf_counter() - began,
-                               snapshot=lambda: _snapshot(done, optimizer, scheduler, scaler)))
+            on_step(StepReport(done, settings.steps, step_loss, lr, seconds,
+                               snapshot=lambda: _snapshot(done, optimizer, scheduler, scaler),
+                               epoch=epoch, validation_loss=validation_loss))
     return _snapshot(settings.steps, optimizer, scheduler, scaler)
+
+
+def _held_out_loss(held_out: EncodedDataset | None, settings: TrainSettings) -> HeldOutLoss | None:
+    given = len(held_out.examples) if held_out is not None else 0
+    if given != settings.validation_pictures:
+        raise ValueError(f"settings.validation_pictures is {settings.validation_pictures}, but {given} held-out "
+                         "pictures were given: hold them out with validation.hold_out")
+    return HeldOutLoss(held_out, settings.seed, settings.noise) if given else None
+
+
+@torch.no_grad()
+def validation_loss_of(denoiser: Denoiser, validation: HeldOutLoss, device: torch.device, settings: TrainSettings,
+                       adapter_dropout: Callable[[bool], object] | None = None,
+                       encode_caption: Callable[[str], torch.Tensor] | None = None) -> float:
+    """The held-out pictures' loss as training measures it (batch_loss), with the adapters as they are:
+    no gradients, no adapter dropout, and the global RNG (adapter dropout's) left as it was."""
+    if adapter_dropout:
+        adapter_dropout(False)
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            return validation.measure(
+                lambda latents, texts, sizes, noise, u: batch_loss(denoiser, latents, texts, sizes, noise, u, device,
+                                                                   settings).item(),
+                device, encode_caption)
+    finally:
+        if adapter_dropout:
+            adapter_dropout(True)
 
 
 ADAPTER_PARTS = ("unet", "text_encoder", "text_encoder_2")

@@ -18,12 +18,15 @@ from typing import Protocol
 import torch
 
 from ..lora.files import save_lora_file
+from ..loss_plot import loss_curve_image
 from ..messages import LoraLabError, user_error
 from . import interrupted_runs, run_reuse, saves
 from .loop import NonFiniteLoss, StepReport
 from .saves import SaveFolders
+from .validation import VALIDATION_KEY, HeldOut, ValidationHistory, history_key
 
 log = logging.getLogger("LoRA Lab")
+CHART_LOSSES = 5000      # losses sent to the front end's chart (the loss_curve picture draws them all)
 
 
 class Host(Protocol):
@@ -67,6 +70,7 @@ class TrainingRun:
         self.identity: str | None = None      # run_reuse: written into the final save
         self.notes: list[str] = []            # settings that do nothing here, for the report
         self.carried_steps = 0                # losses of an interrupted run this one continues (not timed here)
+        self.validation = ValidationHistory()   # the held-out pictures' loss at each epoch's end (validation.py)
 
     @contextlib.contextmanager
     def kept_if_stopped(self, lora, describe):
@@ -96,11 +100,22 @@ class TrainingRun:
         finally:
             lora.remove()
 
+    def validate_on(self, held_out: HeldOut, settings, resumed_save=None) -> None:
+        """Record the validation loss of ``held_out``'s pictures (measured by the loop). A run resumed from
+        ``resumed_save`` (a LoRA file) goes on with that save's history, if it measured the same pictures
+        with the same draws and loss (an interrupted run's is carried on by continue_interrupted)."""
+        key = history_key(held_out.pictures, settings.seed, settings.noise, settings.mixed_precision)
+        self.validation = ValidationHistory(key, len(held_out.indices))
+        if resumed_save is not None and self.validation.on:
+            self.validation = self.validation.continued_from(run_reuse.file_metadata(resumed_save))
+
     def step_callback(self, lora, describe, options):
         def on_step(report: StepReport):
             self.step = report.step
             self.snapshot = report.snapshot
             self.losses.append(report.loss)
+            if report.validation_loss is not None:      # before any save at this step, which keeps it
+                self.validation.add(report.epoch, report.validation_loss, report.step)
             self.host.progress(report.step, report.total)
             self.send_event(report)
             name = self.periodic_save_name(report, options, describe.epoch_plan)
@@ -132,14 +147,16 @@ class TrainingRun:
 
     def send_event(self, report: StepReport):
         remaining = (report.total - report.step) * report.seconds
-        self.host.send("progress", {
-            "node": self.unique_id, "step": report.step, "total": report.total, "loss": report.loss,
-            "lr": report.lr, "seconds_per_step": report.seconds, "eta_seconds": remaining,
-        })
+        event = {"node": self.unique_id, "step": report.step, "total": report.total, "loss": report.loss,
+                 "lr": report.lr, "seconds_per_step": report.seconds, "eta_seconds": remaining}
+        if report.validation_loss is not None:         # an epoch ended: [epoch, loss, step], as in chart()
+            event["validation_loss"] = self.validation.chart_points()[-1]
+        self.host.send("progress", event)
 
     def save(self, lora, describe, loop_state, step, final, overwrite, name=None):
         name = name or (self.output_name if final else f"{self.output_name}_step{step}")
         metadata = describe.metadata(step=step, started_at=self.started_at, finished_at=time.time())
+        self.add_validation(metadata)
         if final:       # only a finished run can stand in for the same run queued again
             metadata[run_reuse.LOSS_HISTORY_KEY] = run_reuse.loss_history_text(self.losses)
             if self.identity:
@@ -183,6 +200,7 @@ class TrainingRun:
         self.saves = [str(found.lora)]
         self.losses = [float(value) for value in found.point.run.get("losses", [])][: found.point.step]
         self.carried_steps = len(self.losses)
+        self.validation = self.validation.continued_from(run_reuse.file_metadata(found.lora))
         self.notes.append(found.note())
         log.warning("[LoRA Lab] %s", found.note())
         return found.point, dataclasses.replace(describe, output_name=self.output_name)
@@ -259,6 +277,7 @@ class TrainingRun:
                   self.folders.rescue)
         try:
             metadata = describe.metadata(step=self.step, started_at=self.started_at, finished_at=time.time())
+            self.add_validation(metadata)
             path = save_lora_file(self.folders.rescue, name, lora.kohya_state_dict(), metadata,
                                   overwrite=False, dtype=self.save_dtype)
         except Exception as also_failed:
@@ -270,6 +289,36 @@ class TrainingRun:
         log.warning("[LoRA Lab] the weights of step %d are safe in %s", self.step, path)
         return path, None
 
+    def add_validation(self, metadata: dict) -> None:
+        """Every save keeps the validation history so far: the epoch grid labels its rows with it, and a
+        reused or resumed run shows it."""
+        if self.validation.on:
+            metadata[VALIDATION_KEY] = self.validation.metadata_text()
+
+    def chart(self) -> dict:
+        """Train LoRA's loss chart data: the newest losses, the steps they span and the validation losses
+        ([[epoch, loss, step], ...]; a point sits at the step where its epoch ended)."""
+        shown = self.losses[-CHART_LOSSES:]
+        return {"loss": shown, "loss_steps": [self.step - len(shown) + 1, self.step],
+                "validation_loss": self.validation.chart_points()}
+
+    def loss_curve(self, title: str):
+        """The loss_curve picture: every loss, and the validation losses on the same axes."""
+        return loss_curve_image(self.losses, title=title, steps=(self.step - len(self.losses) + 1, self.step),
+                                validation=self.validation.entries)
+
+    def file_of_step(self, step: int, final_name: str) -> str | None:
+        """Which file holds the LoRA of ``step`` (the report's best epoch); None for a step of the run this
+        one was resumed from, whose files it does not know."""
+        if step == self.step:
+            return final_name
+        for path in dict.fromkeys([*self.saves, *(str(save.lora) for save in self.periodic)]):
+            if os.path.isfile(path) and run_reuse.file_metadata(path).get("ss_steps") == str(step):
+                return os.path.basename(path)
+        if step <= self.step - (len(self.losses) - self.carried_steps):
+            return None
+        return "not saved (set save_every_n_epochs on the Saves & Resume node to keep every epoch)"
+
     def last_save_text(self) -> str:
         return f"The last good save is {self.saves[-1]}." if self.saves else "Nothing was saved."
 
@@ -280,6 +329,7 @@ class TrainingRun:
                  f"{len(self.losses) - self.carried_steps} steps in {elapsed:.0f}s; "
                  f"loss {finite[0]:.4f} -> {finite[-1]:.4f}"
                  if finite else "no steps", describe.arithmetic(), self.cache_report]
+        lines += self.validation.report_lines(lambda step: self.file_of_step(step, lora_name))
         lines += [f"note: {note}" for note in self.notes]
         if self.previews:
             steps = [step for step, _ in self.previews.rendered]

@@ -104,3 +104,16 @@ def loss_history(metadata: Mapping[str, str]) -> list[float]:
 def settings_of(options, excluded: tuple[str, ...]) -> dict:
     """A dataclass's fields minus those that cannot change the trained weights or the file."""
     return {k: v for k, v in dataclasses.asdict(options).items() if k not in excluded}
+
+
+def reused_chart(losses: list[float], metadata: Mapping[str, str], validation) -> dict:
+    """Train LoRA's chart data for a reused file, as TrainingRun.chart gives it for a trained one: the loss
+    history kept in the file, the steps it spans, and the validation history (validation.ValidationHistory)."""
+    try:
+        last = int(metadata.get("ss_steps", len(losses)))
+    except ValueError:
+        last = len(losses)
+    # A history of up to MAX_LOSS_POINTS losses is every step up to the last; a longer run's was thinned out
+    # evenly, over the whole run as far as the file can tell.
+    first = max(1, last - len(losses) + 1) if len(losses) <= MAX_LOSS_POINTS else 1
+    return {"loss": losses[-5000:], "loss_steps": [first, last], "validation_loss": validation.chart_points()}

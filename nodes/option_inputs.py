@@ -1,0 +1,120 @@
+"""The widgets of the training options, one spec per option, shared by the option nodes.
+
+Each option is declared once here (type, range, default, tooltip) and shown by the small option node of
+its group (option_nodes.py) and by the deprecated all-in-one Training Options node, which must keep
+accepting the workflows saved with it.
+"""
+from __future__ import annotations
+
+from ..trainer.lora.network import PRESETS as NETWORK_PRESETS
+from ..trainer.training.optimizers import OPTIMIZERS
+from ..trainer.training.schedules import SCHEDULES
+from .training_options import NO_RESUME, PRECISIONS, SAVE_DTYPES, TrainingOptions, resume_choices
+
+
+def option_inputs() -> dict[str, tuple]:
+    """Every option's widget spec, in the order the all-in-one node lists them."""
+    d = TrainingOptions()
+    return {
+            "lr_schedule": (list(SCHEDULES), {"default": d.lr_schedule, "tooltip":
+                            "How the learning rate moves over the run: constant (flat, no warm-up), "
+                            "constant_with_warmup, linear or cosine (down to 0 at the last step), "
+                            "cosine_with_restarts (lr_cycles times)."}),
+            "warmup_steps": ("INT", {"default": d.warmup_steps, "min": 0, "max": 100_000, "tooltip":
+                             "Optimizer steps over which the learning rate rises to full. Used by "
+                             f"{', '.join(name for name in SCHEDULES if name != 'constant')}; constant "
+                             "ignores it (use constant_with_warmup). 0 = off."}),
+            "gradient_accumulation": ("INT", {"default": d.gradient_accumulation, "min": 1, "max": 256,
+                                              "tooltip": "Batches per optimizer step (a bigger batch without the memory)."}),
+            "max_grad_norm": ("FLOAT", {"default": d.max_grad_norm, "min": 0.0, "max": 100.0, "step": 0.1,
+                                        "tooltip": "Clip gradients to this norm; 0 = off."}),
+            "gradient_checkpointing": ("BOOLEAN", {"default": d.gradient_checkpointing,
+                                                   "tooltip": "Less memory, about 30% slower."}),
+            "precision": (list(PRECISIONS), {"default": d.precision, "tooltip":
+                          "auto = bf16 (or fp16 with loss scaling) on a GPU, fp32 on the CPU. With bf16/fp16 "
+                          "the frozen model weights train in that precision too (less memory); your loaded "
+                          "model gets its exact weights back afterwards."}),
+            "dropout": ("FLOAT", {"default": d.dropout, "min": 0.0, "max": 0.9, "step": 0.05, "tooltip":
+                        "network_dropout: dropout on the LoRA layers' input while training; 0 = off."}),
+            "save_every_n_steps": ("INT", {"default": d.save_every_n_steps, "min": 0, "max": 1_000_000,
+                                           "tooltip": "Also save <name>_step<N> every N steps; 0 = only at the end."}),
+            "save_precision": (list(SAVE_DTYPES), {"default": d.save_precision, "tooltip":
+                               "Precision of the saved file; fp16 is what kohya and Civitai use."}),
+            "overwrite_existing": ("BOOLEAN", {"default": d.overwrite_existing, "tooltip":
+                                   "Off: an existing LoRA of that name is kept and a numbered name is used."}),
+            "resume_from": (resume_choices(), {"default": NO_RESUME, "tooltip":
+                            "A LoRA Lab save to continue exactly (weights, optimizer, schedule, step count); "
+                            "the list holds every LoRA in models/loras with a resume state and refreshes with "
+                            "the node definitions (R). steps on Train LoRA is then the new total."}),
+            "optimizer": (list(OPTIMIZERS), {"default": d.optimizer, "tooltip":
+                          "AdamW8bit needs bitsandbytes, Prodigy needs prodigyopt (use lr 1.0 with Prodigy)."}),
+            "optimizer_args": ("STRING", {"default": d.optimizer_args, "tooltip":
+                               "kohya-style extra arguments, e.g. 'd_coef=2 decouple=True'."}),
+            "weight_decay": ("FLOAT", {"default": d.weight_decay, "min": 0.0, "max": 1.0, "step": 0.001}),
+            "lr_cycles": ("INT", {"default": d.lr_cycles, "min": 1, "max": 100,
+                                  "tooltip": "Restarts for cosine_with_restarts."}),
+            "noise_offset": ("FLOAT", {"default": d.noise_offset, "min": 0.0, "max": 1.0, "step": 0.01,
+                                       "tooltip": "0.05-0.1 helps very dark and very bright pictures; 0 = off."}),
+            "min_timestep": ("INT", {"default": d.min_timestep, "min": 0, "max": 999}),
+            "max_timestep": ("INT", {"default": d.max_timestep, "min": 1, "max": 1000}),
+            "min_snr_gamma": ("FLOAT", {"default": d.min_snr_gamma, "min": 0.0, "max": 20.0, "step": 0.5,
+                                        "tooltip": "5 is typical; 0 = off."}),
+            "scale_v_pred_loss": ("BOOLEAN", {"default": d.scale_v_pred_loss}),
+            "caption_dropout": ("FLOAT", {"default": d.caption_dropout, "min": 0.0, "max": 1.0, "step": 0.05}),
+            "shuffle_tags": ("BOOLEAN", {"default": d.shuffle_tags}),
+            "keep_tokens": ("INT", {"default": d.keep_tokens, "min": 0, "max": 32, "tooltip":
+                            "Tags kept in place when shuffling (1 keeps the trigger word first)."}),
+            "tag_dropout": ("FLOAT", {"default": d.tag_dropout, "min": 0.0, "max": 1.0, "step": 0.05}),
+            "latent_disk_cache": ("BOOLEAN", {"default": d.latent_disk_cache, "tooltip":
+                                  "Keep VAE latents on disk (user/loralab/latent-cache), so a second run "
+                                  "on the same pictures skips encoding."}),
+            "network_preset": (list(NETWORK_PRESETS), {"default": d.network_preset, "tooltip":
+                               "Which layers learn. kohya default: attention, feed-forward and proj_in/out of "
+                               "the transformer blocks. attention only: to_q/k/v/out (smaller, gentler). "
+                               "LoCon (+conv): also the ResBlock and down/upsample convolutions (more detail "
+                               "and style, bigger file). SD3/Flux: kohya default = every Linear of the "
+                               "transformer blocks; attention only = attention qkv/proj (Flux single blocks' "
+                               "fused linear1/linear2 whole); LoCon = kohya default (no convolutions)."}),
+            "conv_rank": ("INT", {"default": d.conv_rank, "min": 0, "max": 256, "tooltip":
+                          "LoCon: rank of the 3x3 convolutions (kohya conv_dim); 0 = same as rank."}),
+            "conv_alpha": ("FLOAT", {"default": d.conv_alpha, "min": 0.0, "max": 256.0, "step": 0.5, "tooltip":
+                           "LoCon: alpha of the 3x3 convolutions (kohya conv_alpha); 0 = same as alpha."}),
+            "keep_last_saves": ("INT", {"default": d.keep_last_saves, "min": 0, "max": 10_000, "tooltip":
+                                "Keep only the newest K periodic <name>_step<N> saves of this run (older ones "
+                                "of this run are deleted; the final file is always kept); 0 = keep all."}),
+            "train_text_encoder": ("BOOLEAN", {"default": d.train_text_encoder, "tooltip":
+                                   "Also train a LoRA on the text encoder (CLIP). Captions are then encoded "
+                                   "every step: slower, and stronger prompt binding."}),
+            "text_encoder_lr": ("FLOAT", {"default": d.text_encoder_lr, "min": 0.0, "max": 1.0, "step": 1e-5,
+                                "round": False, "tooltip":
+                                "Learning rate of the text-encoder LoRA (kohya text_encoder_lr); usually "
+                                "a half to a tenth of the UNet's; 0 = the same as learning_rate."}),
+            "preview_every_n_steps": ("INT", {"default": d.preview_every_n_steps, "min": 0, "max": 1_000_000,
+                                      "tooltip": "Render the preview prompts with the LoRA as it trains every N "
+                                      "steps, shown on Train LoRA as they arrive; 0 = off."}),
+            # dynamicPrompts off: the front ends would otherwise read {trigger} as a {a|b} choice.
+            "preview_prompts": ("STRING", {"default": d.preview_prompts, "multiline": True,
+                                "dynamicPrompts": False, "tooltip":
+                                "One prompt per line; {trigger} becomes the run's trigger word."}),
+            "preview_seed": ("INT", {"default": d.preview_seed, "min": 0, "max": 0xFFFFFFFF, "tooltip":
+                             "The same seed every time, so previews show what the LoRA learned."}),
+            "preview_steps": ("INT", {"default": d.preview_steps, "min": 1, "max": 150}),
+            "preview_cfg": ("FLOAT", {"default": d.preview_cfg, "min": 0.0, "max": 30.0, "step": 0.5, "tooltip":
+                            "Classifier-free guidance of the previews. Flux.1 (guidance-distilled) previews "
+                            "are sampled at cfg 1 whatever this says."}),
+            # Added after the first release: kept last so workflows saved with the all-in-one node keep
+            # their widget values (the front ends map saved values to widgets by position).
+            "text_encoder_2_lr": ("FLOAT", {"default": d.text_encoder_2_lr, "min": 0.0, "max": 1.0, "step": 1e-5,
+                                  "round": False, "tooltip":
+                                  "SDXL only: learning rate of the second text encoder (OpenCLIP bigG, "
+                                  "lora_te2_); 0 = the same as text_encoder_lr."}),
+            "save_every_n_epochs": ("INT", {"default": d.save_every_n_epochs, "min": 0, "max": 10_000, "tooltip":
+                                    "Also save <name>_epoch<E> at the end of every N epochs (epochs = pictures x "
+                                    "repeats / batch size steps); 0 = off. Works with save_every_n_steps."}),
+            "validation_pictures": ("INT", {"default": d.validation_pictures, "min": 0, "max": 10_000, "tooltip":
+                                    "Keep this many pictures (picked from the seed, with all their repeats) out of "
+                                    "training and measure the loss on them at the end of every epoch, at fixed "
+                                    "noise: the epoch with the lowest validation loss fits pictures it never saw "
+                                    "best. Costs one forward pass per held-out picture per epoch. 0 = off; at least "
+                                    "one picture must be left to train."}),
+    }
