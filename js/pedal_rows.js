@@ -117,3 +117,11 @@ export function trainedTagsText(info, limit = 20) {
   const more = info.trained_tags.length > limit ? ", …" : "";
   return `trained tags: ${tags.map(([tag, count]) => `${tag} (${count})`).join(", ")}${more}`;
 }
+
+export const OFF_SUFFIX = " (off)";
+
+export function pedalTitle(title, on) {
+  // A LoRA Pedal's title says "(off)" exactly while it is switched off; the rest is the user's.
+  const base = String(title ?? "").replace(/\s*\(off\)\s*$/, "");
+  return on ? base : base + OFF_SUFFIX;
+}

@@ -1,16 +1,20 @@
-// LoRA Pedalboard rows editor: a DOM widget (canvas-drawn widgets break in ComfyUI's Vue renderer).
+// LoRA Pedalboard rows editor: a DOM widget (canvas-drawn widgets break in ComfyUI's Vue renderer, where
+// vue_nodes_host.js puts it into the node).
 // The node's `pedals` STRING widget stays the single source of truth: it is hidden, every edit writes
 // its JSON back, and whatever sets it (loading a workflow, an API prompt, undo, paste) re-renders the rows.
 // So saving, reloading and API export carry the rows with no help from this file.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
+import { DOM_MARGIN, domArea } from "./dom_widgets.js";
 import { STRENGTH_LIMIT, STRENGTH_STEP, addRow, loraOptions, moveRow, parseRows, removeRow, rowIsActive, serializeRows, setRowField, trainedTagsText, triggerText } from "./pedal_rows.js";
 
 const NODE = "LoraLabPedalboard";
 const VALUE_WIDGET = "pedals";
 const BOARD_WIDGET = "loralab_pedalboard";
 const ROW_HEIGHT = 46;          // controls line + trigger-words line
-const CHROME_HEIGHT = 64;       // column labels, buttons, status line
+const STATUS_LINES = 4;         // what the last run applied: one line per LoRA + trigger words; more scroll
+const STATUS_HEIGHT = STATUS_LINES * 15 + 6;
+const CHROME_HEIGHT = 16 + 26 + STATUS_HEIGHT + 3 * 3;     // column labels, buttons, status, gaps
 
 // --- server lookups, shared by every pedalboard on the page -------------------------------------------
 let loraNames = null;           // Promise<string[]>
@@ -118,10 +122,14 @@ class Pedalboard {
     this.written = null;        // the last JSON this editor wrote, to tell our writes from others'
     this.report = "";
 
-    this.list = element("div", { className: "loralab-pedal-rows", style: "display:flex;flex-direction:column;gap:2px;" });
+    this.list = element("div", {
+      className: "loralab-pedal-rows", style: "display:flex;flex-direction:column;gap:2px;flex:1;min-height:0;overflow-y:auto;",
+    });
+    // A fixed-height status (the run's report scrolls inside it), so a run never grows the node.
     this.status = element("div", {
       className: "loralab-pedal-status",
-      style: "font:11px monospace;color:#aaa;white-space:pre-wrap;overflow:hidden;max-height:28px;",
+      style: `box-sizing:border-box;flex:none;height:${STATUS_HEIGHT}px;overflow-y:auto;font:11px/15px monospace;` +
+             "color:#aaa;white-space:pre-wrap;background:#1b1b1b;border-radius:3px;padding:3px 5px;",
     });
     const header = element("div", { style: "display:flex;gap:4px;font:10px sans-serif;color:#999;padding-left:20px;" },
       element("span", { textContent: "LoRA", style: "flex:1;" }),
@@ -133,7 +141,8 @@ class Pedalboard {
       button("⟳", "refresh", "Reload the list of LoRA files from the server"));
     this.root = element("div", {
       className: "loralab-pedalboard",
-      style: "display:flex;flex-direction:column;gap:3px;width:100%;height:100%;overflow-y:auto;font:12px sans-serif;color:#ddd;",
+      style: "box-sizing:border-box;display:flex;flex-direction:column;gap:3px;width:100%;height:100%;" +
+             "overflow:hidden;font:12px sans-serif;color:#ddd;",
     }, header, this.list, footer, this.status);
 
     this.root.addEventListener("change", (event) => this.onChange(event));
@@ -143,13 +152,8 @@ class Pedalboard {
       if (["INPUT", "SELECT"].includes(event.target?.tagName)) event.stopPropagation();
     });
 
-    // Sized through the options both front ends read for DOM widgets (a computeSize would pin the
-    // 2024 front end's element to its 50px default).
-    this.widget = node.addDOMWidget(BOARD_WIDGET, BOARD_WIDGET, this.root, {
-      getValue: () => undefined, setValue: () => {}, serialize: false,
-      getMinHeight: () => this.height(), getHeight: () => this.height(), getMaxHeight: () => this.height() + 400,
-    });
-    this.widget.serialize = false;      // the rows travel in `pedals`, never twice
+    // Its height follows the rows (the rows travel in `pedals`; this widget is never saved).
+    this.widget = domArea(node, BOARD_WIDGET, this.root, () => this.height());
     this.widget.loralab_board = this;
 
     watchValue(valueWidget, (value) => {
@@ -257,7 +261,8 @@ class Pedalboard {
       this.list.append(element("div", { textContent: "No LoRA yet: press + Add LoRA.", style: "color:#888;padding:8px 20px;" }));
     }
     const problems = [this.error && `${this.error}; the saved value is kept until you edit the rows`, this.namesError];
-    this.status.textContent = problems.filter(Boolean).join("\n") || this.report;
+    this.status.textContent = problems.filter(Boolean).join("\n") || this.report || "Queue to apply the rows.";
+    this.status.title = this.status.textContent;
     this.status.style.color = problems.some(Boolean) ? "#e88" : "#aaa";
     this.resize();
   }
@@ -268,7 +273,7 @@ class Pedalboard {
     const node = this.node;
     const slots = Math.max(node.inputs?.length ?? 0, node.outputs?.length ?? 0);
     const top = this.widget.last_y || this.widget.y || slots * 20 + 2 * 24 + 10;
-    const needed = top + this.height() + 16;
+    const needed = top + this.height() + 2 * DOM_MARGIN + 6;
     if (node.size && node.size[1] < needed) node.setSize?.([node.size[0], needed]);
     node.setDirtyCanvas?.(true, true);
   }

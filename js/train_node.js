@@ -1,79 +1,71 @@
-// Train LoRA in the graph: the live loss chart, the sample previews as they arrive, and the stop notice.
+// Train LoRA in the graph: the live loss chart with its status line, the sample previews (preview_strip.js)
+// and the report, each a fixed-height area that is there from the start, so a run never grows the node.
 // The server's events are named in events.js (the same names as nodes/events.py).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { TRAIN_PREVIEW, TRAIN_PROGRESS, TRAIN_STOPPED } from "./events.js";
-import { appendPoint, chartScale, resolveNode, smooth, statusLine } from "./loss_chart.js";
-import { displayWidget, reportWidget } from "./reports.js";
+import { appendPoint, appendValidation, curveSteps, drawLossChart, resolveNode, statusLine } from "./loss_chart.js";
+import { darkBox, domArea, fitNodeToWidgets } from "./dom_widgets.js";
+import { addPreview, previewStrip, setPreviews } from "./preview_strip.js";
+import { reportWidget, showReport } from "./reports.js";
 
-const TRAIN_NODE = "LoraLabTrainLora";
+export const TRAIN_NODE = "LoraLabTrainLora";
+const CHART_HEIGHT = 150;
 
 function lossChartWidget(node) {
   let widget = node.widgets?.find((w) => w.name === "loralab_loss_chart");
   if (widget) return widget;
-  const root = document.createElement("div");
-  root.style.cssText = "display:flex;flex-direction:column;gap:2px;width:100%;height:100%;";
   const canvas = document.createElement("canvas");
-  canvas.style.cssText = "flex:1;width:100%;min-height:80px;background:#1b1b1b;border-radius:4px;";
+  canvas.style.cssText = "flex:1;min-height:0;width:100%;background:#1b1b1b;border-radius:3px;";
+  // The status line wraps (up to three lines) so a failure upstream can say what to fix.
   const status = document.createElement("div");
-  status.style.cssText = "font:11px monospace;color:#bbb;white-space:nowrap;overflow:hidden;";
-  root.append(canvas, status);
-  widget = displayWidget(node, "loralab_loss_chart", root);
-  widget.computeSize = (width) => [width, 150];
-  widget.draw_chart = () => drawChart(canvas, status, node.properties?.loralab_loss ?? [], node.loralab_last);
-  return widget;
-}
-
-function previewWidget(node) {
-  // The latest sample previews, as they arrive: one small picture per preview prompt, with its step.
-  let widget = node.widgets?.find((w) => w.name === "loralab_previews");
-  if (widget) return widget;
+  status.className = "loralab-train-status";
+  status.style.cssText = "flex:none;max-height:4.2em;overflow:hidden;white-space:normal;overflow-wrap:anywhere;";
   const root = document.createElement("div");
-  root.style.cssText = "display:flex;flex-direction:column;gap:2px;width:100%;height:100%;overflow:hidden;";
-  const label = document.createElement("div");
-  label.style.cssText = "font:11px monospace;color:#bbb;";
-  const strip = document.createElement("div");
-  strip.style.cssText = "display:flex;gap:4px;flex:1;min-height:0;";
-  root.append(label, strip);
-  // Height through the options both front ends read for DOM widgets (the 2024 one ignores computeSize here).
-  widget = displayWidget(node, "loralab_previews", root, {
-    getMinHeight: () => 140, getHeight: () => 140, getMaxHeight: () => 400,
-  });
-  widget.show_previews = (detail) => {
-    label.textContent = `previews at step ${detail.step}`;
-    strip.replaceChildren(...detail.images.map((image, index) => {
-      const img = document.createElement("img");
-      const query = new URLSearchParams({ filename: image.filename, subfolder: image.subfolder, type: image.type });
-      img.src = api.apiURL(`/view?${query}`);
-      img.title = detail.prompts?.[index] ?? "";
-      img.style.cssText = "height:100%;max-width:50%;object-fit:contain;border-radius:3px;";
-      return img;
-    }));
-  };
+  root.className = "loralab-loss-chart";
+  root.style.cssText = darkBox("display:flex;flex-direction:column;gap:2px;padding:2px;");
+  root.append(canvas, status);
+  widget = domArea(node, "loralab_loss_chart", root, CHART_HEIGHT);
+  widget.draw_chart = () => drawChart(canvas, status, node);
   return widget;
 }
 
-function drawChart(canvas, status, losses, lastPoint) {
+function drawChart(canvas, status, node) {
+  const problem = node.loralab_problem?.text;
+  status.textContent = problem ?? statusLine(node.loralab_last);
+  status.style.color = problem ? "#f88" : "#bbb";
+  const losses = node.properties?.loralab_loss ?? [];
   const width = (canvas.width = canvas.clientWidth || 300);
   const height = (canvas.height = canvas.clientHeight || 100);
   const ctx = canvas.getContext("2d");
   ctx.clearRect(0, 0, width, height);
-  status.textContent = statusLine(lastPoint);
-  if (!losses.length) return;
-  const scale = chartScale(losses, width, height);
-  const line = (values, colour, lineWidth) => {
-    ctx.strokeStyle = colour;
-    ctx.lineWidth = lineWidth;
-    ctx.beginPath();
-    values.forEach((v, i) => (i ? ctx.lineTo(scale.x(i), scale.y(v)) : ctx.moveTo(scale.x(i), scale.y(v))));
-    ctx.stroke();
-  };
-  line(losses, "rgba(120,160,220,0.45)", 1);
-  line(smooth(losses), "#5fa8ff", 2);
-  ctx.fillStyle = "#888";
-  ctx.font = "10px monospace";
-  ctx.fillText(scale.high.toPrecision(3), 4, 12);
-  ctx.fillText(scale.low.toPrecision(3), 4, height - 4);
+  // Kept in the node's properties beside the losses, so the chart survives save and reload.
+  drawLossChart(ctx, width, height, losses, {
+    validation: node.properties?.loralab_validation ?? [], steps: node.properties?.loralab_loss_steps ?? null,
+  });
+}
+
+export function showProblem(node, text, promptId = null) {
+  // A node this one waits on failed: say so where the progress would show, and in full in the report.
+  // Problems of one prompt add up (a missing checkpoint at validation, then Caption failing at run time).
+  const earlier = node.loralab_problem;
+  if (earlier && promptId != null && earlier.promptId === promptId) {
+    text = [...new Set([...earlier.text.split("\n"), ...text.split("\n")])].join("\n");
+  }
+  node.loralab_problem = { text, promptId };
+  lossChartWidget(node).draw_chart();
+  showReport(node, text, true);
+}
+
+export function clearProblem(node, promptId) {
+  // A new prompt started: an older prompt's problem no longer applies (this prompt's own stays).
+  if (!node.loralab_problem || node.loralab_problem.promptId === promptId) return;
+  node.loralab_problem = null;
+  lossChartWidget(node).draw_chart();
+}
+
+export function trainNodes() {
+  return (app.graph?._nodes ?? []).filter((node) => node.comfyClass === TRAIN_NODE);
 }
 
 function trainNodeOf(detail) {
@@ -90,7 +82,10 @@ app.registerExtension({
       const result = onNodeCreated?.apply(this, arguments);
       this.properties = this.properties || {};
       this.properties.loralab_loss = this.properties.loralab_loss || [];
-      lossChartWidget(this);
+      lossChartWidget(this);         // in this order under the node's own widgets
+      previewStrip(this);
+      reportWidget(this);
+      fitNodeToWidgets(this);
       return result;
     };
     const onConfigure = nodeType.prototype.onConfigure;
@@ -105,8 +100,11 @@ app.registerExtension({
       const result = onExecuted?.apply(this, arguments);
       if (Array.isArray(message?.loss) && message.loss.length) {
         this.properties.loralab_loss = message.loss;   // the finished run's whole curve is authoritative
+        this.properties.loralab_loss_steps = message.loss_steps ?? null;
+        this.properties.loralab_validation = message.validation_loss ?? [];
         lossChartWidget(this).draw_chart();
       }
+      if (Array.isArray(message?.previews) && message.previews.length) setPreviews(this, message.previews);
       return result;
     };
   },
@@ -117,21 +115,19 @@ app.registerExtension({
       node.properties = node.properties || {};
       node.loralab_curve = appendPoint(node.loralab_curve ?? [], detail);
       node.properties.loralab_loss = Array.from(node.loralab_curve);
+      node.properties.loralab_loss_steps = curveSteps(node.loralab_curve);
+      node.properties.loralab_validation = appendValidation(node.properties.loralab_validation, detail, node.loralab_curve);
       node.loralab_last = detail;
+      node.loralab_problem = null;                       // it runs, so nothing upstream failed
       lossChartWidget(node).draw_chart();
     });
     api.addEventListener(TRAIN_PREVIEW, ({ detail }) => {
       const node = trainNodeOf(detail);
-      if (!node) return;
-      previewWidget(node).show_previews(detail);
-      node.setSize?.([node.size[0], Math.max(node.size[1], node.computeSize()[1])]);
-      node.setDirtyCanvas?.(true, true);
+      if (node) addPreview(node, detail);
     });
     api.addEventListener(TRAIN_STOPPED, ({ detail }) => {
       const node = trainNodeOf(detail);
-      if (!node) return;
-      reportWidget(node).value = `Training ${detail.reason} at step ${detail.step}.\nSaved: ${detail.saved}`;
-      node.setDirtyCanvas?.(true, true);
+      if (node) showReport(node, `Training ${detail.reason} at step ${detail.step}.\nSaved: ${detail.saved}`);
     });
   },
 });

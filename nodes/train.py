@@ -17,6 +17,7 @@ from ..trainer.data.dataset import DatasetError
 from ..trainer.data.encoded_dataset import encode_dataset
 from ..trainer.data.latent_disk_cache import (EncodeDatasetCache, LatentDiskCache, describe as describe_cache,
                                               vae_fingerprint)
+from ..trainer.lora import trigger_words as lora_words
 from ..trainer.lora.files import load_lora_file
 from ..trainer.loss_plot import loss_curve_image
 from ..trainer.training import run_reuse, saves
@@ -140,7 +141,8 @@ class LoraLabTrainLora:
                           + ([advice] if advice else []))
             for note in run.notes:
                 log.warning("[LoRA Lab] %s", note)
-            trigger_word = trigger_word or saves.shared_first_tag(dataset)
+            trigger_word = (trigger_word or saves.shared_first_tag(dataset)
+                            or (resumed_trigger_word(options.resume_from) if resume else ""))
             family = comfy_bridge.base_model_version(model)
             describe = Description(
                 output_name=run.output_name, family=family, resolution=resolution,
@@ -324,6 +326,14 @@ def load_resume(options, host) -> saves.ResumePoint:
         raise user_error(NODE, "resume_from", f"{options.resume_from!r} is not in any loras folder.",
                          "pick a file the LoRA loaders list.")
     return saves.load_resume(lora_path, options.resume_from, NODE, host.save_folders).for_optimizer(options.optimizer)
+
+
+def resumed_trigger_word(resume_from: str) -> str:
+    """The trigger word the resumed save was trained with: a continued run keeps calling up the same word
+    when none is typed and the captions share no first tag (a folder captioned half by hand, say)."""
+    words = lora_words.trigger_words(run_reuse.file_metadata(folder_paths.get_full_path("loras", resume_from)),
+                                     max_tags=0)
+    return words[0] if words else ""
 
 
 def load_resumed_weights(lora, resume, options):

@@ -39,6 +39,7 @@ def quick_values() -> dict:
     values = dict(workflow_api.QUICK_RUN_VALUES)
     values[("CheckpointLoaderSimple", "ckpt_name")] = random_models.CHECKPOINT_NAME
     values[("LoraLabBlipLoader", "model")] = TINY_BLIP
+    values[("LoraLabTrainLora", "preset")] = "none"          # a preset's 512 px would be slow here
     return values
 
 
@@ -88,7 +89,7 @@ def test_queue_the_main_workflow_and_watch_it_learn(page, ready_server):
              const report = n.widgets.find((w) => w.name === 'loralab_report');
              return {curve: n.properties.loralab_loss, status: chart.element.textContent,
                      drawn: chart.element.querySelector('canvas').toDataURL().length,
-                     report: report?.element?.value}; }""", train)
+                     report: report?.element.querySelector('textarea').value}; }""", train)
     assert len(state["curve"]) == 2 and all(v > 0 for v in state["curve"])
     assert "2/2" in state["status"]
     assert "browser_lora.safetensors" in state["report"]
@@ -111,7 +112,8 @@ def test_queue_the_main_workflow_and_watch_it_learn(page, ready_server):
 
     dataset = next(n["id"] for n in page.nodes() if n["type"] == "LoraLabDatasetFromFolder")
     dataset_report = page.page.evaluate(
-        "(id) => app.graph.getNodeById(id).widgets.find((w) => w.name === 'loralab_report')?.element?.value", dataset)
+        "(id) => app.graph.getNodeById(id).widgets.find((w) => w.name === 'loralab_report')"
+        "?.element.querySelector('textarea').value", dataset)
     assert dataset_report and DATASET in dataset_report
 
 

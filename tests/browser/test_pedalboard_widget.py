@@ -1,4 +1,5 @@
-"""The pedalboard's row editor in a real front end: add, edit, reorder, remove; save, reload, export."""
+"""The pedalboard's row editor in a real front end, in each renderer (the new front end's Vue nodes too):
+add, edit, reorder, remove; save, reload, export; its status shows a whole report."""
 from __future__ import annotations
 
 import json
@@ -16,6 +17,11 @@ def board_loras(server, tiny_unet, sd15_clip):
                            {"loralab_trigger_word": "browserx", "ss_base_model_version": "sd_v1"})
     detail = full_size_lora(server.overlay, "browser_detail.safetensors", tiny_unet, sd15_clip, 52, slice(6, 12))
     return style, detail
+
+
+def page_artifact(page, name: str):
+    from pathlib import Path
+    return Path(__file__).resolve().parents[2] / "test-artifacts" / "screenshots" / page.renderer / f"{name}.png"
 
 
 def add_board(page) -> int:
@@ -36,9 +42,13 @@ def row(page, index: int):
     return page.page.locator(f".loralab-pedal-row[data-index='{index}']")
 
 
-def test_rows_edit_reorder_and_survive_reload_and_export(page, server, board_loras):
+def test_rows_edit_reorder_and_survive_reload_and_export(renderer_page, server, board_loras):
+    page = renderer_page
     style, detail = board_loras
     node = add_board(page)
+    inside = page.page.evaluate("() => document.querySelector('.loralab-pedalboard').closest('.lg-node')?.dataset.nodeId")
+    if page.renderer == "new-vue":
+        assert inside == str(node), "the pedalboard is not inside its Vue node"
     board = page.page.locator(".loralab-pedalboard")
     board.locator("[data-action='add']").click()
     board.locator("[data-action='add']").click()
@@ -67,6 +77,13 @@ def test_rows_edit_reorder_and_survive_reload_and_export(page, server, board_lor
     board.locator("[data-action='add']").click()
     row(page, 2).locator("[data-action='remove']").click()      # an added row can be removed again
     assert len(pedals_value(page, node)) == 2
+
+    # The status holds the last run's report (a line per LoRA and the trigger words) without cutting it.
+    status = page.page.evaluate(
+        """() => { const s = document.querySelector('.loralab-pedal-status'); const r = s.getBoundingClientRect();
+                   return {height: s.clientHeight, lines: Math.floor(s.clientHeight / 15), text: s.textContent}; }""")
+    assert status["lines"] >= 4 and status["text"], status
+    page.screenshot(page_artifact(page, "pedalboard"))
 
     exported = page.graph_to_prompt()[str(node)]["inputs"]["pedals"]
     assert json.loads(exported) == pedals_value(page, node)

@@ -228,10 +228,14 @@ def test_resume_continues_the_step_count(fresh_unet, sd15_clip, small_vae, make_
     name = first["result"][2]
     assert name in resume_from_choices(), "the save is offered as a resume point"
     (picked,) = LoraLabSaveOptions().build(resume_from=name)
-    second = run_train(fresh_unet, sd15_clip, small_vae, dataset, "resumable", steps=5, options=picked)
+    # The folder's captions now share no first tag (half captioned by hand, say) and no trigger word is
+    # typed: the continued run keeps the word the save was trained with ("sks", the first run's shared tag).
+    mixed = make_dataset(2, captions=["sks, striped pattern", "a striped pattern, sks"])
+    second = run_train(fresh_unet, sd15_clip, small_vae, mixed, "resumable", steps=5, options=picked)
     assert len(second["ui"]["loss"]) == 2
     with safe_open(str(loras_dir / second["result"][2]), "pt") as f:
-        assert f.metadata()["ss_steps"] == "5"
+        assert f.metadata()["ss_steps"] == "5" and f.metadata()["loralab_trigger_word"] == "sks"
+    assert second["result"][5] == "sks"
     assert second["result"][2] != name, "the first file must not be overwritten"
 
 

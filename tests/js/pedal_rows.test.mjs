@@ -2,7 +2,7 @@
 import test from "node:test";
 import assert from "node:assert/strict";
 import {
-  addRow, clampStrength, loraOptions, moveRow, newRow, parseRows, removeRow, rowIsActive, serializeRows,
+  addRow, clampStrength, loraOptions, moveRow, newRow, parseRows, pedalTitle, removeRow, rowIsActive, serializeRows,
   setRowField, trainedTagsText, triggerText,
 } from "../../js/pedal_rows.js";
 
@@ -116,4 +116,11 @@ test("trained tags read as tag (captions), most frequent first, cut after the li
   assert.equal(trainedTagsText(info, 2), "trained tags: hero (12), red cape (7), …");
   assert.equal(trainedTagsText({ trained_tags: [] }), "");
   assert.equal(trainedTagsText(null), "");
+});
+
+test("a pedal's title says (off) exactly while it is off, keeping the user's words", () => {
+  assert.equal(pedalTitle("Pedal 2: a style LoRA (off)", true), "Pedal 2: a style LoRA");
+  assert.equal(pedalTitle("Pedal 2: a style LoRA", false), "Pedal 2: a style LoRA (off)");
+  assert.equal(pedalTitle("Pedal 2: a style LoRA (off)", false), "Pedal 2: a style LoRA (off)");
+  assert.equal(pedalTitle("LoRA Pedal", true), "LoRA Pedal");
 });

@@ -6,8 +6,8 @@ CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 DATASET = "my_dataset"
 TRIGGER = "myconcept"
 TRAINED = "my_first_lora"
-PLACEHOLDER = "{trigger}"    # Training Options' preview prompts and the Compare Grid fill in the trigger word
-POSITIVE = f"{TRIGGER}, a portrait, detailed, best quality"
+PLACEHOLDER = "{trigger}"    # the Previews node's prompts and the Compare Grid fill in the trigger word
+POSITIVE = f"{PLACEHOLDER}, a portrait, detailed, best quality"     # Prompt with Trigger fills it in
 NEGATIVE = "blurry, lowres, watermark, text"
 
 
@@ -21,10 +21,12 @@ def note(key, column, text, width=420):
     return node(key, "Note", column, {"text": text}, title="Read me", width=width)
 
 
-def sampling(column, model, clip, vae, prefix):
-    """Prompt -> KSampler -> VAEDecode -> SaveImage, sampling with the MODEL/CLIP given."""
+def sampling(column, model, clip, vae, prefix, trigger):
+    """Prompt -> KSampler -> VAEDecode -> SaveImage, sampling with the MODEL/CLIP given; the prompt's {trigger}
+    is the trigger word from `trigger` (an output), so the user sets the word once, upstream."""
     return [
-        node("positive", "CLIPTextEncode", column, {"text": POSITIVE}, {"clip": clip}, title="Prompt (trigger word first)"),
+        node("positive", "LoraLabPromptWithTrigger", column, {"text": POSITIVE}, {"clip": clip, "trigger_word": trigger},
+             title="Prompt ({trigger} = the trigger word)"),
         node("negative", "CLIPTextEncode", column, {"text": NEGATIVE}, {"clip": clip}, title="Negative prompt"),
         node("latent", "EmptyLatentImage", column, {"width": 512, "height": 512, "batch_size": 1}),
         node("sampler", "KSampler", column + 1,
@@ -50,9 +52,11 @@ def dataset_and_captions():
     ]
 
 
-TRAIN_WIDGETS = {"output_name": TRAINED, "resolution": 0, "steps": 1500, "epochs": 0, "batch_size": 1,
-                 "learning_rate": 1e-4, "rank": 16, "alpha": 8.0, "seed": 0, "control_after_generate": "fixed",
-                 "trigger_word": ""}
+# Train LoRA as picking the preset SD1.5 · character · 8 GB leaves it (js/presets.js writes these values;
+# tests/comfy/test_workflows.py checks they are the preset's).
+TRAIN_WIDGETS = {"output_name": TRAINED, "resolution": 512, "steps": 2000, "epochs": 0, "batch_size": 2,
+                 "learning_rate": 5e-4, "rank": 32, "alpha": 16.0, "seed": 0, "control_after_generate": "fixed",
+                 "trigger_word": "", "preset": "SD1.5", "goal": "character", "gpu_memory": "8 GB"}
 
 WORKFLOWS = {
     "1_caption_dataset": [
@@ -76,25 +80,27 @@ WORKFLOWS = {
              "DATASET -> CAPTION -> TRAIN -> SAMPLE, IN ONE GRAPH\n\n"
              f"1. Checkpoint: pick your SD1.5 model (e.g. {CHECKPOINT}).\n"
              f"2. Dataset: pictures in ComfyUI/input/{DATASET}/; type its name in 'folder'.\n"
-             f"3. Trigger word: set it on the Caption node ({TRIGGER} here) and start the sample prompt with it "
-             f"(the preview prompts in Training Options say {PLACEHOLDER}, which becomes it).\n"
+             f"3. Trigger word: set it on the Caption node ({TRIGGER} here) -- only there: it goes first in every "
+             f"caption, Train LoRA finds it in them, and the prompts' {PLACEHOLDER} becomes it.\n"
              "4. Queue. Watch the loss chart on Train LoRA, and every 250 steps a preview of the prompts in "
-             "Training Options rendered with the LoRA so far; the LoRA is saved in models/loras as "
+             "the Previews node rendered with the LoRA so far; the LoRA is saved in models/loras as "
              f"'{TRAINED}.safetensors' and the sampler after it already uses it.\n\n"
-             "Defaults suit SD1.5 on an 8 GB GPU: 512 px, batch 1, rank 16, alpha 8, lr 1e-4, 1500 steps "
-             "(about 20 pictures x 10 repeats x 7-8 epochs). Cancel keeps what was trained as "
+             "Train LoRA runs the preset SD1.5 / character / 8 GB (public kohya_ss, Civitai and Holostrawberry "
+             "recipes): 512 px, batch 2, rank 32, alpha 16, lr 5e-4, about 2000 steps in whole epochs. "
+             "Pick your base model, goal and GPU memory at the bottom of Train LoRA to change it; every value "
+             "stays yours to change. Cancel keeps what was trained as "
              f"{TRAINED}_stepN. Re-queueing an unchanged graph does not retrain."),
         node("checkpoint", "CheckpointLoaderSimple", 1, {"ckpt_name": CHECKPOINT}),
         *dataset_and_captions(),
-        node("options", "LoraLabTrainingOptions", 2,
+        node("options", "LoraLabPreviewOptions", 2,
              {"preview_every_n_steps": 250,
               "preview_prompts": f"{PLACEHOLDER}, a portrait\n{PLACEHOLDER}, full body, outdoors"},
-             title="Training Options (previews every 250 steps)", width=380),
+             title="Previews (every 250 steps)", width=380),
         node("train", "LoraLabTrainLora", 3, TRAIN_WIDGETS,
              {"model": ("checkpoint", 0), "clip": ("checkpoint", 1), "vae": ("checkpoint", 2),
               "dataset": ("caption", 0), "options": ("options", 0)}, width=420),
         node("loss", "PreviewImage", 3, {}, {"images": ("train", 3)}, title="Loss curve"),
-        *sampling(4, ("train", 0), ("train", 1), ("checkpoint", 2), "lora_lab/sample"),
+        *sampling(4, ("train", 0), ("train", 1), ("checkpoint", 2), "lora_lab/sample", ("train", 5)),
     ],
     "3_pedals_and_grid": [
         note("readme", 0,
@@ -129,7 +135,7 @@ WORKFLOWS = {
               "lora_stack": ("pedal3", 0)}, width=380),
         node("grid_save", "SaveImage", 5, {"filename_prefix": "lora_lab/grid"}, {"images": ("grid", 0)},
              title="Comparison grid"),
-        *sampling(3, ("apply", 0), ("apply", 1), ("checkpoint", 2), "lora_lab/stacked"),
+        *sampling(3, ("apply", 0), ("apply", 1), ("checkpoint", 2), "lora_lab/stacked", ("apply", 2)),
     ],
     "4_resume_training": [
         note("readme", 0,
@@ -137,20 +143,20 @@ WORKFLOWS = {
              f"'resume_from' picks the save to continue ({TRAINED}.safetensors, from workflow 2). Its list holds "
              "every LoRA Lab save in models/loras that has a resume state (press R to refresh it after training); "
              "the save continues exactly where it stopped (weights, optimizer, schedule, step count).\n\n"
-             "'steps' is the total: 3000 here continues a 1500-step LoRA for 1500 more. Use the same "
-             f"checkpoint, dataset folder (ComfyUI/input/{DATASET}), rank and alpha as the first run. "
+             "'steps' is the total: 4000 here continues workflow 2's LoRA (about 2000 steps) to 4000. Use the "
+             f"same checkpoint, dataset folder (ComfyUI/input/{DATASET}), preset, rank and alpha as the first run. "
              "The result is saved under the new output_name; "
              "save_every_n_steps keeps intermediate saves to compare."),
         node("checkpoint", "CheckpointLoaderSimple", 1, {"ckpt_name": CHECKPOINT}),
         node("dataset", "LoraLabDatasetFromFolder", 1,
              {"folder": DATASET, "caption_extension": ".txt", "default_repeats": 10, "batch_size": 1,
               "target_steps": 3000}),
-        node("options", "LoraLabTrainingOptions", 2,
+        node("options", "LoraLabSaveOptions", 2,
              {"resume_from": f"{TRAINED}.safetensors", "save_every_n_steps": 500}, width=400),
-        node("train", "LoraLabTrainLora", 3, dict(TRAIN_WIDGETS, output_name=f"{TRAINED}_resumed", steps=3000),
+        node("train", "LoraLabTrainLora", 3, dict(TRAIN_WIDGETS, output_name=f"{TRAINED}_resumed", steps=4000),
              {"model": ("checkpoint", 0), "clip": ("checkpoint", 1), "vae": ("checkpoint", 2),
               "dataset": ("dataset", 0), "options": ("options", 0)}, width=420),
         node("loss", "PreviewImage", 3, {}, {"images": ("train", 3)}, title="Loss curve"),
-        *sampling(4, ("train", 0), ("train", 1), ("checkpoint", 2), "lora_lab/resumed"),
+        *sampling(4, ("train", 0), ("train", 1), ("checkpoint", 2), "lora_lab/resumed", ("train", 5)),
     ],
 }

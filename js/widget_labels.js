@@ -1,0 +1,53 @@
+// Labels that say what a special value means, right beside it on the node ("epochs (0 = use steps)"),
+// and names on the text boxes that show none. Only the label changes: the widget's name (what saved
+// workflows and the API use) stays. Every renderer draws `widget.label` in place of the name when set.
+import { app } from "../../scripts/app.js";
+
+export const LABELS = {
+  LoraLabTrainLora: {
+    resolution: "resolution (0 = the model's own)",
+    epochs: "epochs (0 = count steps)",
+    preset: "preset (for this base model)",
+  },
+  LoraLabDatasetPreview: { resolution: "bucket resolution (0 = no buckets)" },
+  LoraLabLoraCompareGrid: {
+    prompts: "prompts (one per row)",
+    negative_prompt: "negative prompt",
+    sweep_index: "sweep pedal # (-1 = no sweep)",
+    sweep_strengths: "sweep strengths",
+  },
+  LoraLabNetworkOptions: { text_encoder_2_lr: "text_encoder_2_lr (SDXL only)" },
+  LoraLabNoiseOptions: { scale_v_pred_loss: "scale_v_pred_loss (v-prediction models)" },
+  LoraLabPedalboard: {
+    trained_strength_model: "trained LoRA: model strength",
+    trained_strength_clip: "trained LoRA: clip strength",
+  },
+};
+
+export function labelWidgets(node, labels) {
+  for (const widget of node.widgets ?? []) {
+    const label = labels[widget.name];
+    if (!label) continue;
+    widget.label = label;
+    // Text boxes show their name only while empty (as a placeholder): keep the label as its tooltip too.
+    const element = widget.inputEl ?? widget.element;
+    if (element && "placeholder" in element) {
+      element.placeholder = label;
+      element.title = label;
+    }
+  }
+}
+
+app.registerExtension({
+  name: "LoRALab.widgetLabels",
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    const labels = LABELS[nodeData.name];
+    if (!labels) return;
+    const onNodeCreated = nodeType.prototype.onNodeCreated;
+    nodeType.prototype.onNodeCreated = function () {
+      const result = onNodeCreated?.apply(this, arguments);
+      labelWidgets(this, labels);
+      return result;
+    };
+  },
+});
