@@ -5,6 +5,7 @@
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { showReport } from "./reports.js";
+import { remountVueNode } from "./vue_nodes_host.js";
 
 const TRAIN_NODE = "LoraLabTrainLora";
 const CHOICE_WIDGETS = ["preset", "goal", "gpu_memory"];
@@ -41,12 +42,15 @@ export async function applyPreset(node) {
   if (!family || family === "none") return null;
   const preset = (await presets())[family]?.[widget(node, "goal")?.value]?.[widget(node, "gpu_memory")?.value];
   if (!preset) return null;
-  for (const [name, value] of Object.entries(preset.widgets)) {
+  // epochs 0: the preset counts in steps, rounded to whole epochs by the run.
+  for (const [name, value] of Object.entries({ ...preset.widgets, epochs: 0 })) {
     const target = widget(node, name);
-    if (target) target.value = value;
+    if (!target) continue;
+    target.value = value;
+    // As typing it would: the widget's own callback (rounding; the Vue renderer's copy of the node).
+    target.callback?.call(target, value, app.canvas, node);
   }
-  const epochs = widget(node, "epochs");
-  if (epochs) epochs.value = 0;        // the preset counts in steps, rounded to whole epochs by the run
+  remountVueNode(node);
   showReport(node, presetSummary(preset));
   node.setDirtyCanvas?.(true, true);
   return preset;
@@ -72,5 +76,21 @@ app.registerExtension({
       }
       return result;
     };
+    const onConfigure = nodeType.prototype.onConfigure;
+    nodeType.prototype.onConfigure = function () {
+      const result = onConfigure?.apply(this, arguments);
+      resetUnknownChoices(this);
+      return result;
+    };
   },
 });
+
+export function resetUnknownChoices(node) {
+  // A workflow saved before these inputs existed fills them by position with what stood there then (null
+  // for the chart, or an old report's text): back to their defaults, so the workflow queues as it did.
+  for (const name of CHOICE_WIDGETS) {
+    const choice = widget(node, name);
+    const values = choice?.options?.values;
+    if (Array.isArray(values) && values.length && !values.includes(choice.value)) choice.value = values[0];
+  }
+}

@@ -104,7 +104,8 @@ app.registerExtension({
         this.properties.loralab_validation = message.validation_loss ?? [];
         lossChartWidget(this).draw_chart();
       }
-      if (Array.isArray(message?.previews) && message.previews.length) setPreviews(this, message.previews);
+      // The finished run's previews; none (previews off, a reused run) clears an earlier run's.
+      setPreviews(this, Array.isArray(message?.previews) ? message.previews : []);
       return result;
     };
   },
@@ -114,6 +115,7 @@ app.registerExtension({
       if (!node) return;
       node.properties = node.properties || {};
       node.loralab_curve = appendPoint(node.loralab_curve ?? [], detail);
+      if (node.loralab_curve.length === 1) setPreviews(node, []);     // a new run: the last one's are gone
       node.properties.loralab_loss = Array.from(node.loralab_curve);
       node.properties.loralab_loss_steps = curveSteps(node.loralab_curve);
       node.properties.loralab_validation = appendValidation(node.properties.loralab_validation, detail, node.loralab_curve);

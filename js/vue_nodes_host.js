@@ -12,7 +12,7 @@ import { LORALAB_AREA } from "./dom_widgets.js";
 
 const VUE_NODES_SETTING = "Comfy.VueNodes.Enabled";
 const HOST_CLASS = "loralab-vue-areas";
-const nodeLooks = new Map();        // comfyClass -> (node, element) => void, run on every pass
+const nodeLooks = new Map();        // comfyClass -> [(node, element) => void], run on every pass
 
 export function vueNodesOn() {
   try {
@@ -24,7 +24,19 @@ export function vueNodesOn() {
 
 export function onVueNode(comfyClass, look) {
   // A node kind's look in the Vue renderer (the canvas one draws it in onDrawForeground).
-  nodeLooks.set(comfyClass, look);
+  nodeLooks.set(comfyClass, [...(nodeLooks.get(comfyClass) ?? []), look]);
+}
+
+export function remountVueNode(node) {
+  // Front end 1.27's Vue widgets read their value once, when mounted (its useWidgetValue watches a copy of
+  // it), so a value set by code shows only once the node's body is mounted again: collapsing and expanding
+  // the node does that. Set the value through the widget's callback first (the renderer wraps it to update
+  // its own copy of the node), then call this.
+  if (!vueNodesOn() || node.flags?.collapsed || typeof node.collapse !== "function") return;
+  node.collapse(true);
+  requestAnimationFrame(() => requestAnimationFrame(() => {
+    if (node.flags?.collapsed) node.collapse(true);
+  }));
 }
 
 function stopDragging(host) {
@@ -99,7 +111,7 @@ function pass() {
       element.loralab_node = node;
     }
     if (!node || !String(node.comfyClass ?? node.type ?? "").startsWith("LoraLab")) continue;
-    nodeLooks.get(node.comfyClass)?.(node, element);
+    for (const look of nodeLooks.get(node.comfyClass) ?? []) look(node, element);
     const areas = (node.widgets ?? []).filter((w) => w[LORALAB_AREA] && w.element);
     if (areas.length) hostAreas(node, element, areas);
     widenForLabels(element);

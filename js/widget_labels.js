@@ -2,6 +2,7 @@
 // and names on the text boxes that show none. Only the label changes: the widget's name (what saved
 // workflows and the API use) stays. Every renderer draws `widget.label` in place of the name when set.
 import { app } from "../../scripts/app.js";
+import { onVueNode } from "./vue_nodes_host.js";
 
 export const LABELS = {
   LoraLabTrainLora: {
@@ -36,6 +37,19 @@ export function labelWidgets(node, labels) {
       element.title = label;
     }
   }
+}
+
+function labelVueRows(element, labels) {
+  // Front end 1.27's Vue renderer writes each row's label from the widget's name and ignores widget.label:
+  // the row's text is changed in place (Vue keeps it, as the name it renders from never changes).
+  for (const text of element.querySelectorAll(".lg-node-widgets .lg-widget-container p")) {
+    const label = labels[text.textContent.trim()];
+    if (label) Object.assign(text, { textContent: label, title: label });
+  }
+}
+
+for (const [comfyClass, labels] of Object.entries(LABELS)) {
+  onVueNode(comfyClass, (node, element) => labelVueRows(element, labels));
 }
 
 app.registerExtension({

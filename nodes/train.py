@@ -95,10 +95,17 @@ class LoraLabTrainLora:
             "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"},
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, preset=None, goal=None, gpu_memory=None):
+        # Named here so ComfyUI skips its own list check for them: workflows saved before they existed hold
+        # null in their places and still run (with the defaults); a real wrong value gets our message.
+        return train_preset.choice_problem(preset, goal, gpu_memory) or True
+
     def train_lora(self, model, clip, vae, dataset, output_name, resolution, steps, epochs, batch_size,
                    learning_rate, rank, alpha, seed, trigger_word="", options=None, preset=train_preset.NO_PRESET,
                    goal=train_preset.GOALS[0], gpu_memory=train_preset.GPU_MEMORY[0], unique_id=None, prompt=None):
         check_inputs(model, dataset, output_name, rank, alpha, options)
+        preset, goal, gpu_memory = train_preset.with_defaults(preset, goal, gpu_memory)
         chosen = train_preset.choose(preset, goal, gpu_memory, comfy_bridge.model_family(model), dict(
             resolution=resolution, batch_size=batch_size, learning_rate=learning_rate, rank=rank, alpha=alpha,
             steps=steps, epochs=epochs), options or TrainingOptions())

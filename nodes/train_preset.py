@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from ..trainer.training.optimizers import unavailable_reason
 from ..trainer.training.presets import FAMILIES, GOALS, GPU_MEMORY, Preset, all_presets, preset_for, whole_epochs
-from .messages import user_error
+from .messages import user_error, validation_message
 from .train_checks import NODE
 
 NO_PRESET = "none"
@@ -31,6 +31,24 @@ PRESET_INPUTS = {
     "gpu_memory": (list(GPU_MEMORY), {"default": GPU_MEMORY[0], "tooltip":
                    "Your card's memory: the preset trades batch size, resolution and memory savers for it."}),
 }
+
+
+def choice_problem(preset=None, goal=None, gpu_memory=None) -> str | None:
+    """A validation message for a preset input that is not one of its choices, else None. Empty (None or "")
+    is fine: a workflow saved before these inputs existed holds null (or an old report's text, which the
+    front end resets) in their places, and such a run takes the defaults (see `with_defaults`)."""
+    for name, value in (("preset", preset), ("goal", goal), ("gpu_memory", gpu_memory)):
+        choices = PRESET_INPUTS[name][0]
+        if value not in (None, "") and value not in choices:
+            return validation_message(NODE, name, f"{value!r} is not one of its choices.",
+                                      f"pick one of {', '.join(choices)}.")
+    return None
+
+
+def with_defaults(preset, goal, gpu_memory) -> tuple[str, str, str]:
+    """The three preset inputs with an empty value (see `choice_problem`) replaced by its default."""
+    return tuple(value if value not in (None, "") else PRESET_INPUTS[name][1]["default"]
+                 for name, value in (("preset", preset), ("goal", goal), ("gpu_memory", gpu_memory)))
 
 
 @dataclass
@@ -72,7 +90,9 @@ def choose(preset_name: str, goal: str, gpu_memory: str, model_family: str, widg
         else:
             choice.changed.append(f"{name} {_shown(widgets[name])} (preset: {_shown(wanted[name])})")
     chosen = dict(preset.options)
-    fallback = chosen.get("optimizer") and unavailable_reason(chosen["optimizer"])
+    # Only when the preset's optimizer is the one used: an Optimizer & Schedule node's choice wins.
+    fallback = ("optimizer" not in options.groups_set and chosen.get("optimizer")
+                and unavailable_reason(chosen["optimizer"]))
     if fallback:
         choice.notes.append(f"the preset's optimizer {chosen['optimizer']} is not available ({fallback}); "
                             "AdamW is used instead, at the preset's learning rate.")

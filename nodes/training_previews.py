@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -71,6 +72,7 @@ class TrainingPreviews:
         # Each render's quick pictures as /view references, {step, prompts, images}: the strip on Train LoRA.
         self.shown: list[dict] = []
         self.failed: str | None = None
+        self.run_token = f"{os.getpid()}_{time.time_ns() // 1_000_000:x}"
 
     def model_passes(self, denoiser, text, uncond, picture, device) -> list[tuple[int, dict]]:
         """The conditionings one denoising step runs: [prompt] at cfg 1; [prompt and empty, batched];
@@ -131,7 +133,10 @@ class TrainingPreviews:
         picture = Image.fromarray(pixels).resize((self.width // 2, self.height // 2), Image.BILINEAR)
         folder = os.path.join(folder_paths.get_temp_directory(), "loralab")
         os.makedirs(folder, exist_ok=True)
-        name = f"preview_{self.unique_id or 'node'}_{os.getpid()}_{step:06d}_{index}.png"
+        # A name per run, so a browser never shows a cached picture of an earlier run under the same URL;
+        # a subgraph node's id ("5:3") made file-name safe (':' is not allowed on Windows).
+        node = re.sub(r"[^A-Za-z0-9_-]", "_", str(self.unique_id or "node"))
+        name = f"preview_{node}_{self.run_token}_{step:06d}_{index}.png"
         picture.save(os.path.join(folder, name))
         return {"filename": name, "subfolder": "loralab", "type": "temp"}
 

@@ -149,10 +149,25 @@ def build(page: ComfyPage, name: str, spec: list[dict], out_dir: Path) -> Path:
     page.page.evaluate(BUILD_GRAPH_JS, [spec, DOWNLOADS])
     page.page.evaluate(LAYOUT_JS, [spec])
     workflow = page.serialize_graph()
+    workflow.setdefault("extra", {})["ds"] = opening_view(workflow["nodes"])
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(workflow, indent=2) + "\n")
     write_thumbnail(page, [node["key"] for node in spec], THUMBNAIL_NODES.get(name), out_dir / f"{name}.jpg")
     return path
+
+
+# The view a workflow opens at in the new front end (extra.ds; the 2024 one opens every workflow at 100 %).
+# Without it, that front end fits the whole graph into the window: about 37 % for workflow 2 on a 1920x1080
+# screen, below the zoom where it draws nodes as grey boxes (its "level of detail" font size, 8 px of the
+# 14 px node text: 57 %). So: the start of the flow (the readme, the loaders), readable, at 80 %.
+OPENING_ZOOM = 0.8
+
+
+def opening_view(nodes: list[dict]) -> dict:
+    """extra.ds: the top-left node corner 20 px from the window's corner, below the node titles."""
+    x0 = min(node["pos"][0] for node in nodes)
+    y0 = min(node["pos"][1] for node in nodes)
+    return {"scale": OPENING_ZOOM, "offset": [round(20 / OPENING_ZOOM - x0, 1), round(60 / OPENING_ZOOM - y0, 1)]}
 
 
 # A square from the top left of the given nodes, at most THUMBNAIL_SIDE graph px (so the 512 px picture

@@ -88,22 +88,24 @@ def quick_values(run_name: str) -> dict:
     return values
 
 
-def areas(page, node_type: str) -> list[dict]:
-    """The state of each LoRA Lab area of the node, each brought into the clear part of the page first."""
-    node = page.node_id(node_type)
+def area_in_view(page, node: int, name: str) -> dict:
+    """The state of one LoRA Lab area of the node, brought into the clear part of the page first."""
     x, y = page.page.evaluate("(id) => app.graph.getNodeById(id).pos", node)
+    area = page.show(x - 20, y - 60)
+    state = page.page.evaluate(AREA_STATE_JS, [node, name])
+    # A tall node's lower areas start below the clear part: move the view up to them (at 100 %).
+    if state["y"] + min(state["height"], 200) > area["y"] + area["height"]:
+        page.show(x - 20, y - 60 + state["y"] - area["y"] - 20)
+        state = page.page.evaluate(AREA_STATE_JS, [node, name])
+    return state
+
+
+def areas(page, node_type: str) -> list[dict]:
+    """The state of each LoRA Lab area of the node, each brought into view in turn."""
+    node = page.node_id(node_type)
     names = page.page.evaluate("(id) => app.graph.getNodeById(id).widgets.filter((w) => w.loralab_area)"
                                ".map((w) => w.name)", node)
-    found = []
-    for name in names:
-        area = page.show(x - 20, y - 60)
-        state = page.page.evaluate(AREA_STATE_JS, [node, name])
-        # A tall node's lower areas start below the clear part: move the view up to them (at 100 %).
-        if state["y"] + min(state["height"], 200) > area["y"] + area["height"]:
-            page.show(x - 20, y - 60 + state["y"] - area["y"] - 20)
-            state = page.page.evaluate(AREA_STATE_JS, [node, name])
-        found.append(state)
-    return found
+    return [area_in_view(page, node, name) for name in names]
 
 
 def check_areas(page, after_run: bool) -> dict:
@@ -174,7 +176,8 @@ def test_a_preview_opens_large_and_closes(renderer_page, ready_server, renderer)
     ui_images = page.page.evaluate(
         "(id) => (app.nodeOutputs?.[String(id)] ?? app.nodeOutputs?.[id])?.images?.length ?? 0", train)
     assert ui_images == 0, "Train LoRA's previews also show as ComfyUI's node images (nodes/train.py ui['images'])"
-    areas(page, "LoraLabTrainLora")
+    strip = area_in_view(page, train, "loralab_previews")
+    assert strip["on_top"] and strip["pictures"] == 2, strip
     picture = page.page.locator(".loralab-previews-strip img").first
     picture.click()
     large = page.page.locator(".loralab-lightbox-image")
@@ -298,5 +301,21 @@ def test_numbers_and_labels_show_whole_in_vue_nodes(renderer_page, renderer):
     ours = {int(n["id"]) for n in page.nodes() if n["type"].startswith("LoraLab")}
     rate = [value for node, label, value, _ in shown if int(node) == train and label == "learning_rate"]
     assert rate and float(rate[0]) == 0.0001, rate
+    labels = {label for node, label, _, _ in shown if int(node) == train}
+    assert {"epochs (0 = count steps)", "resolution (0 = the model's own)"} <= labels, labels
     cut = [(node, label) for node, label, _, cut in shown if cut and int(node) in ours]
     assert not cut, cut
+
+
+@pytest.mark.parametrize("workflow", sorted(WORKFLOWS))
+def test_a_bundled_workflow_opens_readable(renderer_page, renderer, workflow):
+    """The new front end fits a workflow without a saved view into the window, where workflow 2 came out at
+    37 %, drawn as grey boxes (its level of detail): each opens at its saved view, with text drawn."""
+    page = renderer_page
+    page.load_workflow_file(REPO / "workflows" / f"{workflow}.json")
+    time.sleep(0.5)                 # the new front end's fit-to-view (when there is no saved view) is a frame later
+    view = page.page.evaluate("() => ({scale: app.canvas.ds.scale, low: app.canvas.low_quality ?? false})")
+    if renderer == "legacy":
+        assert view["scale"] == 1, view           # the 2024 front end opens every workflow at 100 %
+    else:
+        assert view["scale"] == pytest.approx(0.8) and not view["low"], view

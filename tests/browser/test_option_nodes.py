@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import urllib.request
+from pathlib import Path
 
 import pytest
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 pytestmark = pytest.mark.server
 
@@ -16,6 +19,17 @@ ADD_NODE_JS = """([type, x, y]) => {
   node.pos = [x, y];
   return node.id;
 }"""
+
+
+# The value a Vue node's row shows for a widget (its number or text box).
+VUE_ROW_JS = """(([id, name]) => {
+  const node = document.querySelector(`.lg-node[data-node-id="${id}"]`);
+  for (const row of node?.querySelectorAll('.lg-widget-container') ?? []) {
+    const label = row.querySelector('p')?.textContent.trim() ?? '';
+    if (label === name || label.startsWith(name + ' (')) return row.querySelector('input')?.value ?? null;
+  }
+  return null;
+})"""
 
 
 def widget_values(page, node_id: int) -> dict:
@@ -45,6 +59,12 @@ def test_picking_a_preset_writes_its_values_on_the_node(renderer_page, server):
     for name, value in expected["widgets"].items():
         assert shown[name] == pytest.approx(value), (name, shown[name], value)
     assert shown["epochs"] == 0, "the preset counts in steps"
+    if page.renderer == "new-vue":          # what the Vue node shows, not only the widget's value
+        page.page.wait_for_function("(arg) => " + VUE_ROW_JS + "(arg) === String(arg[2])", arg=[train, "rank",
+                                    expected["widgets"]["rank"]], timeout=10_000)
+        for name, value in expected["widgets"].items():
+            text = page.page.evaluate(VUE_ROW_JS, [train, name])
+            assert float(text.replace(",", "")) == pytest.approx(value), (name, text, value)
     report = page.page.evaluate(
         "(id) => app.graph.getNodeById(id).widgets.find((w) => w.name === 'loralab_report')"
         ".element.querySelector('textarea').value", train)
@@ -91,3 +111,16 @@ def test_the_old_training_options_node_splits_into_the_option_nodes(renderer_pag
         chain.append(node["class_type"])
         link = node["inputs"].get("options")
     assert sorted(chain) == sorted(made), chain
+
+
+def test_a_workflow_saved_before_the_presets_loads_with_valid_choices(renderer_page):
+    """Saved by the last release (tests/fixtures/workflows_2026_11): its Train LoRA had a display box where
+    preset now is. Loaded, the three choices show their defaults and the prompt queues them."""
+    page = renderer_page
+    page.load_workflow_file(FIXTURES / "workflows_2026_11" / "4_resume_training.json")
+    train = page.node_id("LoraLabTrainLora")
+    shown = widget_values(page, train)
+    assert (shown["preset"], shown["goal"], shown["gpu_memory"]) == ("none", "character", "8 GB"), shown
+    assert shown["output_name"] == "my_first_lora_resumed" and shown["rank"] == 16, "the old values stay put"
+    inputs = page.graph_to_prompt()[str(train)]["inputs"]
+    assert (inputs["preset"], inputs["goal"], inputs["gpu_memory"]) == ("none", "character", "8 GB"), inputs

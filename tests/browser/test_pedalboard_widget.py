@@ -26,7 +26,8 @@ def page_artifact(page, name: str):
 
 def add_board(page) -> int:
     node = page.page.evaluate(
-        """() => { const n = LiteGraph.createNode('LoraLabPedalboard'); n.pos = [80, 80];
+        # On an empty graph: in the Vue renderer the default graph's nodes lie over a board placed among them.
+        """() => { app.graph.clear(); const n = LiteGraph.createNode('LoraLabPedalboard'); n.pos = [80, 80];
                    app.graph.add(n); app.canvas.ds.scale = 1; app.canvas.ds.offset = [0, 0];
                    app.graph.setDirtyCanvas(true, true); return n.id; }""")
     page.page.wait_for_selector(".loralab-pedalboard", state="visible", timeout=10_000)

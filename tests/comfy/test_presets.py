@@ -130,3 +130,37 @@ def test_options_added_since_runs_were_saved_leave_their_identity_unchanged_whil
         settings_of(plain, NOT_IN_RUN_IDENTITY + options_added_since_saved(plain)))
     held_out = TrainingOptions(validation_pictures=2)
     assert settings_of(held_out, NOT_IN_RUN_IDENTITY + options_added_since_saved(held_out))["validation_pictures"] == 2
+
+
+def test_a_workflow_saved_before_the_preset_inputs_runs_with_the_defaults(fresh_unet, sd15_clip, small_vae,
+                                                                          make_dataset):
+    """Such a workflow holds null where preset, goal and gpu_memory now are (the front end fills the widgets
+    by position): ComfyUI must not refuse it, and it trains with no preset. A value that is really wrong is
+    refused with the input named."""
+    from lora_lab.nodes.train import LoraLabTrainLora
+    assert LoraLabTrainLora.VALIDATE_INPUTS(preset=None, goal=None, gpu_memory=None) is True
+    assert LoraLabTrainLora.VALIDATE_INPUTS(preset="SD1.5", goal="style", gpu_memory="12 GB") is True
+    message = LoraLabTrainLora.VALIDATE_INPUTS(preset="none", goal="style", gpu_memory="Saved old.safetensors")
+    assert "[LoRA Lab · Train LoRA › gpu_memory]" in message and "24+ GB" in message, message
+    result = run_train(fresh_unet, sd15_clip, small_vae, make_dataset(1), "saved_before_presets", steps=1,
+                       preset=None, goal=None, gpu_memory=None)
+    assert len(result["ui"]["loss"]) == 1 and "preset " not in result["ui"]["text"][0]
+
+
+def test_the_preset_optimizer_note_only_when_the_preset_chooses_the_optimizer(pack):
+    """An Optimizer & Schedule node's optimizer wins over the preset's, so a missing AdamW8bit is not news."""
+    from lora_lab.nodes import train_preset
+    from lora_lab.nodes.option_nodes import LoraLabOptimizerOptions
+    from lora_lab.nodes.training_options import TrainingOptions
+    from lora_lab.trainer.training.optimizers import unavailable_reason
+    widgets = dict(resolution=512, batch_size=2, learning_rate=5e-4, rank=32, alpha=16, steps=2000, epochs=0)
+    (chosen_by_node,) = LoraLabOptimizerOptions().build(optimizer="AdamW")
+    with_node = train_preset.choose(*PICK, "sd_v1", widgets, chosen_by_node)
+    assert not any("is not available" in note for note in with_node.notes), with_node.notes
+    assert with_node.options.optimizer == "AdamW"
+    alone = train_preset.choose(*PICK, "sd_v1", widgets, TrainingOptions())
+    preset_optimizer = alone.preset.options.get("optimizer")
+    if preset_optimizer and unavailable_reason(preset_optimizer):      # bitsandbytes missing (this machine)
+        assert any("is not available" in note for note in alone.notes) and alone.options.optimizer == "AdamW"
+    else:
+        assert alone.options.optimizer == (preset_optimizer or "AdamW")

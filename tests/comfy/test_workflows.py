@@ -85,6 +85,19 @@ def test_saved_widget_values_match_the_nodes_inputs(object_info):
                 "run tools/build_workflows.py")
 
 
+def test_each_workflow_opens_at_its_start_at_a_readable_zoom():
+    """Saved view (extra.ds): the new front end would otherwise fit the whole graph, below the zoom where it
+    draws text (8 px of 14 px node text: 57 %); at 0.8 the top-left node sits just inside the window."""
+    for path in bundled():
+        workflow = load(path.stem)
+        view = workflow["extra"]["ds"]
+        assert 0.6 <= view["scale"] <= 1, (path.name, view)
+        x0 = min(node["pos"][0] for node in workflow["nodes"])
+        y0 = min(node["pos"][1] for node in workflow["nodes"])
+        corner = [(x0 + view["offset"][0]) * view["scale"], (y0 + view["offset"][1]) * view["scale"]]
+        assert 0 < corner[0] < 100 and 30 < corner[1] < 150, (path.name, corner)
+
+
 def test_the_first_run_is_the_sd15_8gb_preset_and_needs_only_a_folder_and_a_trigger_word(pack, object_info):
     """Workflow 2 trains with the SD1.5 · character · 8 GB preset's values as picking it writes them, and the
     trigger word is typed once (the Caption node): the sample prompt takes it from Train LoRA's output."""
