@@ -15,7 +15,6 @@ import torch
 
 import comfy.model_management
 import comfy.utils
-import folder_paths
 
 from ..trainer.captions import edits as caption_edits
 from ..trainer.captions.edits import MODES, CaptionEdits, SidecarReport, final_caption, needs_generation
@@ -23,6 +22,7 @@ from ..trainer.captions.blip import (DOWNLOAD_PATTERNS, HUB_FILES, KNOWN_MODELS,
                                  missing_files, pick_dtype, resolve_snapshot)
 from ..trainer.data.dataset import DatasetError
 from ..trainer.paths import is_inside
+from .folders import model_folders
 from .messages import user_error
 
 CATEGORY = "LoRA Lab/Caption"
@@ -31,10 +31,7 @@ LOG = logging.getLogger("lora_lab.caption")
 
 
 def blip_folders() -> list[str]:
-    """Every registered ``blip`` model folder; ``models/blip`` is registered unless the user already did."""
-    if FOLDER_KIND not in folder_paths.folder_names_and_paths:
-        folder_paths.add_model_folder_path(FOLDER_KIND, os.path.join(folder_paths.models_dir, FOLDER_KIND))
-    return folder_paths.get_folder_paths(FOLDER_KIND)
+    return model_folders(FOLDER_KIND)
 
 
 def model_choices() -> list[str]:

@@ -14,6 +14,15 @@ from ..trainer.training.saves import SaveFolders
 from .messages import user_error
 
 
+def model_folders(kind: str) -> list[str]:
+    """Every registered model folder of ``kind`` (extra_model_paths.yaml adds more); ``models/<kind>`` is
+    registered unless the user already did. Called at import by the nodes that use a kind, so it exists
+    for other code before their first run."""
+    if kind not in folder_paths.folder_names_and_paths:
+        folder_paths.add_model_folder_path(kind, os.path.join(folder_paths.models_dir, kind))
+    return folder_paths.get_folder_paths(kind)
+
+
 def loras_root() -> str:
     """The first loras folder: every LoRA loader lists it on both ComfyUI versions (output/ is not)."""
     return folder_paths.get_folder_paths("loras")[0]

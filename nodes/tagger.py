@@ -20,7 +20,6 @@ import torch
 
 import comfy.model_management
 import comfy.utils
-import folder_paths
 
 from ..trainer.captions.tag_chart import tag_chart
 from ..trainer.captions.tag_frequency import COMMON_SHARE, count_tags, describe
@@ -34,6 +33,7 @@ from ..trainer.data.dataset import Dataset, DatasetError
 # Shared with the Caption node on purpose: the same sidecar rules, report lines, offline check and lazy pictures.
 from .caption import LoraLabCaption, _LazyImages, _offline_reason, _sidecar_lines, write_sidecars_for
 from .dataset import _save_temp_png, _to_image_tensor
+from .folders import model_folders
 from .messages import LoraLabError, user_error
 
 CATEGORY = "LoRA Lab/Caption"
@@ -43,11 +43,7 @@ LISTED_PICTURES = 40                 # per-picture lines in the report; the rest
 
 
 def tagger_folders() -> list[str]:
-    """Every registered ``wd14_tagger`` folder (extra_model_paths.yaml ``wd14_tagger:`` adds more);
-    ``models/wd14_tagger`` is registered unless the user already did."""
-    if FOLDER_KIND not in folder_paths.folder_names_and_paths:
-        folder_paths.add_model_folder_path(FOLDER_KIND, os.path.join(folder_paths.models_dir, FOLDER_KIND))
-    return folder_paths.get_folder_paths(FOLDER_KIND)
+    return model_folders(FOLDER_KIND)
 
 
 def model_choices() -> list[str]:
