@@ -6,6 +6,7 @@
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { DOM_MARGIN, domArea } from "./dom_widgets.js";
+import { element, hideWidget, watchValue } from "./value_widget.js";
 import { STRENGTH_LIMIT, STRENGTH_STEP, addRow, loraOptions, moveRow, parseRows, removeRow, rowIsActive, serializeRows, setRowField, trainedTagsText, triggerText } from "./pedal_rows.js";
 
 const NODE = "LoraLabPedalboard";
@@ -48,55 +49,7 @@ function fetchLoraInfo(name) {
   return loraInfo.get(name);
 }
 
-// --- the hidden value widget ---------------------------------------------------------------------------
-function hideWidget(widget) {
-  // New front ends (litegraph class widgets, Vue nodes) honour `hidden` / `options.hidden`; the 2024
-  // front end draws by type, so there the widget becomes an undrawn, zero-height "hidden" one.
-  widget.hidden = true;
-  widget.options ??= {};
-  widget.options.hidden = true;
-  if (typeof LGraphNode !== "undefined" && typeof LGraphNode.prototype.isWidgetVisible !== "function") {
-    widget.type = "hidden";
-  }
-  widget.computeSize = () => [0, -4];
-}
-
-function watchValue(widget, onExternalChange) {
-  // Re-render when anything but the editor sets the value. The widget's own accessor (if any) keeps
-  // doing the storing; this only wraps it.
-  let descriptor = null;
-  for (let o = widget; o && !descriptor; o = Object.getPrototypeOf(o)) {
-    descriptor = Object.getOwnPropertyDescriptor(o, "value");
-  }
-  let stored = widget.value;
-  try {
-    Object.defineProperty(widget, "value", {
-      configurable: true,
-      enumerable: true,
-      get() { return descriptor?.get ? descriptor.get.call(this) : stored; },
-      set(v) {
-        if (descriptor?.set) descriptor.set.call(this, v);
-        else stored = v;
-        onExternalChange(v);
-      },
-    });
-  } catch (error) {
-    console.warn("LoRA Lab: pedalboard cannot watch its value; reload re-renders it", error);
-  }
-}
-
 // --- the board ----------------------------------------------------------------------------------------
-function element(tag, attributes = {}, ...children) {
-  const el = document.createElement(tag);
-  for (const [key, value] of Object.entries(attributes)) {
-    if (key === "style") el.style.cssText = value;
-    else if (key === "dataset") Object.assign(el.dataset, value);
-    else el[key] = value;
-  }
-  el.append(...children);
-  return el;
-}
-
 function strengthInput(value, field, title) {
   return element("input", {
     type: "number", min: -STRENGTH_LIMIT, max: STRENGTH_LIMIT, step: STRENGTH_STEP, value: String(value), title,

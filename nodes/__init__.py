@@ -1,13 +1,13 @@
 """ComfyUI adapters. Each module registers its own nodes; this file only merges the tables."""
-from . import dataset, caption, tagger, train, option_nodes, pedals, pedalboard, prompt, epoch_grid, routes
+from . import dataset, caption, tagger, train, option_nodes, pedals, pedalboard, prompt, epoch_grid, review, routes
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}
-for _module in (dataset, caption, tagger, train, option_nodes, pedals, pedalboard, prompt, epoch_grid):
+for _module in (dataset, caption, tagger, train, option_nodes, pedals, pedalboard, prompt, epoch_grid, review):
     NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
     NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
 
-# The pedalboard's row editor asks the server for LoRA names and headers (a no-op without a server).
+# The pedalboard's row editor and the caption review ask the server (a no-op without a server).
 routes.register_with_server()
 
 CATEGORY_ROOT = "LoRA Lab"

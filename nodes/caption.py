@@ -267,7 +267,9 @@ NAME_MAX = 255                  # bytes per file name on ext4, NTFS, APFS
 TEMPORARY_NAME_EXTRA = 14       # the sidecar writer's ".<name>.<8 random>.tmp"
 
 
-def write_sidecars_for(dataset, captions: list[str], mode: str) -> SidecarReport:
+def write_sidecars_for(dataset, captions: list[str], mode: str, node: str = "Caption Dataset",
+                       input_name: str | None = "write_sidecars") -> SidecarReport:
+    """Write ``captions`` next to the dataset's pictures; an OS error becomes a message of ``node``."""
     paths = [item.caption_path for item in dataset.items]
     moved = [path for path in paths if path and not _still_inside(path, dataset.root)]
     too_long = [path for path in paths if path and path not in moved
@@ -277,7 +279,7 @@ def write_sidecars_for(dataset, captions: list[str], mode: str) -> SidecarReport
         report = caption_edits.write_sidecars([None if path in refused else path for path in paths], captions,
                                               replace_existing=mode != "fill-missing", backup_root=dataset.root)
     except OSError as error:      # disk full, permissions: name the file instead of a bare traceback
-        raise user_error(LoraLabCaption.TITLE, "write_sidecars",
+        raise user_error(node, input_name,
                          f"Writing the caption file {error.filename or ''} failed ({error.strerror or error}); "
                          f"caption files written before it are kept.",
                          "Free disk space or fix the folder's permissions and queue again, or turn write_sidecars "

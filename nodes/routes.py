@@ -4,6 +4,10 @@
 ``GET /loralab/lora_info?name=N`` -> {"name", "trigger_words", "trained_tags", "base_model", "network_dim", ...}
 ``GET /loralab/presets``          -> {"SD1.5": {"character": {"8 GB": {"widgets", "options", "notes"}}}, ...}
   (Train LoRA's preset choice writes a preset's widget values into the node: js/presets.js)
+``GET /loralab/review/pictures?session=T``     -> {"pictures": [{"key", "caption"}], "can_save", "folder"}
+``GET /loralab/review/thumb?session=T&index=I`` -> a JPEG of picture I of a Review Captions run
+``POST /loralab/review/save`` {"session": T, "captions": {key: caption}} -> {"written", "replaced", ..., "report"}
+  (the review editor, js/caption_review.js; sessions and the rules are in review.py)
 
 The info route reads the file's safetensors header only (8-byte length + JSON): no tensor is loaded,
 nothing is unpickled, and names go through the same resolution as the pedals, so a request cannot
@@ -21,11 +25,14 @@ from ..trainer.lora import stack as stacks
 from ..trainer.lora import trigger_words as lora_words
 from ..trainer.lora.stack import LoraNotFoundError, LoraStackError
 from . import pedals as pedal_nodes
-from . import train_preset
+from . import review, train_preset
 
 LORAS_ROUTE = "/loralab/loras"
 INFO_ROUTE = "/loralab/lora_info"
 PRESETS_ROUTE = "/loralab/presets"
+REVIEW_PICTURES_ROUTE = "/loralab/review/pictures"
+REVIEW_THUMB_ROUTE = "/loralab/review/thumb"
+REVIEW_SAVE_ROUTE = "/loralab/review/save"
 log = logging.getLogger("LoRA Lab")
 
 
@@ -113,6 +120,38 @@ def add_routes(routes) -> None:
             None, lora_info, request.query.get("name"))
         return web.json_response(body, status=status)
 
+    @routes.get(REVIEW_PICTURES_ROUTE)
+    async def loralab_review_pictures(request):
+        try:
+            return web.json_response(review.pictures(request.query.get("session")))
+        except review.ReviewRequestError as error:
+            return web.json_response({"error": str(error)}, status=error.status)
+
+    @routes.get(REVIEW_THUMB_ROUTE)
+    async def loralab_review_thumb(request):
+        try:
+            data = await asyncio.get_running_loop().run_in_executor(
+                None, review.thumbnail, request.query.get("session"), request.query.get("index"))
+        except review.ReviewRequestError as error:
+            return web.json_response({"error": str(error)}, status=error.status)
+        # A token names one run's dataset, so its pictures never change: the browser may keep them.
+        return web.Response(body=data, content_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
+    @routes.post(REVIEW_SAVE_ROUTE)
+    async def loralab_review_save(request):
+        try:
+            body = await request.json()
+        except ValueError:
+            return web.json_response({"error": "Send JSON: {\"session\": ..., \"captions\": {...}}."}, status=400)
+        if not isinstance(body, dict):
+            return web.json_response({"error": "Send a JSON object."}, status=400)
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(
+                None, review.save, body.get("session"), body.get("captions"))
+        except review.ReviewRequestError as error:
+            return web.json_response({"error": str(error)}, status=error.status)
+        return web.json_response(result)
+
 
 def register_with_server() -> bool:
     """Add the routes to the running ComfyUI server, once; False when there is none (in-process tests).
@@ -128,7 +167,7 @@ def register_with_server() -> bool:
     try:
         add_routes(routes)
     except Exception:      # the nodes still work without the row editor's lists; say why it is empty
-        logging.exception("LoRA Lab: could not register %s, %s and %s", LORAS_ROUTE, INFO_ROUTE, PRESETS_ROUTE)
+        logging.exception("LoRA Lab: could not register its routes (%s ...)", LORAS_ROUTE)
         return False
     prompt_server._loralab_routes = True
     return True

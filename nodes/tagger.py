@@ -31,10 +31,10 @@ from ..trainer.captions.wd14_labels import TagListError
 from ..trainer.captions.wd14_select import MCUT_CHOICES, TagOptions, select_tags
 from ..trainer.data.dataset import Dataset, DatasetError
 # Shared with the Caption node on purpose: the same sidecar rules, report lines, offline check and lazy pictures.
-from .caption import LoraLabCaption, _LazyImages, _offline_reason, _sidecar_lines, write_sidecars_for
+from .caption import _LazyImages, _offline_reason, _sidecar_lines, write_sidecars_for
 from .dataset import _save_temp_png, _to_image_tensor
 from .folders import model_folders
-from .messages import LoraLabError, user_error
+from .messages import user_error
 
 CATEGORY = "LoRA Lab/Caption"
 FOLDER_KIND = "wd14_tagger"          # ComfyUI-WD14-Tagger's name: one folder serves both packs
@@ -265,10 +265,7 @@ class LoraLabTagImages:
         return {"ui": {"text": [report]}, "result": (tagged, report)}
 
     def _write_sidecars(self, dataset, mode):
-        try:
-            return write_sidecars_for(dataset, [item.caption for item in dataset.items], mode)
-        except LoraLabError as error:     # the shared writer names the Caption node; this node wrote the files
-            raise LoraLabError(str(error).replace(f"{LoraLabCaption.TITLE} ›", f"{self.TITLE} ›", 1)) from None
+        return write_sidecars_for(dataset, [item.caption for item in dataset.items], mode, node=self.TITLE)
 
 
 def _run_tagger(node, tagger, dataset, batch_size):
