@@ -10,6 +10,7 @@ request can only read the pictures, and write the caption files, of a dataset a 
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import os
@@ -64,6 +65,9 @@ class LoraLabReviewCaptions:
             "reviewed": ("STRING", {"default": "", "tooltip":
                 "Your edited captions, kept in the workflow (the node's editor writes this; it is hidden there). "
                 "They replace what arrives from upstream for those pictures."}),
+            "ready_to_train": ("BOOLEAN", {"default": True, "tooltip":
+                "Off: a Train LoRA after this node waits (it stops with a note saying so) while you read and fix "
+                "the captions here. Switch on and queue again to train."}),
         }}
 
     RETURN_TYPES = ("LORALAB_DATASET", "STRING")
@@ -75,7 +79,7 @@ class LoraLabReviewCaptions:
                    "everywhere, trigger word first, filter by tag. Training uses the edited captions; Save writes "
                    "them as .txt files.")
 
-    def review(self, dataset, reviewed):
+    def review(self, dataset, reviewed, ready_to_train=True):
         if not isinstance(dataset, Dataset):
             raise user_error(self.TITLE, "dataset", f"Expected a LoRA Lab dataset, got {type(dataset).__name__}.",
                              "Connect the output of a Dataset, Caption or Tag Images node.")
@@ -84,13 +88,17 @@ class LoraLabReviewCaptions:
         except ReviewError as error:
             raise user_error(self.TITLE, "reviewed", error.problem, error.fix) from None
         token = open_session(dataset)
-        report = describe(dataset, outcome)
+        report = describe(dataset, outcome, ready_to_train)
+        result = outcome.dataset
+        if not ready_to_train:
+            result = dataclasses.replace(result, waiting_for_review="The captions are waiting for your review: "
+                                         "ready_to_train is off on Review Captions.")
         # Only the token travels in the message (and in the saved workflow): the editor asks for the pictures.
         return {"ui": {"review": [{"session": token, "count": len(dataset.items)}], "text": [report]},
-                "result": (outcome.dataset, report)}
+                "result": (result, report)}
 
 
-def describe(dataset: Dataset, outcome) -> str:
+def describe(dataset: Dataset, outcome, ready_to_train: bool = True) -> str:
     total = len(dataset.items)
     lines = [f"{total} picture(s) to review"
              + (f" from {os.path.basename(dataset.root)}." if dataset.root else " (an IMAGE batch: nothing to save).")]
@@ -107,6 +115,9 @@ def describe(dataset: Dataset, outcome) -> str:
     uncaptioned = sum(not item.caption for item in outcome.dataset.items)
     if uncaptioned:
         lines.append(f"{uncaptioned} picture(s) have no caption; they train on the empty prompt.")
+    if not ready_to_train:
+        lines.append("ready_to_train is off: Train LoRA waits. Read and fix the captions, then switch it on and "
+                     "queue again.")
     return "\n".join(lines)
 
 

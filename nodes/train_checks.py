@@ -34,6 +34,10 @@ def check_inputs(model, dataset, output_name, rank, alpha, options=None):
     if dataset is None or not getattr(dataset, "items", None):
         raise user_error(NODE, "dataset", "the dataset has no pictures.",
                          "check the folder in the dataset node and its report.")
+    if getattr(dataset, "waiting_for_review", ""):
+        raise user_error(NODE, "dataset", dataset.waiting_for_review,
+                         "read and fix the captions on Review Captions (its pictures are listed now), then switch its "
+                         "ready_to_train on and queue again.")
     if not str(output_name).strip():
         raise user_error(NODE, "output_name", "the name is empty.", "type a name such as 'my_lora'.")
     folders.check_output_name(output_name, NODE)

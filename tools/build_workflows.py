@@ -43,6 +43,7 @@ THUMBNAIL_NODES = {
     "2_caption_train_sample": ["train"],
     "3_pedals_and_grid": ["pedal1", "apply"],
     "4_resume_training": ["options", "train"],
+    "5_tag_review_train": ["review"],
 }
 
 BUILD_GRAPH_JS = """

@@ -46,9 +46,10 @@ def load_dataset(pack, name):
         return pack.NODE_CLASS_MAPPINGS[FOLDER]().load(name, ".txt", 1, 1, 0)["result"][0]
 
 
-def run_review(pack, dataset, reviewed=""):
+def run_review(pack, dataset, reviewed="", ready_to_train=True):
     with torch.inference_mode():
-        output = pack.NODE_CLASS_MAPPINGS[NODE]().review(dataset=dataset, reviewed=reviewed)
+        output = pack.NODE_CLASS_MAPPINGS[NODE]().review(dataset=dataset, reviewed=reviewed,
+                                                         ready_to_train=ready_to_train)
     reviewed_dataset, report = output["result"]
     assert output["ui"]["text"] == [report]
     return reviewed_dataset, report, output["ui"]["review"][0]
@@ -63,7 +64,7 @@ def test_node_is_declared_for_comfyui(pack):
     assert cls.CATEGORY == "LoRA Lab/Caption" and cls.OUTPUT_NODE
     assert cls.RETURN_TYPES == ("LORALAB_DATASET", "STRING")
     inputs = cls.INPUT_TYPES()["required"]
-    assert list(inputs) == ["dataset", "reviewed"] and all(options.get("tooltip") for _, options in inputs.values())
+    assert list(inputs) == ["dataset", "reviewed", "ready_to_train"] and all(options.get("tooltip") for _, options in inputs.values())
     assert pack.NODE_DISPLAY_NAME_MAPPINGS[NODE] == "Review Captions (LoRA Lab)"
 
 
@@ -96,6 +97,21 @@ def test_an_unreadable_value_names_the_node_input_and_fix(pack, errors_module, d
 @pytest.fixture(scope="module")
 def errors_module(pack):
     return importlib.import_module(pack.__name__ + ".messages")
+
+
+def test_train_lora_waits_while_ready_to_train_is_off(pack, errors_module, dataset_dir, tiny_unet):
+    checks = importlib.import_module(pack.__name__ + ".train_checks")
+    waiting, report, _ = run_review(pack, load_dataset(pack, dataset_dir[0]), ready_to_train=False)
+    assert "ready_to_train is off: Train LoRA waits" in report
+    with pytest.raises(errors_module.LoraLabError) as caught:
+        checks.check_inputs(tiny_unet, waiting, "name", 4, 4.0)
+    message = str(caught.value)
+    assert "Train LoRA › dataset" in message and "waiting for your review" in message
+    assert "switch its ready_to_train on and queue again" in message
+    # Later caption edits keep the hold; switched on, training goes ahead.
+    assert waiting.with_captions(["x"] * len(waiting.items)).waiting_for_review
+    ready, _, _ = run_review(pack, load_dataset(pack, dataset_dir[0]))
+    checks.check_inputs(tiny_unet, ready, "name", 4, 4.0)
 
 
 def test_thumbnails_are_small_jpegs_of_the_run_pictures_only(pack, review, dataset_dir):

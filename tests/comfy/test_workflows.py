@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 import demo_data
 import random_models
+import tagger_models
 import workflow_api
 from bundled_workflows import CHECKPOINT, DATASET, PLACEHOLDER, TRAINED, TRIGGER, WORKFLOWS
 
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.server
 REPO = Path(__file__).resolve().parents[2]
 FOLDER = REPO / "workflows"
 TINY_BLIP = "tiny-test-blip"
+TINY_TAGGER = "tiny-test-tagger"
 
 
 def bundled() -> list[Path]:
@@ -34,7 +36,7 @@ def load(name: str) -> dict:
     return json.loads((FOLDER / f"{name}.json").read_text())
 
 
-def test_four_workflows_each_with_a_thumbnail():
+def test_five_workflows_each_with_a_thumbnail():
     assert [p.stem for p in bundled()] == sorted(WORKFLOWS)
     for path in bundled():
         thumbnail = path.with_suffix(".jpg")
@@ -55,6 +57,10 @@ def test_notes_say_what_to_set():
             assert "checkpoint" in text
         if "LoraLabCaption" in kinds:
             assert "trigger word" in text
+        if "LoraLabReviewCaptions" in kinds:   # shipped holding training: say how to release it
+            assert "ready_to_train" in text and "save caption files" in text
+        if "LoraLabWd14Loader" in kinds:
+            assert "onnxruntime" in text and "models/wd14_tagger/" in text
         if "LoraLabLoraStack" in kinds:       # pedals shipped switched off: say how to use them
             assert "switched off" in text and "pick" in text and "enabled" in text
 
@@ -155,6 +161,9 @@ def workflow_server(server):
     blip = server.overlay / "models" / "blip" / TINY_BLIP
     if not blip.exists():
         random_models.tiny_blip(blip)
+    tagger = server.overlay / "models" / "wd14_tagger" / TINY_TAGGER
+    if not tagger.exists():
+        tagger_models.build_tagger(tagger, size=64)
     for name in (TRAINED, f"{TRAINED}_resumed", "style", "detail"):
         (server.overlay / "models" / "loras" / f"{name}.safetensors").unlink(missing_ok=True)
     return server
@@ -165,6 +174,7 @@ def run_bundled(server, object_info, name: str, values: dict | None = None) -> t
     quick = dict(workflow_api.QUICK_RUN_VALUES)
     quick[("CheckpointLoaderSimple", "ckpt_name")] = random_models.CHECKPOINT_NAME
     quick[("LoraLabBlipLoader", "model")] = TINY_BLIP
+    quick[("LoraLabWd14Loader", "model")] = TINY_TAGGER
     quick.update(values or {})
     prompt = workflow_api.with_values(prompt, quick)
     return prompt, server.run(prompt, timeout=1800)
@@ -249,6 +259,29 @@ def test_workflow_4_resumes_the_trained_lora(workflow_server, object_info, train
         assert f.metadata()["ss_steps"] == "4"
     report = history["outputs"][node_id(prompt, "LoraLabTrainLora")]["text"][0]
     assert "resum" in report.lower()
+
+
+def test_workflow_5_holds_training_for_review_then_trains_on_the_reviewed_captions(workflow_server, object_info):
+    """As shipped, the first queue tags and lists the pictures and Train LoRA waits (ready_to_train off); with the
+    review's edits in the node and ready_to_train on, the LoRA's tag counts are the reviewed captions'."""
+    pytest.importorskip("onnxruntime")
+    from comfyui_server import ComfyExecutionError
+    with pytest.raises(ComfyExecutionError) as held:
+        run_bundled(workflow_server, object_info, "5_tag_review_train")
+    assert "waiting for your review" in str(held.value) + json.dumps(held.value.details)
+    keys = sorted(p.relative_to(workflow_server.overlay / "input" / DATASET).as_posix()
+                  for p in (workflow_server.overlay / "input" / DATASET).rglob("*.png"))
+    reviewed = json.dumps({"version": 1, "captions": {key: f"{TRIGGER}, reviewed picture {i}"
+                                                      for i, key in enumerate(keys)}})
+    prompt, history = run_bundled(workflow_server, object_info, "5_tag_review_train",
+                                  {("LoraLabReviewCaptions", "ready_to_train"): True,
+                                   ("LoraLabReviewCaptions", "reviewed"): reviewed,
+                                   ("LoraLabTrainLora", "output_name"): "workflow_5_lora"})
+    assert saved_image(workflow_server, history, node_id(prompt, "SaveImage")).size == (64, 64)
+    with safe_open(str(workflow_server.overlay / "models" / "loras" / "workflow_5_lora.safetensors"), "pt") as f:
+        frequency = json.loads(f.metadata()["ss_tag_frequency"])
+    counts = {tag: count for folder in frequency.values() for tag, count in folder.items()}
+    assert counts == {TRIGGER: len(keys), **{f"reviewed picture {i}": 1 for i in range(len(keys))}}
 
 
 def test_resume_from_accepts_old_empty_values_and_names_a_missing_save(workflow_server, object_info):

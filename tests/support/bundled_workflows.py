@@ -159,4 +159,44 @@ WORKFLOWS = {
         node("loss", "PreviewImage", 3, {}, {"images": ("train", 3)}, title="Loss curve"),
         *sampling(4, ("train", 0), ("train", 1), ("checkpoint", 2), "lora_lab/resumed", ("train", 5)),
     ],
+    "5_tag_review_train": [
+        note("readme", 0,
+             "TAG, REVIEW AND TRAIN A CHARACTER\n\n"
+             f"1. Put pictures of your character in ComfyUI/input/{DATASET}/; type that name in 'folder'. "
+             f"Pick your SD1.5 checkpoint.\n"
+             f"2. Trigger word: on the Caption node ({TRIGGER} here); it goes first in every caption.\n"
+             "3. Queue. BLIP writes a sentence, the WD14 tagger adds booru tags (1girl, red dress...) and Review "
+             "Captions lists every picture with its caption. Train LoRA waits: ready_to_train is off.\n"
+             "4. Read the captions on Review Captions and fix what is wrong. Remove the tags that describe the "
+             "character itself (hair, eyes, outfit: 'Show with tag(s)' finds them), so they bind to the trigger "
+             "word. Save caption files keeps them as .txt files next to the pictures.\n"
+             "5. Switch ready_to_train on and queue again: Train LoRA trains on the reviewed captions, and the "
+             "sampler draws the character with the trigger word.\n\n"
+             "BLIP base (about 1 GB) and the tagger wd-swinv2-tagger-v3 (about 450 MB) download on first use. "
+             "Offline, put their files in ComfyUI/models/blip/blip-base/ and "
+             "ComfyUI/models/wd14_tagger/wd-swinv2-tagger-v3/ (model.onnx, selected_tags.csv). The tagger "
+             "needs onnxruntime: pip install onnxruntime."),
+        node("checkpoint", "CheckpointLoaderSimple", 1, {"ckpt_name": CHECKPOINT}),
+        node("dataset", "LoraLabDatasetFromFolder", 1,
+             {"folder": DATASET, "caption_extension": ".txt", "default_repeats": 10, "batch_size": 1,
+              "target_steps": 1500}),
+        node("blip", "LoraLabBlipLoader", 1, {"model": "blip-base", "device": "auto", "precision": "auto"}),
+        node("tagger", "LoraLabWd14Loader", 1, {"model": "wd-swinv2-tagger-v3", "device": "auto"}),
+        node("caption", "LoraLabCaption", 2,
+             {"mode": "fill-missing", "trigger_word": TRIGGER, "prompt": "", "min_length": 5, "max_length": 30,
+              "num_beams": 3, "batch_size": 8, "find": "", "replace": "", "remove_tags": "", "write_sidecars": False},
+             {"dataset": ("dataset", 0), "blip": ("blip", 0)}, width=380),
+        node("tag", "LoraLabTagImages", 2,
+             {"merge": "BLIP sentence, then tags", "general_threshold": 0.35, "character_threshold": 0.85,
+              "mcut": "off", "rating_tags": False, "replace_underscores": True, "escape_parentheses": True,
+              "exclude_tags": "", "first_tags": "", "batch_size": 8, "write_sidecars": False,
+              "sidecar_mode": "fill-missing"},
+             {"dataset": ("caption", 0), "tagger": ("tagger", 0)}, width=380),
+        node("review", "LoraLabReviewCaptions", 3, {"reviewed": "", "ready_to_train": False},
+             {"dataset": ("tag", 0)}, width=640),
+        node("train", "LoraLabTrainLora", 4, TRAIN_WIDGETS,
+             {"model": ("checkpoint", 0), "clip": ("checkpoint", 1), "vae": ("checkpoint", 2),
+              "dataset": ("review", 0)}, width=420),
+        *sampling(5, ("train", 0), ("train", 1), ("checkpoint", 2), "lora_lab/character", ("train", 5)),
+    ],
 }

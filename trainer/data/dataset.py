@@ -69,6 +69,8 @@ class Dataset:
     skipped: tuple[tuple[str, str], ...] = ()
     warnings: tuple[str, ...] = ()
     pixels: "torch.Tensor | None" = None    # (N,H,W,3) float 0..1, IMAGE-batch datasets only
+    # Set by a review that is not finished (Review Captions' ready_to_train off): why training must wait.
+    waiting_for_review: str = ""
 
     @property
     def num_images(self) -> int:
