@@ -105,10 +105,11 @@ def describe(dataset: Dataset, outcome, ready_to_train: bool = True) -> str:
     if outcome.edited:
         lines.append(f"{len(outcome.edited)} caption(s) come from your review (kept in the workflow): "
                      f"{_names(outcome.edited)}.")
-    else:
-        lines.append("No caption edited here yet: the captions go on as they arrived.")
     if outcome.unchanged:
-        lines.append(f"{len(outcome.unchanged)} reviewed caption(s) now arrive from upstream as reviewed (saved).")
+        lines.append(f"{len(outcome.unchanged)} reviewed caption(s) arrive from upstream as you reviewed them "
+                     f"(saved as files).")
+    if not outcome.edited and not outcome.unchanged:
+        lines.append("No caption edited here yet: the captions go on as they arrived.")
     if outcome.unknown:
         lines.append(f"{len(outcome.unknown)} reviewed caption(s) are for pictures this dataset no longer holds "
                      f"(kept in the workflow, unused): {_names(outcome.unknown)}.")

@@ -12,6 +12,7 @@ import pytest
 import comfyui_home
 import demo_data
 import random_models
+import tagger_models
 import workflow_api
 from bundled_workflows import CHECKPOINT, DATASET, TRAINED, TRIGGER, WORKFLOWS
 from comfy_browser import overlapping
@@ -22,6 +23,7 @@ pytestmark = pytest.mark.server
 REPO = Path(__file__).resolve().parents[2]
 SCREENSHOTS = REPO / "test-artifacts" / "screenshots"
 TINY_BLIP = "tiny-test-blip"
+TINY_TAGGER = "tiny-test-tagger"
 PACK_NAME = comfyui_home.PACK_LINK_NAME        # the Templates browser's category: the pack's folder name
 EVENTS = ["loralab.train.progress", "loralab.train.preview", "executing", "executed", "execution_start",
           "execution_success", "execution_error", "execution_cached"]
@@ -31,6 +33,8 @@ AREAS = {
     "LoraLabCaption": ["loralab_report"],
     "LoraLabTrainLora": ["loralab_loss_chart", "loralab_previews", "loralab_report"],
     "LoraLabPedalboard": ["loralab_pedalboard"],
+    "LoraLabTagImages": ["loralab_report"],
+    "LoraLabReviewCaptions": ["loralab_review"],
 }
 
 AREA_STATE_JS = """
@@ -62,6 +66,9 @@ def ready_server(server, tiny_unet, sd15_clip):
     blip = server.overlay / "models" / "blip" / TINY_BLIP
     if not blip.exists():
         random_models.tiny_blip(blip)
+    tagger = server.overlay / "models" / "wd14_tagger" / TINY_TAGGER
+    if not tagger.exists():
+        tagger_models.build_tagger(tagger, size=64)
     # The trained one carries its trigger word, which workflow 3's prompts ask for.
     for seed, (name, metadata) in enumerate([(f"{TRAINED}.safetensors", {"loralab_trigger_word": TRIGGER}),
                                              ("style.safetensors", {}), ("detail.safetensors", {})]):
@@ -77,6 +84,8 @@ def quick_values(run_name: str) -> dict:
     values = dict(workflow_api.QUICK_RUN_VALUES)
     values[("CheckpointLoaderSimple", "ckpt_name")] = random_models.CHECKPOINT_NAME
     values[("LoraLabBlipLoader", "model")] = TINY_BLIP
+    values[("LoraLabWd14Loader", "model")] = TINY_TAGGER
+    values[("LoraLabReviewCaptions", "ready_to_train")] = True    # workflow 5 holds training for the review
     values[("LoraLabTrainLora", "output_name")] = run_name
     values[("LoraLabTrainLora", "seed")] = zlib.crc32(run_name.encode()) % 100_000
     values[("LoraLabTrainLora", "preset")] = "none"              # the preset's 512 px would be slow here
@@ -123,6 +132,8 @@ def check_areas(page, after_run: bool) -> dict:
             if page.renderer == "new-vue":
                 assert area["vue_node"] == str(page.node_id(node_type)), f"{where} is not inside its Vue node"
             assert area["text"] or area["pictures"] or area["drawn"] > 3000, f"{where} is empty: {area}"
+            if after_run and name == "loralab_review":      # every picture listed, thumbnails drawn
+                assert area["pictures"] >= 3 and "edited" in area["text"], (where, area)
             if after_run and name == "loralab_report":
                 assert "report of the last run shows here" not in area["text"] or len(area["text"]) > 60, (where, area)
         found[node_type] = state
