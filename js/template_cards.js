@@ -26,6 +26,10 @@ export const CARDS = {
     title: "4 · Resume a training",
     description: "Continue a saved LoRA (weights, optimizer, schedule, step count) for more steps under a new name.",
   },
+  "5_tag_review_train": {
+    title: "5 · Tag, review and train a character",
+    description: "Folder → BLIP sentence + WD14 tags → read and fix every caption on the node → Train LoRA → sample.",
+  },
 };
 const ORDER = Object.keys(CARDS);
 
