@@ -2,8 +2,8 @@
 
     .venv/bin/python tools/bench_tagging.py [--size 448] [--width 32] [--depth 4] [--pictures 32] [--batch 8]
 
-Runs the pack's own ``Wd14Tagger`` (preprocessing included, as the Tag Images node runs it) on a tagger
-exported from torch with SmilingWolf's signature and random weights (no tagger can be downloaded here), on
+Runs the pack's own ``Wd14Tagger`` as the Tag Images node runs it (preprocessing included, the next batch prepared
+while the model runs; once more preparing and running in turn, for comparison) on a tagger exported from torch with SmilingWolf's signature and random weights (no tagger can be downloaded here), on
 onnxruntime's CPU provider. A real tagger (SwinV2/ViT/ConvNeXt, about 100 M parameters) does far more work
 per picture than this one, so its absolute speed is lower; the batched/single ratio is what this measures.
 """
@@ -41,13 +41,16 @@ def random_pictures(count: int, seed: int = 0):
     return [Image.fromarray(rng.integers(0, 256, (*sizes[i % 3][::-1], 3), dtype=np.uint8)) for i in range(count)]
 
 
-def pictures_per_second(tagger, pictures, batch_size: int, repeats: int) -> float:
-    times = []
+def pictures_per_second(tagger, pictures, settings: dict[str, dict], repeats: int) -> dict[str, float]:
+    """Each setting's pictures/s (median of ``repeats``), the settings taking turns so that other work on the
+    machine slows them alike."""
+    times: dict[str, list[float]] = {name: [] for name in settings}
     for _ in range(repeats):
-        started = time.perf_counter()
-        tagger.probabilities(pictures, batch_size=batch_size)
-        times.append(time.perf_counter() - started)
-    return len(pictures) / statistics.median(times)
+        for name, keywords in settings.items():
+            started = time.perf_counter()
+            tagger.probabilities(pictures, **keywords)
+            times[name].append(time.perf_counter() - started)
+    return {name: len(pictures) / statistics.median(spent) for name, spent in times.items()}
 
 
 def main() -> None:
@@ -67,8 +70,10 @@ def main() -> None:
         tagger = Wd14Tagger(files_in(folder), "cpu", name="bench")
         pictures = random_pictures(args.pictures)
         tagger.probabilities(pictures[: args.batch], batch_size=args.batch)       # warm-up: kernels, caches
-        single = pictures_per_second(tagger, pictures, 1, args.repeats)
-        batched = pictures_per_second(tagger, pictures, args.batch, args.repeats)
+        speeds = pictures_per_second(tagger, pictures, {
+            "single": {"batch_size": 1}, "batched": {"batch_size": args.batch},
+            "in turn": {"batch_size": args.batch, "prepare_ahead": False}}, args.repeats)
+        single, batched, in_turn = speeds["single"], speeds["batched"], speeds["in turn"]
         model_mb = os.path.getsize(folder / "model.onnx") / 1e6
         started = time.perf_counter()
         prepare_batch(pictures, args.size)
@@ -80,7 +85,10 @@ def main() -> None:
           f"x {args.width} channels, {len(tagger.tags)} tags, {model_mb:.2f} MB; {args.pictures} pictures "
           f"(768x512, 512x768, 640x640), preprocessing included; median of {args.repeats}")
     print(f"one at a time:      {single:6.1f} pictures/s")
-    print(f"batched ({args.batch:>3}):      {batched:6.1f} pictures/s   ({batched / single:.2f}x)")
+    print(f"batched ({args.batch:>3}):      {batched:6.1f} pictures/s   ({batched / single:.2f}x)   the node's way: the next "
+          f"batch is prepared while the model runs")
+    print(f"  same, in turn:    {in_turn:6.1f} pictures/s   ({in_turn / single:.2f}x)   preparing and running one after "
+          f"the other")
     print(f"preprocessing only: {preprocessing:6.1f} pictures/s   (pad + BICUBIC resize, the reference's; "
           f"the part batching cannot speed up)")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

@@ -154,7 +154,12 @@ def test_progress_callback_per_batch_and_an_exception_there_stops(tagger):
 
     with pytest.raises(KeyboardInterrupt):
         tagger.probabilities(lazy, batch_size=2, on_batch_done=cancel)
-    assert lazy.asked == [0, 1], "only the first batch may be read before Cancel"
+    # The next batch is prepared while the model runs this one: at most that one is read ahead of Cancel.
+    assert lazy.asked == [0, 1, 2, 3], "only the first batch and the one prepared ahead may be read before Cancel"
+    lazy.asked = []
+    with pytest.raises(KeyboardInterrupt):
+        tagger.probabilities(lazy, batch_size=2, on_batch_done=cancel, prepare_ahead=False)
+    assert lazy.asked == [0, 1]
     assert tagger.probabilities([], batch_size=4).shape == (0, len(tagger.tags))
     with pytest.raises(ValueError):
         tagger.probabilities(pictures(), batch_size=0)
