@@ -7,7 +7,8 @@ while a half-precision copy trains, and are put back exactly as they were on exi
 Cancel):
 - off the device (CPU memory) when training on a GPU;
 - in a temporary file when training on the CPU, where parking them in memory would save nothing.
-Written tensor by tensor (``numpy.tofile``), so parking never needs a second copy of the model.
+Written tensor by tensor as raw bytes (``numpy.tofile``), so parking never needs a second copy of the model;
+fp8_base.py parks its originals (any dtype) the same way.
 Norm layers keep their own dtype: CPU kernels refuse a half-precision norm weight with fp32 input.
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ class _Parked:
     name: str
     requires_grad: bool
     shape: tuple[int, ...]
+    dtype: torch.dtype = torch.float32
     offset: int = 0                        # in the parking file (CPU training)
     copy: torch.Tensor | None = None       # in CPU memory (GPU training)
 
@@ -59,20 +61,10 @@ def frozen_weights_in(network: nn.Module, dtype: torch.dtype | None, parking_fol
     if not targets:
         yield 0
         return
-    on_cpu = all(getattr(m, n).device.type == "cpu" for m, n in targets)
-    file_path = None
-    parked: list[_Parked] = []
     try:
-        if on_cpu:
-            file_path = _park_in_file(targets, parking_folder, parked)
-        else:
-            for module, name in targets:
-                param = getattr(module, name)
-                parked.append(_Parked(module, name, param.requires_grad, tuple(param.shape),
-                                      copy=param.detach().to("cpu", copy=True)))
+        parked, file_path = park_parameters(targets, parking_folder)
     except OSError as failed:
         log.warning("[LoRA Lab] could not set the fp32 weights aside (%s); training keeps them in fp32", failed)
-        _remove(file_path)
         yield 0
         return
 
@@ -85,38 +77,53 @@ def frozen_weights_in(network: nn.Module, dtype: torch.dtype | None, parking_fol
                 entry.module._parameters[entry.name] = nn.Parameter(param.detach().to(dtype), requires_grad=False)
         yield len(parked)
     finally:
-        _restore(parked, file_path)
-        _remove(file_path)
+        restore_parameters(parked, file_path)
 
 
-def _park_in_file(targets, folder: str | None, parked: list[_Parked]) -> str:
-    handle, path = tempfile.mkstemp(prefix="loralab-frozen-", suffix=".f32", dir=folder)
+def park_parameters(targets: list[tuple[nn.Module, str]], folder: str | None) -> tuple[list[_Parked], str | None]:
+    """Copies of the parameters, to put back bitwise later: in CPU memory when they live on a GPU, else in a
+    temporary file in ``folder`` (parking in memory would save nothing). Raises OSError (disk full) with
+    nothing left behind."""
+    parked: list[_Parked] = []
+    if not all(getattr(module, name).device.type == "cpu" for module, name in targets):
+        for module, name in targets:
+            param = getattr(module, name)
+            parked.append(_Parked(module, name, param.requires_grad, tuple(param.shape), param.dtype,
+                                  copy=param.detach().to("cpu", copy=True)))
+        return parked, None
+    handle, path = tempfile.mkstemp(prefix="loralab-frozen-", suffix=".bin", dir=folder)
     offset = 0
     try:
         with os.fdopen(handle, "wb") as file:
             for module, name in targets:
                 param = getattr(module, name)
-                array = param.detach().contiguous().numpy()
+                # Raw bytes: numpy has no bf16 or fp8, and bytes come back bitwise whatever the dtype.
+                array = param.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
                 array.tofile(file)
-                parked.append(_Parked(module, name, param.requires_grad, tuple(param.shape), offset=offset))
+                parked.append(_Parked(module, name, param.requires_grad, tuple(param.shape), param.dtype,
+                                      offset=offset))
                 offset += array.nbytes
     except BaseException:
         _remove(path)
         raise
-    return path
+    return parked, path
 
 
-def _restore(parked: list[_Parked], file_path: str | None) -> None:
-    with torch.no_grad():
-        for entry in parked:
-            current = entry.module._parameters[entry.name]
-            if entry.copy is not None:
-                original = entry.copy.to(current.device)
-            else:
-                count = int(np.prod(entry.shape)) if entry.shape else 1
-                values = np.fromfile(file_path, dtype=np.float32, count=count, offset=entry.offset)
-                original = torch.from_numpy(values).reshape(entry.shape)
-            entry.module._parameters[entry.name] = nn.Parameter(original, requires_grad=entry.requires_grad)
+def restore_parameters(parked: list[_Parked], file_path: str | None) -> None:
+    """Put the parked originals back, bitwise, with their requires_grad flags; then drop the parking file."""
+    try:
+        with torch.no_grad():
+            for entry in parked:
+                current = entry.module._parameters[entry.name]
+                if entry.copy is not None:
+                    original = entry.copy.to(current.device)
+                else:
+                    count = (int(np.prod(entry.shape)) if entry.shape else 1) * entry.dtype.itemsize
+                    raw = np.fromfile(file_path, dtype=np.uint8, count=count, offset=entry.offset)
+                    original = torch.from_numpy(raw).view(entry.dtype).reshape(entry.shape)
+                entry.module._parameters[entry.name] = nn.Parameter(original, requires_grad=entry.requires_grad)
+    finally:
+        _remove(file_path)
 
 
 def _remove(path: str | None) -> None:
