@@ -21,6 +21,7 @@ from ..trainer.lora import trigger_words as lora_words
 from ..trainer.lora.files import load_lora_file
 from ..trainer.loss_plot import loss_curve_image
 from ..trainer.training import run_reuse, saves
+from ..trainer.training.fp8_base import frozen_base_in_fp8, has_fp8_weights
 from ..trainer.training.half_precision_base import frozen_weights_in
 from ..trainer.training.kohya_metadata import Description, kohya_max_token_length
 from ..trainer.training.loop import TrainSettings, train
@@ -156,7 +157,7 @@ class LoraLabTrainLora:
                 settings=settings, dataset=split.trained_items(dataset), trigger_word=trigger_word,
                 epoch_plan=epoch_plan, epochs=epochs, v_parameterization=comfy_bridge.predicts_v(model),
                 base_model=model_sources.base_model(prompt, unique_id, model, clip),
-                gradient_checkpointing=options.gradient_checkpointing,
+                gradient_checkpointing=options.gradient_checkpointing, fp8_base=options.fp8_base,
                 max_token_length=None if family in comfy_bridge.FLOW_FAMILIES else kohya_max_token_length(
                     encoding.cross_attn.shape[1] for encoding in data.conds.values()))
             if resume and resume.step >= settings.steps and epochs > 0:
@@ -207,7 +208,7 @@ NOT_IN_RUN_IDENTITY = ("save_every_n_steps", "save_every_n_epochs", "keep_last_s
 def options_added_since_saved(options) -> tuple[str, ...]:
     """Options added after runs were saved, left out of the identity while off, so those runs stay reusable
     (and an interrupted one continuable) after an update."""
-    return () if options.validation_pictures else ("validation_pictures",)
+    return (() if options.validation_pictures else ("validation_pictures",)) + (() if options.fp8_base else ("fp8_base",))
 
 
 def identity_of_run(model, data, settings, options, resolution, trigger_word, resume) -> str | None:
@@ -286,12 +287,16 @@ def train_adapters(model, clip, split, settings, options, device, run, describe,
     try:
         with comfy_bridge.trainable_unet(model, options.gradient_checkpointing,
                                          clip=clip if clip_in_loop else None) as network, \
+                (frozen_base_in_fp8(network, folders.parking_folder(), convert=options.fp8_base)
+                 if options.fp8_base or has_fp8_weights(network) else contextlib.nullcontext()) as fp8, \
                 frozen_weights_in(network, HALF_PRECISION.get(settings.mixed_precision),
                                   folders.parking_folder()), \
                 (comfy_bridge.trainable_text_encoder(clip) if text_encoder_trains
                  else contextlib.nullcontext()) as text_model, \
                 torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(settings.seed)
+            if fp8 is not None:
+                run.notes.append(fp8.describe())
             lora = inject_adapters(model, network, clip, text_model, settings.network, settings.seed, device)
             with run.kept_if_stopped(lora, describe):
                 lora.train(True)

@@ -85,6 +85,7 @@ class TrainingOptions:
     text_encoder_2_lr: float = 0.0
     save_every_n_epochs: int = 0
     validation_pictures: int = 0       # pictures held out of training to measure a validation loss per epoch
+    fp8_base: bool = False             # the frozen model's Linear weights in fp8 (trainer/training/fp8_base.py)
     # The groups an option node set (GROUPS' keys); the others are Train LoRA's preset's to fill.
     groups_set: frozenset = field(default=frozenset())
 
@@ -148,7 +149,7 @@ GROUPS = {
               "resume_from"),
     "previews": ("preview_every_n_steps", "preview_prompts", "preview_seed", "preview_steps", "preview_cfg",
                  "validation_pictures"),
-    "memory": ("precision", "gradient_checkpointing", "latent_disk_cache"),
+    "memory": ("precision", "gradient_checkpointing", "latent_disk_cache", "fp8_base"),
 }
 GROUP_OF = {name: group for group, names in GROUPS.items() for name in names}
 

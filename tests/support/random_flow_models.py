@@ -96,7 +96,7 @@ def sd3_model_patcher(seed: int = 0, **config):
     return _patcher(comfy.supported_models.SD3(sd3_unet_config(**config)), seed)
 
 
-def flux_model_patcher(seed: int = 0, **config):
+def flux_model_patcher(seed: int = 0, weight_dtype: torch.dtype | None = None, **config):
     """ComfyUI's Flux BaseModel (flow matching, ModelSamplingFlux shift 1.15), tiny, in a ModelPatcher on
     the CPU. Flux dev by default; ``guidance_embed=False`` gives a schnell-like model (FluxSchnell's
     sampling: shift 1.0, multiplier 1.0, ModelType.FLOW). ``config``: flux_unet_config's arguments.
@@ -105,7 +105,20 @@ def flux_model_patcher(seed: int = 0, **config):
     import comfy.supported_models
     unet = flux_unet_config(**config)
     family = comfy.supported_models.Flux if unet["guidance_embed"] else comfy.supported_models.FluxSchnell
-    return _patcher(family(unet), seed)
+    random = _patcher(family(unet), seed)
+    if weight_dtype is None:
+        return random
+    # As Load Diffusion Model with weight_dtype fp8_e4m3fn builds it: ComfyUI's manual-cast ops, weights stored
+    # in that dtype, computing in fp32 here (the CPU); the same random weights, cast by load_state_dict.
+    import comfy.model_patcher
+    stored = family(unet)
+    stored.set_inference_dtype(weight_dtype, torch.float32)
+    with torch.inference_mode():
+        model = stored.get_model({})
+        model.load_state_dict(random.model.state_dict())
+    model.eval()
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 
 
 # --- what else a flow model needs to train: a 16-channel VAE and its text encoders -----------------

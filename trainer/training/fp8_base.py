@@ -21,7 +21,6 @@ import logging
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .half_precision_base import park_parameters, restore_parameters
@@ -73,14 +72,25 @@ class _Fp8Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, scale, bias):
         ctx.save_for_backward(weight, scale)
-        out = F.linear(x, dequantize(weight, scale, x.dtype), None if bias is None else bias.to(x.dtype))
-        return out
+        return _linear_into_new_tensor(x, dequantize(weight, scale, x.dtype), None if bias is None else bias.to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad_out):
         weight, scale = ctx.saved_tensors
         grad_x = grad_out @ dequantize(weight, scale, grad_out.dtype) if ctx.needs_input_grad[0] else None
         return grad_x, None, None, None
+
+
+def _linear_into_new_tensor(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear, written into a tensor of its own. F.linear returns a view for 3-D inputs, and a view made inside
+    a custom Function may not be changed in place afterwards (Flux's blocks do ``txt += ...``)."""
+    out = x.new_empty(*x.shape[:-1], weight.shape[0])
+    flat_x, flat_out = x.reshape(-1, x.shape[-1]), out.view(-1, weight.shape[0])
+    if bias is None:
+        torch.mm(flat_x, weight.t(), out=flat_out)
+    else:
+        torch.addmm(bias, flat_x, weight.t(), out=flat_out)
+    return out
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -108,11 +118,19 @@ def _keeps_its_own_forward(module: nn.Module) -> bool:
             or bool(getattr(module, "weight_function", None)) or bool(getattr(module, "bias_function", None)))
 
 
+def has_fp8_weights(network: nn.Module) -> bool:
+    return any(isinstance(m, nn.Linear) and not _keeps_its_own_forward(m) and m.weight.dtype in FP8_TYPES
+               for m in network.modules())
+
+
 @contextlib.contextmanager
-def frozen_base_in_fp8(network: nn.Module, parking_folder: str | None = None):
+def frozen_base_in_fp8(network: nn.Module, parking_folder: str | None = None, convert: bool = True):
     """Inside: every Linear weight of ``network`` is fp8 with a per-row scale, and its layer computes through
     _Fp8Linear; adapters injected afterwards keep their own dtype (InjectedLora casts them). On exit: the
-    original weights, bitwise, and each layer's own forward. Yields an Fp8Report."""
+    original weights, bitwise, and each layer's own forward. Yields an Fp8Report.
+
+    ``convert`` False: only the weights that already are fp8 compute through _Fp8Linear (so a model loaded in
+    fp8 trains without autograd keeping an upcast copy of each); the others stay as they are."""
     report = Fp8Report()
     to_convert, already, wrapped = [], [], []
     for module in network.modules():
@@ -122,7 +140,7 @@ def frozen_base_in_fp8(network: nn.Module, parking_folder: str | None = None):
             report.kept += 1
         elif module.weight.dtype in FP8_TYPES:
             already.append(module)
-        elif module.weight.dtype.is_floating_point:
+        elif convert and module.weight.dtype.is_floating_point:
             to_convert.append(module)
     parked, file_path = park_parameters([(module, "weight") for module in to_convert], parking_folder) \
         if to_convert else ([], None)

@@ -292,6 +292,7 @@ class Description:
     v_parameterization: bool = False
     base_model: BaseModel = field(default_factory=BaseModel)
     gradient_checkpointing: bool = False
+    fp8_base: bool = False
     max_token_length: int | None = None      # kohya's: None = 75 tokens; 150, 225 for longer captions
     session_id: int = field(default_factory=lambda: random.randint(0, 2 ** 32))   # kohya: one per run
 
@@ -312,6 +313,7 @@ class Description:
             "ss_batch_size_per_device": str(settings.batch_size),
             "ss_total_batch_size": str(settings.batch_size * settings.gradient_accumulation),
             "ss_gradient_checkpointing": str(bool(self.gradient_checkpointing)),
+            "ss_fp8_base": str(bool(self.fp8_base)),
             "ss_cache_latents": "True",          # every picture is encoded once before the first step
             "ss_max_token_length": str(self.max_token_length),
             "ss_enable_bucket": "True", "ss_bucket_no_upscale": "False",   # small pictures are scaled up

@@ -21,8 +21,9 @@ Conventions (kohya arithmetic: steps per epoch = pictures x repeats / batch size
   text encoder, gradient checkpointing and (SD3, Flux) the resolution.
 - Where a recipe needs an optional package (AdamW8bit: bitsandbytes) this table still names it; the
   caller falls back to AdamW, with a note, when the package is missing.
-- The engine has no fp8/quantized base and no block swap yet (issue #19). Where the recipe relies on
-  them (SD3 and Flux), the other values are kept and a note says what to expect today.
+- SD3 and Flux train on an fp8 base (``fp8_base``), as every recipe read holds them 8-bit (kohya's
+  ``--fp8_base``, ai-toolkit's ``quantize: true``). Block swap is not built yet (issue #19): where a
+  recipe relies on it, the other values are kept and a note says what to expect today.
 
 Sources read for this table (snapshots of 2026-02 to 2026-08):
   kohya-ss/sd-scripts docs/*.md, bmaltais/kohya_ss presets/lora/*.json, ostris/ai-toolkit
@@ -77,22 +78,21 @@ SDXL_UNET_ONLY = ("the text encoders are not trained at this memory size (kohya 
                   "--network_train_unet_only for SDXL LoRAs; it also saves their memory).")
 SDXL_24GB = ("Civitai's trainer shows the same 2000 pictures as batch 4 x 500 steps; with 24 GB you may do "
              "that instead (batch_size 4, steps 500).")
-SD3_24GB = ("ai-toolkit trains SD3.5 Large 8-bit quantized even at 24 GB; LoRA Lab has no quantized base yet "
-            "(issue #19), and SD3.5 Large's 8B weights take 16 GB in bf16: expect it to be tight. SD3 Medium "
-            "and SD3.5 Medium fit with room to spare.")
-SD3_16GB = ("SD3.5 Large does not fit in 16 GB without an fp8 base or block swap, not built yet (issue #19): "
-            "expect out-of-memory with it today. SD3 Medium and SD3.5 Medium fit.")
-SD3_LOW = ("512 px, as SimpleTuner's lowest-memory SD3 setup (10-12 GB) trains; that setup also uses a 4-bit "
-           "(nf4) base LoRA Lab does not have yet (issue #19): use SD3 Medium / SD3.5 Medium, SD3.5 Large "
-           "will run out of memory.")
+SD3_24GB = ("ai-toolkit trains SD3.5 Large 8-bit quantized even at 24 GB, as this preset does (fp8_base): its 8B "
+            "weights take 8 GB in fp8. SD3 Medium and SD3.5 Medium fit with room to spare.")
+SD3_16GB = ("SD3.5 Large in fp8 is 8 GB of weights: tight at 16 GB without block swap, which is not built yet "
+            "(issue #19). SD3 Medium and SD3.5 Medium fit.")
+SD3_LOW = ("512 px, as SimpleTuner's lowest-memory SD3 setup (10-12 GB) trains; that setup holds the base in "
+           "4 bits (nf4), LoRA Lab in fp8 and without block swap yet (issue #19): use SD3 Medium / SD3.5 Medium, "
+           "SD3.5 Large will run out of memory.")
 FLUX_FP8 = ("Flux.1 in bf16 needs more than 30 GB to train (SimpleTuner: 'a bit more than 30G VRAM when not "
-            "quantising the base model'); every recipe here loads it 8-bit, which LoRA Lab cannot yet "
-            "(issue #19): expect out-of-memory on cards under 32 GB today.")
+            "quantising the base model'); every recipe here holds it 8-bit, as this preset does (fp8_base: "
+            "its 12B weights take 12 GB).")
 
 
 def _swap_note(blocks: str) -> str:
     return (f"kohya's recipe for this memory also swaps {blocks} transformer blocks to the CPU "
-            "(--blocks_to_swap) on an fp8 base; neither is built yet (issue #19).")
+            "(--blocks_to_swap), which is not built yet (issue #19): expect out-of-memory at 1024 px.")
 
 
 @dataclass(frozen=True)
@@ -199,7 +199,7 @@ _FAMILY = {
     # min-SNR weighting (the engine refuses it for SD3/Flux), no noise offset (ai-toolkit's default 0.0).
     # Not taken: "caption_dropout_rate: 0.05" (here changing captions keep the T5-XXL text encoder on the
     # GPU for the whole run, gigabytes these memory sizes do not have), "ema_config: use_ema: true"
-    # (LoRA Lab has no EMA), "quantize: true" (issue #19, see the notes). Civitai's SD3.5 defaults
+    # (LoRA Lab has no EMA). "quantize: true" (8-bit): fp8_base. Civitai's SD3.5 defaults
     # (2024-11 to 2025-10: Unet LR 1e-5, Dim 2, Alpha 16) are left aside: rank 2 is an outlier among
     # the recipes read, and its alpha 16 is over the engine's 4 x rank warning.
     "SD3": _Change(
@@ -207,7 +207,7 @@ _FAMILY = {
         options=dict(optimizer="AdamW8bit", optimizer_args="eps=1e-06", weight_decay=0.01,
                      lr_schedule="constant", network_preset="kohya default", train_text_encoder=False,
                      min_snr_gamma=0.0, noise_offset=0.0,
-                     precision="bf16", gradient_checkpointing=True, latent_disk_cache=True),
+                     precision="bf16", gradient_checkpointing=True, latent_disk_cache=True, fp8_base=True),
         sources=(AIT_SD35, AIT_OPTIMIZER, SDS_SD3)),
 
     # Flux: ai-toolkit's train_lora_flux_24gb.yaml: "linear: 16", "linear_alpha: 16", "batch_size: 1",
@@ -219,13 +219,13 @@ _FAMILY = {
     # "--learning_rate=1e-4", "--optimizer_type=\"AdamW8bit\"", "--lr_scheduler=\"constant\""), and
     # Civitai caps Flux at batch 1 for its AI Toolkit engine ("aiToolkitBatchMax ... return 1") and turns
     # min-SNR off ("flux_dev: { all: { disabled: true, default: 0, max: 0 } }"). Not taken, as for SD3:
-    # caption dropout 0.05, EMA, the 8-bit quantized base.
+    # caption dropout 0.05, EMA. Taken: the 8-bit base ("quantize: true"; kohya's --fp8_base): fp8_base.
     "Flux": _Change(
         values=dict(resolution=1024, batch_size=1, learning_rate=1e-4, rank=16, alpha=16.0, target_steps=2000),
         options=dict(optimizer="AdamW8bit", optimizer_args="eps=1e-06", weight_decay=0.01,
                      lr_schedule="constant", network_preset="kohya default", train_text_encoder=False,
                      min_snr_gamma=0.0, noise_offset=0.0,
-                     precision="bf16", gradient_checkpointing=True, latent_disk_cache=True),
+                     precision="bf16", gradient_checkpointing=True, latent_disk_cache=True, fp8_base=True),
         notes=(FLUX_FP8,),
         sources=(AIT_FLUX, AIT_OPTIMIZER, SDS_FLUX, CIVITAI_AIT)),
 }

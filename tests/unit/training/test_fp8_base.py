@@ -125,6 +125,23 @@ def test_weights_that_already_are_fp8_are_used_as_they_are():
     assert model[3].weight is fp8_weight
 
 
+def test_without_convert_only_weights_already_in_fp8_change_how_they_compute():
+    from lora_lab.trainer.training.fp8_base import has_fp8_weights
+    model = network()
+    assert not has_fp8_weights(model)
+    model[3].weight = nn.Parameter(model[3].weight.detach().to(FP8), requires_grad=False)
+    assert has_fp8_weights(model)
+    before = snapshot(model)
+    saved = []
+    with frozen_base_in_fp8(model, None, convert=False) as report:
+        assert (report.converted, report.already_fp8) == (0, 1) and model[0].weight.dtype == torch.float32
+        assert "forward" in vars(model[3]) and "forward" not in vars(model[0])
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            model(torch.randn(2, 16, requires_grad=True)).sum().backward()
+    assert [t.dtype for t in saved if tuple(t.shape) == (32, 32)] == [FP8]    # no upcast copy of the fp8 weight
+    assert_bitwise_back(model, before)
+
+
 def test_layers_whose_op_computes_the_weight_keep_their_forward():
     model = network()
     model[5].weight_function = [lambda w: w * 2]        # ComfyUI's low-VRAM weight patches

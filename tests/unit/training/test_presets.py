@@ -98,7 +98,7 @@ def test_family_rules(preset):
         # The engine refuses text-encoder training and min-SNR weighting for flow-matching models.
         assert options["train_text_encoder"] is False and options.get("min_snr_gamma", 0) == 0
         assert preset.resolution in (512, 768, 1024)
-        assert any("issue #19" in note for note in preset.notes)
+        assert options["fp8_base"] is True       # every recipe holds SD3 and Flux 8-bit
     if options.get("optimizer") == "AdamW8bit":
         assert any("bitsandbytes" in note for note in preset.notes)
     if not options.get("train_text_encoder"):
