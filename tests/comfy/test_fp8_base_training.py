@@ -53,6 +53,13 @@ def models(comfy, comfyui_root, request):
     return get
 
 
+def test_fp8_base_is_the_memory_nodes_last_input_off_by_default(pack):
+    from lora_lab.nodes.option_nodes import LoraLabMemoryOptions
+    required = LoraLabMemoryOptions.INPUT_TYPES()["required"]
+    assert list(required)[-1] == "fp8_base"                     # saved workflows keep their widget values
+    assert required["fp8_base"][1]["default"] is False and "fp8" in required["fp8_base"][1]["tooltip"]
+
+
 def lora_updates(tensors: dict) -> dict[str, torch.Tensor]:
     """Each module's weight change, (alpha / rank) * up @ down, flattened to a matrix: what the LoRA does."""
     updates = {}

@@ -101,14 +101,15 @@ def build_overlay(dest: Path, root: Path | None = None, link_pack: bool = True) 
     return dest
 
 
-def prepare_in_process(overlay: Path) -> None:
-    """Make ``import comfy`` work in this process on CPU with PyTorch attention, like ``main.py --cpu``."""
+def prepare_in_process(overlay: Path, cpu: bool = True) -> None:
+    """Make ``import comfy`` work in this process with PyTorch attention, like ``main.py --cpu`` (``cpu`` False:
+    on the GPU ComfyUI finds, as ``main.py`` without ``--cpu``; tools/bench_memory.py --device cuda)."""
     if str(overlay) not in sys.path:
         sys.path.insert(0, str(overlay))
     import comfy.options
     comfy.options.enable_args_parsing(False)
     from comfy.cli_args import args
-    args.cpu = True
+    args.cpu = cpu
     args.use_pytorch_cross_attention = True
     args.disable_smart_memory = False
     import comfy.model_management  # noqa: F401  (reads args once, now)

@@ -60,8 +60,9 @@ def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The weight in ``dtype``: one layer-sized copy (scaled in place, so never two at once)."""
     upcast = weight.to(dtype)
-    return upcast if scale is None else upcast * scale.to(dtype)[:, None]
+    return upcast if scale is None else upcast.mul_(scale.to(dtype)[:, None])
 
 
 class _Fp8Linear(torch.autograd.Function):
