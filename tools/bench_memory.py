@@ -89,45 +89,51 @@ def live_bytes_tracker():
 
 
 # --- the models ------------------------------------------------------------------------------------------
-def flux_patcher(device, dtype, meta=False, **sizes):
+def flux_patcher(device, fp8=False, meta=False, **sizes):
     import comfy.supported_models
     import random_flow_models
-    import torch
     config = comfy.supported_models.Flux(random_flow_models.flux_unet_config(**{**FLUX_DEV, **sizes}))
-    return _patcher(config, device, dtype, meta, random_flow_models._finish_init_)
+    return _patcher(config, device, fp8, meta)
 
 
-def sdxl_patcher(device, dtype, meta=False, **sizes):
+def sdxl_patcher(device, fp8=False, meta=False, **sizes):
     import comfy.supported_models
     import random_models
     unet = random_models.sdxl_unet_config(320, pooled_dim=1280)
     unet.update(context_dim=2048, adm_in_channels=2816, **{**SDXL_FULL, **sizes})
-    config = comfy.supported_models.SDXL(unet)
-    return _patcher(config, device, dtype, meta, None)
+    return _patcher(comfy.supported_models.SDXL(unet), device, fp8, meta)
 
 
-def _patcher(config, device, dtype, meta, finish):
+def _patcher(config, device, fp8, meta):
+    """ComfyUI's model built on the meta device, then (unless ``meta``) given random values on ``device`` one
+    tensor at a time: Linear weights in fp8 when ``fp8`` (as Load Diffusion Model's weight_dtype fp8_e4m3fn
+    holds them; the full bf16 model never has to fit), other Linear and Conv weights in bf16, the rest in bf16
+    on a GPU and fp32 on the CPU (CPU kernels refuse a bf16 norm weight with an fp32 input). The values do not
+    matter here, only the sizes; they are small and finite."""
     import comfy.model_patcher
-    import random_models
     import torch
     with torch.inference_mode():
-        if meta:
-            with torch.device("meta"):
-                model = config.get_model({})
-        else:
+        with torch.device("meta"):
             model = config.get_model({})
-            random_models.randomize_(model, 0)
-            if finish:
-                finish(model)
-            if device.type == "cpu":
-                # As the pack's bf16 training holds a base on the CPU: Linear and Conv weights in bf16, norms in
-                # fp32 (CPU kernels refuse a bf16 norm weight with an fp32 input; GPUs take the whole model in bf16).
-                from lora_lab.trainer.training.half_precision_base import castable_parameters
-                for module, name in castable_parameters(model):
-                    module._parameters[name] = torch.nn.Parameter(getattr(module, name).detach().to(dtype),
-                                                                  requires_grad=False)
-            else:
-                model.to(device=device, dtype=dtype)
+        if not meta:
+            model.to_empty(device=device)
+            generator = torch.Generator(device=device).manual_seed(0)
+            for module in model.modules():
+                for name, param in list(module._parameters.items()):
+                    if param is None:
+                        continue
+                    layer = isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))
+                    dtype = torch.bfloat16 if layer or device.type != "cpu" else torch.float32
+                    values = torch.empty(param.shape, dtype=dtype, device=device).normal_(0, 0.02, generator=generator)
+                    if name == "weight" and not layer and param.dim() == 1:
+                        values.fill_(1.0)                          # norm scales
+                    if fp8 and name == "weight" and isinstance(module, torch.nn.Linear):
+                        values = values.to(torch.float8_e4m3fn)
+                    module._parameters[name] = torch.nn.Parameter(values, requires_grad=False)
+            for module in model.modules():
+                for name, buffer in list(module._buffers.items()):
+                    if buffer is not None and buffer.device.type != device.type:
+                        module._buffers[name] = torch.zeros(buffer.shape, dtype=buffer.dtype, device=device)
     model.eval()
     where = torch.device("cpu") if meta else device
     return comfy.model_patcher.ModelPatcher(model, load_device=where, offload_device=where)
@@ -174,7 +180,7 @@ def inventory(family: str, rank: int) -> Inventory:
     import torch
     from lora_lab.nodes import comfy_bridge
     from lora_lab.trainer.lora.network import Network
-    patcher = (flux_patcher if family == "flux" else sdxl_patcher)(None, None, meta=True)
+    patcher = (flux_patcher if family == "flux" else sdxl_patcher)(None, meta=True)
     network = patcher.model.diffusion_model
     linear_params = linear_rows = 0
     for module in network.modules():
@@ -193,19 +199,20 @@ def inventory(family: str, rank: int) -> Inventory:
 
 
 def measure_step(family: str, sizes: dict, resolution: int, batch: int, rank: int, fp8: bool, checkpointing: bool,
-                 device) -> int:
-    """Peak bytes the training step's own tensors take (activations, gradients, transient copies)."""
+                 device, whole: list | None = None) -> int:
+    """Peak bytes the training step's own tensors take (activations, gradients, transient copies). On a GPU,
+    ``whole`` (a list) also gets torch.cuda.max_memory_allocated() itself: weights, adapters and step."""
     import torch
     from lora_lab.nodes import comfy_bridge
     from lora_lab.trainer.lora.adapters import InjectedLora
     from lora_lab.trainer.lora.network import Network
     from lora_lab.trainer.training.fp8_base import frozen_base_in_fp8
-    patcher = (flux_patcher if family == "flux" else sdxl_patcher)(device, torch.bfloat16, **sizes)
+    patcher = (flux_patcher if family == "flux" else sdxl_patcher)(device, fp8=fp8, **sizes)
     x, sigma, cond = step_inputs(family, resolution, batch, device, torch.bfloat16)
     tracker = live_bytes_tracker() if device.type == "cpu" else None
     with torch.inference_mode(False), \
             comfy_bridge.trainable_unet(patcher, checkpointing) as network, \
-            (frozen_base_in_fp8(network, tempfile.gettempdir()) if fp8 else contextlib.nullcontext()):
+            (frozen_base_in_fp8(network, convert=False) if fp8 else contextlib.nullcontext()):
         targets = comfy_bridge.unet_lora_targets(patcher, Network(rank=rank, alpha=rank))
         with InjectedLora(network, targets, rank=rank, alpha=float(rank), seed=0, device=device) as lora:
             lora.train(True)
@@ -220,6 +227,8 @@ def measure_step(family: str, sizes: dict, resolution: int, batch: int, rank: in
                 loss.backward()
                 del out, loss
             peak = tracker.peak if tracker else torch.cuda.max_memory_allocated() - baseline
+            if whole is not None and device.type == "cuda":
+                whole.append(torch.cuda.max_memory_allocated())
     del patcher
     gc.collect()
     return peak
@@ -287,7 +296,7 @@ SETTINGS = [
     Setting("SDXL preset 8 GB (rank 8, Adafactor, U-Net only)", "sdxl", 1024, 1, 8, "Adafactor", False, True,
             "kohya: 'LoRA training can be done with 8GB GPU memory (10GB recommended)' with these options"),
     Setting("SDXL preset 8 GB + fp8_base", "sdxl", 1024, 1, 8, "Adafactor", True, True, ""),
-    Setting("SDXL preset 12-16 GB (rank 32)", "sdxl", 1024, 1, 32, "Adafactor", False, True,
+    Setting("SDXL preset 12 GB (rank 32, U-Net only)", "sdxl", 1024, 1, 32, "Adafactor", False, True,
             "ComfyUI's own trainer runs out of memory on 32 GB (ComfyUI #12575)"),
     Setting("SDXL without checkpointing (rank 32)", "sdxl", 1024, 1, 32, "AdamW", False, False, ""),
     Setting("Flux preset 12 GB (512 px, fp8 base)", "flux", 512, 1, 16, "AdamW8bit", True, True,
@@ -303,6 +312,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["sdxl", "flux", "all"], default="all")
     parser.add_argument("--device", default="cpu", help="cpu (measure here, extrapolate) or cuda")
+    parser.add_argument("--full", action="store_true", help="with --device cuda: also run the full-depth model and "
+                        "print its real peak beside the prediction (it must fit on the card)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
@@ -334,18 +345,29 @@ def main() -> None:
                                         setting.checkpointing, device, log)
         weights, adapters = parts.weights_bytes(setting.fp8), parts.adapter_bytes(setting.optimizer)
         total = weights + adapters + measured[key].full + CUDA_OVERHEAD_GB * GB
-        rows.append({"setting": asdict(setting), "weights_gb": weights / GB, "adapters_gb": adapters / GB,
+        real = []
+        if args.full and device.type == "cuda":
+            try:
+                measure_step(setting.family, {}, setting.resolution, setting.batch, setting.rank, setting.fp8,
+                             setting.checkpointing, device, whole=real)
+            except torch.cuda.OutOfMemoryError:
+                real = [float("inf")]
+            torch.cuda.empty_cache()
+        rows.append({"real_gb": real[0] / GB + CUDA_OVERHEAD_GB if real else None,
+                     "setting": asdict(setting), "weights_gb": weights / GB, "adapters_gb": adapters / GB,
                      "activations_gb": measured[key].full / GB, "predicted_gb": total / GB,
                      "per_block_gb": {k: v / GB for k, v in measured[key].per_block.items()},
                      "lora_params_m": parts.lora_params / 1e6})
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{comfyui_home.comfyui_version_label(comfyui_home.find_comfyui_root())}, measured on {device}")
-    print(f"{'setting':<50} {'weights':>8} {'LoRA+opt':>8} {'activ.':>7} {'+CUDA':>6} {'predicted':>10}   peers")
+    print(f"{'setting':<50} {'weights':>8} {'LoRA+opt':>8} {'activ.':>7} {'+CUDA':>6} {'predicted':>10}"
+          + (f" {'real':>8}" if args.full else "") + "   peers")
     for row in rows:
         s = row["setting"]
+        real = f" {row['real_gb']:7.2f}G" if args.full and row["real_gb"] is not None else (" " * 9 if args.full else "")
         print(f"{s['label']:<50} {row['weights_gb']:7.2f}G {row['adapters_gb']:7.2f}G {row['activations_gb']:6.2f}G "
-              f"{CUDA_OVERHEAD_GB:5.1f}G {row['predicted_gb']:9.2f} G   {s['peers']}")
+              f"{CUDA_OVERHEAD_GB:5.1f}G {row['predicted_gb']:9.2f} G{real}   {s['peers']}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

@@ -87,7 +87,9 @@ SD3_LOW = ("512 px, as SimpleTuner's lowest-memory SD3 setup (10-12 GB) trains; 
            "SD3.5 Large will run out of memory.")
 FLUX_FP8 = ("Flux.1 in bf16 needs more than 30 GB to train (SimpleTuner: 'a bit more than 30G VRAM when not "
             "quantising the base model'); every recipe here holds it 8-bit, as this preset does (fp8_base: "
-            "its 12B weights take 12 GB).")
+            "its 12B weights take 12 GB). On a card under 24 GB load it in fp8 (Load Diffusion Model, "
+            "weight_dtype fp8_e4m3fn, or an fp8 checkpoint): a model loaded in bf16 must fit on the card "
+            "before it is converted.")
 
 
 def _swap_note(blocks: str) -> str:
