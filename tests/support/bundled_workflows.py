@@ -38,8 +38,9 @@ def sampling(column, model, clip, vae, prefix, trigger):
     ]
 
 
-def dataset_and_captions():
-    """Folder -> BLIP captions (trigger word first, missing ones only, written as .txt files)."""
+def dataset_and_captions(write_sidecars=True):
+    """Folder -> BLIP captions (trigger word first, missing ones only, written as .txt files unless a later
+    node saves them)."""
     return [
         node("dataset", "LoraLabDatasetFromFolder", 1,
              {"folder": DATASET, "caption_extension": ".txt", "default_repeats": 10, "batch_size": 1,
@@ -47,7 +48,8 @@ def dataset_and_captions():
         node("blip", "LoraLabBlipLoader", 1, {"model": "blip-base", "device": "auto", "precision": "auto"}),
         node("caption", "LoraLabCaption", 2,
              {"mode": "fill-missing", "trigger_word": TRIGGER, "prompt": "", "min_length": 5, "max_length": 30,
-              "num_beams": 3, "batch_size": 8, "find": "", "replace": "", "remove_tags": "", "write_sidecars": True},
+              "num_beams": 3, "batch_size": 8, "find": "", "replace": "", "remove_tags": "",
+              "write_sidecars": write_sidecars},
              {"dataset": ("dataset", 0), "blip": ("blip", 0)}, width=380),
     ]
 
@@ -177,15 +179,8 @@ WORKFLOWS = {
              "ComfyUI/models/wd14_tagger/wd-swinv2-tagger-v3/ (model.onnx, selected_tags.csv). The tagger "
              "needs onnxruntime: pip install onnxruntime."),
         node("checkpoint", "CheckpointLoaderSimple", 1, {"ckpt_name": CHECKPOINT}),
-        node("dataset", "LoraLabDatasetFromFolder", 1,
-             {"folder": DATASET, "caption_extension": ".txt", "default_repeats": 10, "batch_size": 1,
-              "target_steps": 1500}),
-        node("blip", "LoraLabBlipLoader", 1, {"model": "blip-base", "device": "auto", "precision": "auto"}),
+        *dataset_and_captions(write_sidecars=False),       # Review Captions saves the files
         node("tagger", "LoraLabWd14Loader", 1, {"model": "wd-swinv2-tagger-v3", "device": "auto"}),
-        node("caption", "LoraLabCaption", 2,
-             {"mode": "fill-missing", "trigger_word": TRIGGER, "prompt": "", "min_length": 5, "max_length": 30,
-              "num_beams": 3, "batch_size": 8, "find": "", "replace": "", "remove_tags": "", "write_sidecars": False},
-             {"dataset": ("dataset", 0), "blip": ("blip", 0)}, width=380),
         node("tag", "LoraLabTagImages", 2,
              {"merge": "BLIP sentence, then tags", "general_threshold": 0.35, "character_threshold": 0.85,
               "mcut": "off", "rating_tags": False, "replace_underscores": True, "escape_parentheses": True,
