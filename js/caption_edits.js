@@ -125,18 +125,31 @@ export function shownPictures(pictures, reviewed, mode, tags) {
 }
 
 export function editAll(pictures, reviewed, edit) {
-  // edit(caption) -> caption, for each of `pictures` (the shown ones). Returns the new state and how many changed.
+  // edit(caption) -> caption, for each of `pictures` (the shown ones). Returns the new state, how many changed,
+  // and `undo`: each changed key's entry before (a caption, or undefined for "no edit"), so Undo takes back
+  // this action alone. A caption the tool only tidied ("a,b" -> "a, b": it matched nothing) is left alone,
+  // so it keeps following upstream.
   let next = reviewed;
-  let changed = 0;
+  const undo = {};
   for (const picture of pictures) {
     const before = shownCaption(picture, next);
     const after = edit(before);
-    if (after !== before) {
+    if (after !== before && after !== normalize(before)) {
+      undo[picture.key] = Object.hasOwn(next, picture.key) ? next[picture.key] : undefined;
       next = withCaption(next, picture, after);
-      changed += 1;
     }
   }
-  return { reviewed: next, changed };
+  return { reviewed: next, changed: Object.keys(undo).length, undo };
+}
+
+export function undoEdit(reviewed, undo) {
+  // Put back the entries an editAll (or a revert, or forgetting) changed; other edits made since stay.
+  const next = { ...reviewed };
+  for (const [key, caption] of Object.entries(undo)) {
+    if (caption === undefined) delete next[key];
+    else next[key] = caption;
+  }
+  return next;
 }
 
 export function missingKeys(reviewed, pictures) {

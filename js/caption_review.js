@@ -9,7 +9,7 @@ import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { darkBox, domArea, fitNodeToWidgets } from "./dom_widgets.js";
 import { element, hideWidget, watchValue } from "./value_widget.js";
-import { FILTERS, addTags, editAll, findReplace, isEdited, missingKeys, parseReviewed, putTriggerFirst, removeTags, serializeReviewed, shownCaption, shownPictures, withCaption } from "./caption_edits.js";
+import { FILTERS, addTags, editAll, findReplace, isEdited, missingKeys, parseReviewed, putTriggerFirst, removeTags, serializeReviewed, shownCaption, shownPictures, undoEdit, withCaption } from "./caption_edits.js";
 
 const NODE = "LoraLabReviewCaptions";
 const VALUE_WIDGET = "reviewed";
@@ -104,12 +104,14 @@ class CaptionReview {
   load() {
     const { captions, error } = parseReviewed(this.valueWidget.value);
     this.reviewed = captions;
+    this.undo = [];                 // set from outside (a loaded workflow, ComfyUI's own undo): ours no longer applies
     this.valueError = error;
     this.render();
   }
 
-  commit(reviewed, { rerender = true, remember = false } = {}) {
-    if (remember) this.undo = [...this.undo.slice(1 - UNDO_LIMIT), this.reviewed];
+  commit(reviewed, { rerender = true, undo = null } = {}) {
+    // `undo`: the entries this change replaced ({key: caption or undefined}); Undo puts those back only.
+    if (undo && Object.keys(undo).length) this.undo = [...this.undo.slice(1 - UNDO_LIMIT), undo];
     this.reviewed = reviewed;
     this.valueError = null;
     this.written = serializeReviewed(reviewed);
@@ -165,21 +167,21 @@ class CaptionReview {
     }[action]?.();
     if (bulk !== undefined) {
       if (!bulk) return this.say(action === "replace" ? "Type the text to find first." : "Type the tag(s) first.", true);
-      const { reviewed, changed } = editAll(shown, this.reviewed, bulk);
-      this.commit(reviewed, { remember: changed > 0 });
+      const { reviewed, changed, undo } = editAll(shown, this.reviewed, bulk);
+      this.commit(reviewed, { undo });
       return this.say(`${changed} of ${shown.length} shown caption(s) changed.` + (changed ? " Undo takes it back." : ""));
     }
     if (action === "revert") {
       const picture = this.pictures.find((p) => p.key === event.target.closest("[data-key]")?.dataset.key);
-      if (picture) this.commit(withCaption(this.reviewed, picture, picture.caption), { remember: true });
+      if (picture) this.commit(withCaption(this.reviewed, picture, picture.caption), { undo: { [picture.key]: this.reviewed[picture.key] } });
     } else if (action === "undo") {
       if (!this.undo.length) return this.say("Nothing to undo here (typing in a caption has its own Ctrl+Z).");
-      const previous = this.undo.at(-1);
+      const last = this.undo.at(-1);
       this.undo = this.undo.slice(0, -1);
-      this.commit(previous);
-      this.say("Undone.");
+      this.commit(undoEdit(this.reviewed, last));
+      this.say(`Undone (${Object.keys(last).length} caption(s)); edits typed since are kept.`);
     } else if (action === "forget") {
-      this.commit({}, { remember: Object.keys(this.reviewed).length > 0 });
+      this.commit({}, { undo: { ...this.reviewed } });
       this.say("Every edit made here is dropped; the captions are what arrives from upstream. Undo brings them back.");
     } else if (action === "save") {
       this.save();

@@ -123,5 +123,6 @@ def option_inputs() -> dict[str, tuple]:
                          "LoRA trains beside them in the training precision; your loaded model gets its exact "
                          "weights back afterwards. A model loaded in fp8 (Load Diffusion Model, weight_dtype "
                          "fp8_e4m3fn) trains in fp8 with or without this; on a card smaller than the model in "
-                         "bf16, load it that way (converting needs the bf16 model on the card first)."}),
+                         "bf16, load it that way (converting needs the bf16 model on the card first). The SD3 and "
+                         "Flux presets turn it on, but this node sets it itself: switch it on here for them."}),
     }

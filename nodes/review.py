@@ -27,24 +27,35 @@ from .messages import LoraLabError, user_error
 CATEGORY = "LoRA Lab/Caption"
 LOG = logging.getLogger("lora_lab.review")
 THUMBNAIL_SIDE = 192          # px; shown at 96 px, sharp on a 2x display
-KEPT_SESSIONS = 16            # runs whose pictures the front end can still ask for (one per review node, roughly)
+KEPT_SESSIONS = 16            # runs whose pictures the front end can still ask for; a node's new run replaces its own
+THUMBNAIL_CACHE_BYTES = 32 * 2**20     # per session: about 2,000 thumbnails; past that they are made again
 LISTED = 12                   # names per list in a report
 
 
 @dataclass
 class ReviewSession:
     dataset: Dataset
+    owner: str | None = None              # the node's id: its next run replaces this session
     thumbnails: dict[int, bytes] = field(default_factory=dict)
+
+    def keep_thumbnail(self, index: int, data: bytes) -> None:
+        if sum(map(len, self.thumbnails.values())) + len(data) <= THUMBNAIL_CACHE_BYTES:
+            self.thumbnails[index] = data
 
 
 _sessions: OrderedDict[str, ReviewSession] = OrderedDict()
 _lock = threading.Lock()      # routes run in the server's thread pool; runs in the prompt worker
 
 
-def open_session(dataset: Dataset) -> str:
+def open_session(dataset: Dataset, owner: str | None = None) -> str:
+    """A new session for a run of the node ``owner``; its earlier ones end (each holds a dataset, and an IMAGE
+    batch's dataset holds its pixels)."""
     token = secrets.token_urlsafe(16)
     with _lock:
-        _sessions[token] = ReviewSession(dataset)
+        if owner is not None:
+            for old in [key for key, value in _sessions.items() if value.owner == owner]:
+                del _sessions[old]
+        _sessions[token] = ReviewSession(dataset, owner)
         while len(_sessions) > KEPT_SESSIONS:
             _sessions.popitem(last=False)
     return token
@@ -68,7 +79,7 @@ class LoraLabReviewCaptions:
             "ready_to_train": ("BOOLEAN", {"default": True, "tooltip":
                 "Off: a Train LoRA after this node waits (it stops with a note saying so) while you read and fix "
                 "the captions here. Switch on and queue again to train."}),
-        }}
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("LORALAB_DATASET", "STRING")
     RETURN_NAMES = ("dataset", "report")
@@ -79,7 +90,7 @@ class LoraLabReviewCaptions:
                    "everywhere, trigger word first, filter by tag. Training uses the edited captions; Save writes "
                    "them as .txt files.")
 
-    def review(self, dataset, reviewed, ready_to_train=True):
+    def review(self, dataset, reviewed, ready_to_train=True, unique_id=None):
         if not isinstance(dataset, Dataset):
             raise user_error(self.TITLE, "dataset", f"Expected a LoRA Lab dataset, got {type(dataset).__name__}.",
                              "Connect the output of a Dataset, Caption or Tag Images node.")
@@ -87,7 +98,7 @@ class LoraLabReviewCaptions:
             outcome = apply_reviewed(dataset, parse_reviewed(reviewed))
         except ReviewError as error:
             raise user_error(self.TITLE, "reviewed", error.problem, error.fix) from None
-        token = open_session(dataset)
+        token = open_session(dataset, None if unique_id is None else str(unique_id))
         report = describe(dataset, outcome, ready_to_train)
         result = outcome.dataset
         if not ready_to_train:
@@ -168,8 +179,8 @@ def thumbnail(token, index) -> bytes:
         raise ReviewRequestError(410, error.problem) from None
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, format="JPEG", quality=85)
-    found.thumbnails[index] = buffer.getvalue()
-    return found.thumbnails[index]
+    found.keep_thumbnail(index, buffer.getvalue())
+    return buffer.getvalue()
 
 
 def save(token, sent) -> dict:

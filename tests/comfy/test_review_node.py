@@ -46,10 +46,10 @@ def load_dataset(pack, name):
         return pack.NODE_CLASS_MAPPINGS[FOLDER]().load(name, ".txt", 1, 1, 0)["result"][0]
 
 
-def run_review(pack, dataset, reviewed="", ready_to_train=True):
+def run_review(pack, dataset, reviewed="", ready_to_train=True, unique_id=None):
     with torch.inference_mode():
         output = pack.NODE_CLASS_MAPPINGS[NODE]().review(dataset=dataset, reviewed=reviewed,
-                                                         ready_to_train=ready_to_train)
+                                                         ready_to_train=ready_to_train, unique_id=unique_id)
     reviewed_dataset, report = output["result"]
     assert output["ui"]["text"] == [report]
     return reviewed_dataset, report, output["ui"]["review"][0]
@@ -179,3 +179,8 @@ def test_only_the_latest_sessions_are_kept(pack, review, make_dataset):
     assert all(review.session(token) is not None for token in tokens[2:])
     with pytest.raises(review.ReviewRequestError, match="no longer on the server"):
         review.pictures(tokens[0])
+    # A node's new run replaces its own session (each holds its dataset), not other nodes' sessions.
+    first = run_review(pack, dataset, unique_id="12")[2]["session"]
+    other = run_review(pack, dataset, unique_id="13")[2]["session"]
+    second = run_review(pack, dataset, unique_id="12")[2]["session"]
+    assert review.session(first) is None and review.session(second) and review.session(other)

@@ -3,8 +3,8 @@
 import test from "node:test";
 import assert from "node:assert/strict";
 import {
-  addTags, editAll, isEdited, matchesFilter, missingKeys, parseReviewed, removeTags, serializeReviewed, shownCaption,
-  shownPictures, withCaption,
+  addTags, editAll, findReplace, isEdited, matchesFilter, missingKeys, parseReviewed, removeTags, serializeReviewed,
+  shownCaption, shownPictures, undoEdit, withCaption,
 } from "../../js/caption_edits.js";
 
 const PICTURES = [
@@ -43,6 +43,21 @@ test("a bulk edit changes only the pictures given and counts them; the old state
   assert.equal(changed, 2);                                   // c has no ohwx: unchanged, not counted
   assert.deepEqual(reviewed, { "a.png": "red dress, smile", "b.png": "blue dress, hat" });
   assert.deepEqual(before, { "b.png": "ohwx, blue dress, hat" });
+});
+
+test("a caption the tool only tidies is not edited: it keeps following upstream", () => {
+  const untidy = [{ key: "u.png", caption: "ohwx,red dress" }, { key: "v.png", caption: "ohwx, red theme" }];
+  const { reviewed, changed } = editAll(untidy, {}, (caption) => findReplace(caption, "red theme", "crimson"));
+  assert.equal(changed, 1);
+  assert.deepEqual(reviewed, { "v.png": "ohwx, crimson" });
+});
+
+test("undo takes back one bulk edit and keeps what was typed since on other pictures", () => {
+  const start = { "b.png": "ohwx, blue dress, hat" };
+  const bulk = editAll(PICTURES, start, (caption) => removeTags(caption, "ohwx"));
+  assert.deepEqual(bulk.undo, { "a.png": undefined, "b.png": "ohwx, blue dress, hat" });
+  const typed = withCaption(bulk.reviewed, PICTURES[2], "a typed caption");
+  assert.deepEqual(undoEdit(typed, bulk.undo), { "b.png": "ohwx, blue dress, hat", "sub/c.png": "a typed caption" });
 });
 
 test("adding tags appends the missing ones once, in any case", () => {

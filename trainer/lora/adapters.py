@@ -280,6 +280,7 @@ def _no_input_copy_under_autocast(layer: nn.Module, args: tuple) -> None:
 
 
 def _autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for the device type (torch 2.4 and older alike; fp8_base.py asks too)."""
     try:
         return torch.is_autocast_enabled(device_type)
     except TypeError:                      # torch < 2.4: one flag per backend

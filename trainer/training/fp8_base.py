@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .half_precision_base import park_parameters, restore_parameters
+from ..lora.adapters import _autocast_enabled
+from .half_precision_base import RestoreFailed, park_parameters, restore_parameters
 
 log = logging.getLogger("LoRA Lab")
 FP8 = torch.float8_e4m3fn
@@ -51,12 +52,21 @@ class Fp8Report:
         return text
 
 
+QUANTIZE_ROWS = 1024       # rows quantized at a time: one fp32 block of them, not of the whole layer
+
+
 def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp8 weight, fp32 scale per output row) with ``fp8.float() * scale`` close to ``weight``."""
-    rows = weight.detach().float().reshape(weight.shape[0], -1)
-    scale = (rows.abs().amax(dim=1) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
-    quantized = (rows / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8).reshape(weight.shape)
-    return quantized, scale
+    """(fp8 weight, fp32 scale per output row) with ``fp8.float() * scale`` close to ``weight``. Works a block of
+    rows at a time, so the largest temporary is 1024 rows in fp32, not a layer (Flux's largest is 0.26 GB)."""
+    rows = weight.detach().reshape(weight.shape[0], -1)
+    quantized = torch.empty(rows.shape, dtype=FP8, device=rows.device)
+    scale = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
+    for start in range(0, rows.shape[0], QUANTIZE_ROWS):
+        block = rows[start:start + QUANTIZE_ROWS].to(torch.float32, copy=True)     # never the weight itself
+        block_scale = (block.abs().amax(dim=1) / FP8_MAX).clamp_(min=torch.finfo(torch.float32).tiny)
+        quantized[start:start + QUANTIZE_ROWS] = block.div_(block_scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+        scale[start:start + QUANTIZE_ROWS] = block_scale
+    return quantized.reshape(weight.shape), scale
 
 
 def dequantize(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -96,8 +106,11 @@ def _linear_into_new_tensor(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
+    if _autocast_enabled(device_type):
+        try:
+            return torch.get_autocast_dtype(device_type)
+        except AttributeError:             # torch < 2.4: one getter per backend
+            return torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
     return x.dtype if x.dtype.is_floating_point and x.dtype not in FP8_TYPES else torch.float32
 
 
@@ -133,7 +146,7 @@ def frozen_base_in_fp8(network: nn.Module, parking_folder: str | None = None, co
     ``convert`` False: only the weights that already are fp8 compute through _Fp8Linear (so a model loaded in
     fp8 trains without autograd keeping an upcast copy of each); the others stay as they are."""
     report = Fp8Report()
-    to_convert, already, wrapped = [], [], []
+    to_convert, already = [], []
     for module in network.modules():
         if not isinstance(module, nn.Linear):
             continue
@@ -145,6 +158,7 @@ def frozen_base_in_fp8(network: nn.Module, parking_folder: str | None = None, co
             to_convert.append(module)
     parked, file_path = park_parameters([(module, "weight") for module in to_convert], parking_folder) \
         if to_convert else ([], None)
+    own_forwards = {}
     try:
         with torch.no_grad():
             for module in to_convert:        # each original is freed as soon as its fp8 copy replaces it
@@ -155,15 +169,26 @@ def frozen_base_in_fp8(network: nn.Module, parking_folder: str | None = None, co
                 module.loralab_fp8_scale = scale
                 report.converted_fp8_bytes += quantized.numel()
         for module in to_convert + already:
+            if "forward" in vars(module):    # someone's own per-layer forward: put back on exit
+                own_forwards[module] = vars(module)["forward"]
             module.forward = _fp8_forward(module)
-            wrapped.append(module)
         report.converted, report.already_fp8 = len(to_convert), len(already)
         report.fp8_bytes = report.converted_fp8_bytes + sum(module.weight.numel() for module in already)
         log.info("[LoRA Lab] %s", report.describe())
         yield report
     finally:
-        for module in wrapped:
-            vars(module).pop("forward", None)
-        for module in to_convert:
-            vars(module).pop("loralab_fp8_scale", None)
-        restore_parameters(parked, file_path)
+        not_back: set = set()
+        try:
+            restore_parameters(parked, file_path)
+        except RestoreFailed as failed:
+            # Those layers keep their fp8 weight, so they keep the forward and scale that read it right.
+            not_back = {id(entry.module) for entry in failed.failed}
+            raise
+        finally:
+            for module in to_convert + already:
+                if id(module) in not_back:
+                    continue
+                vars(module).pop("forward", None)
+                vars(module).pop("loralab_fp8_scale", None)
+                if module in own_forwards:
+                    module.forward = own_forwards[module]

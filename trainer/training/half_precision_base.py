@@ -109,21 +109,59 @@ def park_parameters(targets: list[tuple[nn.Module, str]], folder: str | None) ->
     return parked, path
 
 
+class RestoreFailed(RuntimeError):
+    """Some originals could not be put back (out of memory, an unreadable parking file): the model keeps the
+    training copies of those, and the parking file (if any) stays for the user."""
+
+    def __init__(self, failed: list[_Parked], file_path: str | None, error: BaseException):
+        kept = f"; the originals are kept in {file_path}" if file_path else ""
+        super().__init__(f"{len(failed)} weight(s) of the model could not be put back as loaded ({error}){kept}. "
+                         "Reload the model (re-queue from its loader) before using it again.")
+        self.failed = failed
+
+
 def restore_parameters(parked: list[_Parked], file_path: str | None) -> None:
-    """Put the parked originals back, bitwise, with their requires_grad flags; then drop the parking file."""
-    try:
-        with torch.no_grad():
-            for entry in parked:
-                current = entry.module._parameters[entry.name]
-                if entry.copy is not None:
-                    original = entry.copy.to(current.device)
-                else:
-                    count = (int(np.prod(entry.shape)) if entry.shape else 1) * entry.dtype.itemsize
-                    raw = np.fromfile(file_path, dtype=np.uint8, count=count, offset=entry.offset)
-                    original = torch.from_numpy(raw).view(entry.dtype).reshape(entry.shape)
-                entry.module._parameters[entry.name] = nn.Parameter(original, requires_grad=entry.requires_grad)
-    finally:
-        _remove(file_path)
+    """Put the parked originals back, bitwise, with their requires_grad flags, one at a time; then drop the
+    parking file. An original that cannot come back (the device is out of memory while a failed step's tensors
+    are still referenced, say) is tried again after freeing what can be freed; still failing, the others are
+    restored anyway and RestoreFailed lists it (the parking file is then kept)."""
+    failed, first_error = [], None
+    for entry in parked:
+        for attempt in range(2):
+            try:
+                _restore_one(entry, file_path)
+                break
+            except Exception as error:     # noqa: BLE001 - any failure: try the rest, then report
+                if attempt == 0:
+                    _free_cached_memory()
+                    continue
+                failed.append(entry)
+                first_error = first_error or error
+    if failed:
+        log.error("[LoRA Lab] %d weight(s) could not be restored: %s", len(failed), first_error)
+        raise RestoreFailed(failed, file_path, first_error)
+    _remove(file_path)
+
+
+def _restore_one(entry: _Parked, file_path: str | None) -> None:
+    with torch.no_grad():
+        current = entry.module._parameters[entry.name]
+        if entry.copy is not None:
+            original = entry.copy.to(current.device)
+        else:
+            count = (int(np.prod(entry.shape)) if entry.shape else 1) * entry.dtype.itemsize
+            raw = np.fromfile(file_path, dtype=np.uint8, count=count, offset=entry.offset)
+            if raw.size != count:
+                raise OSError(f"the parking file {file_path} ends early")
+            original = torch.from_numpy(raw).view(entry.dtype).reshape(entry.shape)
+        entry.module._parameters[entry.name] = nn.Parameter(original, requires_grad=entry.requires_grad)
+
+
+def _free_cached_memory() -> None:
+    import gc
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _remove(path: str | None) -> None:

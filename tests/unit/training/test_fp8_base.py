@@ -173,3 +173,43 @@ def test_report_says_what_it_did():
     assert Fp8Report().describe() == "fp8 base: no Linear weight could be held in fp8"
     text = Fp8Report(converted=3, fp8_bytes=2**30, converted_fp8_bytes=2**30, original_bytes=2**31).describe()
     assert text == "fp8 base: 3 Linear weights in fp8 (1.00 GiB, 1.00 GiB less)"
+
+
+def test_quantizing_a_big_layer_block_by_block_keeps_the_bound_and_never_touches_the_weight():
+    torch.manual_seed(1)
+    weight = torch.randn(2500, 40) * torch.logspace(-3, 0, 2500)[:, None]     # 3 blocks of rows
+    before = weight.clone()
+    quantized, scale = quantize(weight)
+    assert torch.equal(weight, before), "quantize changed the weight it was given"
+    error = (dequantize(quantized, scale, torch.float32) - weight).abs()
+    bound = torch.maximum(weight.abs() * RELATIVE_STEP / 2, SUBNORMAL_STEP / 2 * scale[:, None])
+    assert (error <= bound * (1 + 1e-6)).all()
+
+
+def test_a_weight_that_cannot_come_back_keeps_its_fp8_layer_the_others_come_back(tmp_path, monkeypatch):
+    """If an original cannot be put back (the GPU still out of memory after a failed step, say), that layer
+    keeps its fp8 weight with the forward and scale that read it right, every other layer is restored, the
+    parking file stays, and the error says to reload the model."""
+    from lora_lab.trainer.training import half_precision_base as parking
+    model = network()
+    before = snapshot(model)
+    real = parking._restore_one
+
+    def failing_for_layer_3(entry, file_path):
+        if entry.module is model[3]:
+            raise torch.cuda.OutOfMemoryError("simulated: CUDA out of memory")
+        real(entry, file_path)
+    monkeypatch.setattr(parking, "_restore_one", failing_for_layer_3)
+    with pytest.raises(parking.RestoreFailed, match="Reload the model") as caught:
+        with frozen_base_in_fp8(model, str(tmp_path)):
+            pass
+    assert len(caught.value.failed) == 1 and str(tmp_path) in str(caught.value)
+    assert model[3].weight.dtype == FP8 and "forward" in vars(model[3]) and "loralab_fp8_scale" in vars(model[3])
+    assert all(model[i].weight.dtype == torch.float32 and "forward" not in vars(model[i]) for i in (0, 5))
+    for i in (0, 5):
+        assert torch.equal(model[i].weight, before[f"{i}.weight"][1])
+    h = torch.randn(3, 32)
+    with torch.no_grad():
+        reads_right = h @ dequantize(model[3].weight, model[3].loralab_fp8_scale, torch.float32).T
+        assert torch.allclose(model[3](h), reads_right, rtol=1e-6, atol=1e-7), "the fp8 layer must read its weight right"
+    assert len(list(tmp_path.iterdir())) == 1, "the originals stay on disk for the user"
