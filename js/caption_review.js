@@ -84,8 +84,10 @@ class CaptionReview {
       this.status);
 
     this.root.addEventListener("click", (event) => this.onClick(event));
-    this.root.addEventListener("input", (event) => this.onInput(event));
-    this.root.addEventListener("change", (event) => this.onChange(event));
+    // Typing stores each keystroke (so a queue right after uses it); leaving the box tidies the caption the way
+    // the server reads it (one line, single spaces).
+    this.root.addEventListener("input", (event) => this.onTyped(event.target, false));
+    this.root.addEventListener("change", (event) => this.onTyped(event.target, true));
     this.filterMode.addEventListener("change", () => this.render());
     this.filterTags.addEventListener("input", () => this.render());
     // Keys typed here are for the editor, not for the canvas's shortcuts (Delete removes nodes, Ctrl+A selects all).
@@ -188,26 +190,14 @@ class CaptionReview {
     }
   }
 
-  onInput(event) {
-    // Typing in a caption: store it at once (so a queue right after uses it), redraw only that row's mark.
-    const box = event.target;
+  onTyped(box, leaving) {
     if (box?.tagName !== "TEXTAREA") return;
-    const picture = this.pictures.find((p) => p.key === box.closest("[data-key]")?.dataset.key);
+    const row = box.closest("[data-key]");
+    const picture = this.pictures.find((p) => p.key === row?.dataset.key);
     if (!picture) return;
-    this.commit(withCaption(this.reviewed, picture, box.value), { rerender: false });
-    this.markRow(box.closest("[data-key]"), picture);
-  }
-
-  onChange(event) {
-    // Leaving a caption box: tidy it the way the server will read it (one line, single spaces).
-    const box = event.target;
-    if (box?.tagName !== "TEXTAREA") return;
-    const picture = this.pictures.find((p) => p.key === box.closest("[data-key]")?.dataset.key);
-    if (!picture) return;
-    const tidy = box.value.replace(/\s+/g, " ").trim();
-    if (tidy !== box.value) box.value = tidy;
-    this.commit(withCaption(this.reviewed, picture, tidy), { rerender: false });
-    this.markRow(box.closest("[data-key]"), picture);
+    if (leaving) box.value = box.value.replace(/\s+/g, " ").trim();
+    this.commit(withCaption(this.reviewed, picture, box.value), { rerender: false });   // redraws the counts
+    this.paintMark(row, picture);                                                     // and this row's mark only
   }
 
   async save() {
@@ -243,12 +233,10 @@ class CaptionReview {
     this.renderStatus();
   }
 
-  markRow(rowElement, picture) {
-    if (!rowElement) return;
+  paintMark(rowElement, picture) {
     const edited = isEdited(picture, this.reviewed);
     rowElement.querySelector(".loralab-review-mark").style.visibility = edited ? "visible" : "hidden";
     rowElement.style.borderLeftColor = edited ? "#d9a441" : "transparent";
-    this.renderCounts();
   }
 
   renderRow(picture) {
@@ -256,7 +244,6 @@ class CaptionReview {
     const caption = element("textarea", { className: "loralab-review-caption", value: shownCaption(picture, this.reviewed),
       spellcheck: false, title: picture.key,
       style: darkBox("flex:1;height:auto;resize:none;padding:2px 4px;font:12px/1.35 sans-serif;") });
-    caption.value = shownCaption(picture, this.reviewed);
     const name = element("div", { style: "display:flex;gap:6px;align-items:center;font:10px monospace;color:#999;" },
       element("span", { textContent: picture.key, style: "overflow:hidden;text-overflow:ellipsis;white-space:nowrap;" }),
       element("span", { className: "loralab-review-mark", textContent: "● edited", style: "color:#d9a441;flex:none;" },
@@ -266,7 +253,7 @@ class CaptionReview {
     const rowElement = element("div", { className: "loralab-review-row", dataset: { key: picture.key },
       style: "display:flex;gap:6px;border-left:3px solid transparent;padding-left:3px;flex:none;" },
       thumb, element("div", { style: `flex:1;min-width:0;display:flex;flex-direction:column;gap:2px;height:${THUMB}px;` }, name, caption));
-    queueMicrotask(() => this.markRow(rowElement, picture));
+    this.paintMark(rowElement, picture);      // render() counts the rows once, after all of them
     return rowElement;
   }
 

@@ -150,9 +150,7 @@ class LoraLabDatasetPreview:
     DESCRIPTION = "A contact sheet of the dataset: thumbnails, captions, repeats and training buckets."
 
     def preview(self, dataset, resolution, thumbnail_size, max_images):
-        if not isinstance(dataset, Dataset):
-            raise user_error(self.TITLE, "dataset", f"Expected a LoRA Lab dataset, got {type(dataset).__name__}.",
-                             "Connect the output of Dataset from Folder, Dataset from Images or Caption.")
+        expect_dataset(self.TITLE, dataset, "Connect the output of Dataset from Folder, Dataset from Images or Caption.")
         buckets = None
         if resolution > 0:
             try:
@@ -169,6 +167,12 @@ NODE_CLASS_MAPPINGS = {
     "LoraLabDatasetPreview": LoraLabDatasetPreview,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {name: f"{cls.TITLE} (LoRA Lab)" for name, cls in NODE_CLASS_MAPPINGS.items()}
+
+
+def expect_dataset(node: str, dataset, fix: str) -> None:
+    """What every node taking a LORALAB_DATASET says of anything else (an API prompt can send anything)."""
+    if not isinstance(dataset, Dataset):
+        raise user_error(node, "dataset", f"Expected a LoRA Lab dataset, got {type(dataset).__name__}.", fix)
 
 
 def _progress_bar():

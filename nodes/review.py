@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from ..trainer.captions.review import ReviewError, apply_reviewed, checked_captions, parse_reviewed, save_plan
 from ..trainer.data.dataset import Dataset, DatasetError
 from .caption import _sidecar_lines, write_sidecars_for
+from .dataset import expect_dataset
 from .messages import LoraLabError, user_error
 
 CATEGORY = "LoRA Lab/Caption"
@@ -91,9 +92,7 @@ class LoraLabReviewCaptions:
                    "them as .txt files.")
 
     def review(self, dataset, reviewed, ready_to_train=True, unique_id=None):
-        if not isinstance(dataset, Dataset):
-            raise user_error(self.TITLE, "dataset", f"Expected a LoRA Lab dataset, got {type(dataset).__name__}.",
-                             "Connect the output of a Dataset, Caption or Tag Images node.")
+        expect_dataset(self.TITLE, dataset, "Connect the output of a Dataset, Caption or Tag Images node.")
         try:
             outcome = apply_reviewed(dataset, parse_reviewed(reviewed))
         except ReviewError as error:

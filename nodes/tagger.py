@@ -29,10 +29,10 @@ from ..trainer.captions.wd14 import (CUDA, INSTALL_HINT, KNOWN_MODELS, MODEL_FIL
                                      missing_files)
 from ..trainer.captions.wd14_labels import TagListError
 from ..trainer.captions.wd14_select import MCUT_CHOICES, TagOptions, select_tags
-from ..trainer.data.dataset import Dataset, DatasetError
+from ..trainer.data.dataset import DatasetError
 # Shared with the Caption node on purpose: the same sidecar rules, report lines, offline check and lazy pictures.
 from .caption import _LazyImages, _offline_reason, _sidecar_lines, write_sidecars_for
-from .dataset import _save_temp_png, _to_image_tensor
+from .dataset import _save_temp_png, _to_image_tensor, expect_dataset
 from .folders import model_folders
 from .messages import user_error
 
@@ -241,9 +241,7 @@ class LoraLabTagImages:
     def tag(self, dataset, tagger, merge, general_threshold, character_threshold, mcut, rating_tags,
             replace_underscores, escape_parentheses, exclude_tags, first_tags, batch_size, write_sidecars,
             sidecar_mode):
-        if not isinstance(dataset, Dataset):
-            raise user_error(self.TITLE, "dataset", f"Expected a LoRA Lab dataset, got {type(dataset).__name__}.",
-                             "Connect the output of a Dataset node, Caption or another Tag Images.")
+        expect_dataset(self.TITLE, dataset, "Connect the output of a Dataset node, Caption or another Tag Images.")
         if not isinstance(tagger, Wd14Tagger):
             raise user_error(self.TITLE, "tagger", f"Expected a WD14 tagger, got {type(tagger).__name__}.",
                              "Connect the output of the WD14 Tagger Loader node.")
@@ -345,9 +343,7 @@ class LoraLabTagReport:
                    "almost every picture.")
 
     def report(self, dataset, common_share, trigger_word, max_tags):
-        if not isinstance(dataset, Dataset):
-            raise user_error(self.TITLE, "dataset", f"Expected a LoRA Lab dataset, got {type(dataset).__name__}.",
-                             "Connect the output of a Dataset, Caption or Tag Images node.")
+        expect_dataset(self.TITLE, dataset, "Connect the output of a Dataset, Caption or Tag Images node.")
         counts = count_tags(dataset)
         pictures = len(dataset.items)
         chart = tag_chart(counts, pictures, common_share, trigger_word, max_tags)

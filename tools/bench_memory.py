@@ -234,14 +234,15 @@ def measure_step(family: str, sizes: dict, resolution: int, batch: int, rank: in
     return peak
 
 
-# What each model's depth is made of, the reduced depths measured, and how many of each block the real one has.
+# Each model's block kinds: how many the real one has ("full") and the reduced one ("base"), the reduced sizes,
+# and one probe per kind with that kind doubled (so a probe adds as many blocks as the base has of it).
 LAYOUT = {
-    "flux": {"blocks": {"double": ("depth", 19), "single": ("depth_single_blocks", 38)},
+    "flux": {"full": {"double": 19, "single": 38}, "base_blocks": {"double": 1, "single": 1},
              "base": dict(depth=1, depth_single_blocks=1),
              "probes": {"double": dict(depth=2, depth_single_blocks=1), "single": dict(depth=1, depth_single_blocks=2)}},
     # SDXL: transformer blocks at 64x64-latent level ("mid": 2 per attention, 5 attentions) and at the 32x32
     # level ("low": 10 per attention, 5 attentions + the middle block's 10). ResBlocks are all there already.
-    "sdxl": {"blocks": {"mid": (None, 5 * 2), "low": (None, 5 * 10 + 10)},
+    "sdxl": {"full": {"mid": 5 * 2, "low": 5 * 10 + 10}, "base_blocks": {"mid": 5, "low": 6},
              "base": dict(transformer_depth=[0, 0, 1, 1, 1, 1], transformer_depth_middle=1,
                           transformer_depth_output=[0, 0, 0, 1, 1, 1, 1, 1, 1]),
              "probes": {"mid": dict(transformer_depth=[0, 0, 2, 2, 1, 1], transformer_depth_middle=1,
@@ -249,8 +250,6 @@ LAYOUT = {
                         "low": dict(transformer_depth=[0, 0, 1, 1, 2, 2], transformer_depth_middle=2,
                                     transformer_depth_output=[0, 0, 0, 1, 1, 1, 2, 2, 2])}},
 }
-BASE_BLOCKS = {"flux": {"double": 1, "single": 1}, "sdxl": {"mid": 5, "low": 6}}
-PROBE_EXTRA = {"flux": {"double": 1, "single": 1}, "sdxl": {"mid": 5, "low": 6}}
 
 
 @dataclass
@@ -268,9 +267,9 @@ def activations(family: str, resolution: int, batch: int, rank: int, fp8: bool, 
     per_block = {}
     for kind, sizes in layout["probes"].items():
         probe = measure_step(family, sizes, resolution, batch, rank, fp8, checkpointing, device)
-        per_block[kind] = max(0.0, (probe - base) / PROBE_EXTRA[family][kind])
-    fixed = base - sum(per_block[kind] * BASE_BLOCKS[family][kind] for kind in per_block)
-    full = fixed + sum(per_block[kind] * count for kind, (_, count) in layout["blocks"].items())
+        per_block[kind] = max(0.0, (probe - base) / layout["base_blocks"][kind])
+    fixed = base - sum(per_block[kind] * layout["base_blocks"][kind] for kind in per_block)
+    full = fixed + sum(per_block[kind] * count for kind, count in layout["full"].items())
     log(f"  measured {family} {resolution}px batch {batch} {'fp8' if fp8 else 'bf16'} base, checkpointing "
         f"{'on' if checkpointing else 'off'}: {base / GB:.2f} GB at reduced depth -> {full / GB:.2f} GB at full "
         f"depth ({time.perf_counter() - started:.0f} s)")

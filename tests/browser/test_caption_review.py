@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -14,6 +15,7 @@ from safetensors import safe_open
 import random_models
 
 pytestmark = pytest.mark.server
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "screenshots"
 
 BUILD_JS = """([folder, checkpoint, output]) => {
   app.graph.clear();
@@ -137,12 +139,8 @@ def test_edit_replace_save_rescan_and_train(renderer_page, server, renderer, rev
     counts = {tag: n for tags in frequency.values() for tag, n in tags.items()}
     assert counts == {"ohwx": 3, "crimson theme": 2, "smile": 1, "hat": 1, "a blue square": 1}
     page.show(480, 0)
-    page.screenshot(page_artifact(renderer))
+    page.screenshot(SCREENSHOTS / renderer / "review_captions.png")
     # Saved and re-scanned, the captions arrive as reviewed: nothing shows as edited any more.
     page.page.wait_for_function("() => /0 edited/.test(document.querySelector('.loralab-review-count').innerText)",
                                 timeout=30_000)
 
-
-def page_artifact(renderer):
-    from pathlib import Path
-    return Path(__file__).resolve().parents[2] / "test-artifacts" / "screenshots" / renderer / "review_captions.png"

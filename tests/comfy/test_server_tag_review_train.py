@@ -87,7 +87,7 @@ def test_a_folder_tagged_reviewed_saved_and_trained(tag_server):
     assert "hatsune miku" in captions["green.png"]
     status, thumb = get(server, f"/loralab/review/thumb?session={session}&index=1")
     assert status == 200 and thumb[:2] == b"\xff\xd8"                          # a JPEG
-    assert get(server, f"/loralab/review/thumb?session=nope&index=1")[0] == 404
+    assert get(server, "/loralab/review/thumb?session=nope&index=1")[0] == 404
 
     # 2. The editor's edits: one caption by hand, `red theme` -> `crimson theme` everywhere; then Save.
     edited = {key: caption.replace("red theme", "crimson theme") for key, caption in captions.items()}

@@ -5,7 +5,6 @@ Flux's T5-XXL: 9.5 GB) handed back before the first step."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from training import options, run_train
 
