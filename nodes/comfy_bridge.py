@@ -274,16 +274,18 @@ def trainable_unet(patcher, checkpointing: bool, clip=None):
     load_fully(patcher, [clip.patcher] if clip is not None else [])
     network = patcher.model.diffusion_model
     detach_from_inference_mode(network)
-    transformer_blocks = [m for m in network.modules() if type(m).__name__ == "BasicTransformerBlock"]
-    dit_blocks = [m for m in network.modules() if type(m).__name__ in DIT_BLOCKS]
-    norms = [m for block in transformer_blocks + dit_blocks for m in block.modules()
-             if isinstance(m, torch.nn.LayerNorm)]
-    # Modules the UNet calls through __call__ (TimestepEmbedSequential is bypassed by
-    # forward_timestep_embed, so wrapping it would do nothing): transformer blocks and res blocks;
-    # in SD3 / Flux the joint, double and single blocks (Flux passes img= / txt= as keywords).
-    checkpointed = transformer_blocks + [m for m in network.modules() if type(m).__name__ == "ResBlock"] + dit_blocks
-    with clone_inputs_of(norms), gradient_checkpointing(checkpointed, enabled=checkpointing):
+    norms = [m for block in network.modules() if type(block).__name__ in ("BasicTransformerBlock", *DIT_BLOCKS)
+             for m in block.modules() if isinstance(m, torch.nn.LayerNorm)]
+    with clone_inputs_of(norms), gradient_checkpointing(blocks_of(network), enabled=checkpointing):
         yield network
+
+
+def blocks_of(network: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks that checkpoint (and swap), in forward order: modules the model calls through __call__
+    (TimestepEmbedSequential is bypassed by forward_timestep_embed, so wrapping it would do nothing). In a UNet the
+    transformer and res blocks; in SD3 / Flux the joint, double and single blocks (Flux passes img= / txt= as
+    keywords)."""
+    return [m for m in network.modules() if type(m).__name__ in ("BasicTransformerBlock", "ResBlock", *DIT_BLOCKS)]
 
 
 # --- the text encoder, when it trains too -----------------------------------------------------------

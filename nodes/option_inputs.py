@@ -125,4 +125,13 @@ def option_inputs() -> dict[str, tuple]:
                          "fp8_e4m3fn) trains in fp8 with or without this; on a card smaller than the model in "
                          "bf16, load it that way (converting needs the bf16 model on the card first). The SD3 and "
                          "Flux presets turn it on, but this node sets it itself: switch it on here for them."}),
+            "blocks_to_swap": ("INT", {"default": d.blocks_to_swap, "min": 0, "max": 200, "tooltip":
+                               "Keep this many of the model's blocks in CPU memory while training (kohya's "
+                               "--blocks_to_swap), each brought to the GPU only while it computes, the next one "
+                               "copied over while the current one runs. Saves their weights' memory on the GPU at "
+                               "some speed; swapped blocks recompute in backward, as gradient checkpointing does. "
+                               "Counts blocks as the model has them (Flux: 19 double + 38 single; SD3: its joint "
+                               "blocks; SD1.5/SDXL: transformer and res blocks), spread evenly; kohya counts Flux's "
+                               "differently. The LoRA is the same as without. 0 = off; on the CPU it does "
+                               "nothing."}),
     }

@@ -88,8 +88,8 @@ class LoraLabPreviewOptions(_OptionGroupNode):
 class LoraLabMemoryOptions(_OptionGroupNode):
     GROUP, TITLE = "memory", "Memory & Speed"
     DESCRIPTION = ("Training precision (bf16/fp16 halve the memory of the frozen model), gradient checkpointing "
-                   "(less memory, about 30% slower), the latent cache on disk and the fp8 base (halves the "
-                   "frozen model's memory again).")
+                   "(less memory, about 30% slower), the latent cache on disk, the fp8 base (halves the "
+                   "frozen model's memory again) and block swap (blocks wait in CPU memory until they compute).")
 
 
 class LoraLabTrainingOptions:

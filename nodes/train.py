@@ -21,6 +21,7 @@ from ..trainer.lora import trigger_words as lora_words
 from ..trainer.lora.files import load_lora_file
 from ..trainer.loss_plot import loss_curve_image
 from ..trainer.training import run_reuse, saves
+from ..trainer.training.block_swap import blocks_swapped
 from ..trainer.training.fp8_base import frozen_base_in_fp8, has_fp8_weights
 from ..trainer.training.half_precision_base import frozen_weights_in
 from ..trainer.training.kohya_metadata import Description, kohya_max_token_length
@@ -200,8 +201,8 @@ class LoraLabTrainLora:
 # Options that cannot change the trained weights or the file: a finished run stays reusable when
 # only these differ (trainer/training/run_reuse.py).
 NOT_IN_RUN_IDENTITY = ("save_every_n_steps", "save_every_n_epochs", "keep_last_saves", "overwrite_existing",
-                       "latent_disk_cache", "gradient_checkpointing", "preview_every_n_steps", "preview_prompts",
-                       "preview_seed", "preview_steps", "preview_cfg",
+                       "latent_disk_cache", "gradient_checkpointing", "blocks_to_swap", "preview_every_n_steps",
+                       "preview_prompts", "preview_seed", "preview_steps", "preview_cfg",
                        "groups_set")      # which node set an option: the values themselves are in the identity
 
 
@@ -298,7 +299,11 @@ def train_adapters(model, clip, split, settings, options, device, run, describe,
             if fp8 is not None:
                 run.notes.append(fp8.describe())
             lora = inject_adapters(model, network, clip, text_model, settings.network, settings.seed, device)
-            with run.kept_if_stopped(lora, describe):
+            # After the adapters: a swapped block's weights are away, and injecting reads their shapes.
+            with run.kept_if_stopped(lora, describe), \
+                    blocks_swapped(comfy_bridge.blocks_of(network), options.blocks_to_swap, device) as swap:
+                if options.blocks_to_swap:
+                    run.notes.append(swap.describe())
                 lora.train(True)
                 if resume:
                     load_resumed_weights(lora, resume, options)

@@ -86,6 +86,7 @@ class TrainingOptions:
     save_every_n_epochs: int = 0
     validation_pictures: int = 0       # pictures held out of training to measure a validation loss per epoch
     fp8_base: bool = False             # the frozen model's Linear weights in fp8 (trainer/training/fp8_base.py)
+    blocks_to_swap: int = 0            # blocks whose frozen weights wait in CPU memory (trainer/training/block_swap.py)
     # The groups an option node set (GROUPS' keys); the others are Train LoRA's preset's to fill.
     groups_set: frozenset = field(default=frozenset())
 
@@ -149,7 +150,7 @@ GROUPS = {
               "resume_from"),
     "previews": ("preview_every_n_steps", "preview_prompts", "preview_seed", "preview_steps", "preview_cfg",
                  "validation_pictures"),
-    "memory": ("precision", "gradient_checkpointing", "latent_disk_cache", "fp8_base"),
+    "memory": ("precision", "gradient_checkpointing", "latent_disk_cache", "fp8_base", "blocks_to_swap"),
 }
 GROUP_OF = {name: group for group, names in GROUPS.items() for name in names}
 

@@ -29,8 +29,9 @@ def gradient_checkpointing(modules: Iterable[torch.nn.Module], enabled: bool = T
                     # checkpoint keeps the inputs to recompute from in backward, but some blocks add into
                     # their inputs in place (ComfyUI 2024-03's ``x += n``, Flux's ``txt += ...`` on a
                     # keyword argument): they get copies, and the kept inputs stay as they were.
-                    return checkpoint(_on_copies, _forward, *args, use_reentrant=False, **kwargs)
+                    return checkpoint(on_copies, _forward, *args, use_reentrant=False, **kwargs)
 
+                run.unwrapped = original       # block_swap.py checkpoints a swapped block itself
                 module.forward = run
                 wrapped.append(module)
         yield len(wrapped)
@@ -39,7 +40,7 @@ def gradient_checkpointing(modules: Iterable[torch.nn.Module], enabled: bool = T
             del module.forward
 
 
-def _on_copies(forward, *args, **kwargs):
+def on_copies(forward, *args, **kwargs):
     """``forward`` on copies of every tensor argument, positional or keyword (Flux's blocks take
     ``img=`` / ``txt=`` as keywords only)."""
     return forward(*(_copy(value) for value in args), **{name: _copy(value) for name, value in kwargs.items()})
