@@ -164,15 +164,29 @@ class Inventory:
     other_params: int
     lora_params: int
     lora_factor_floats: int        # Adafactor's row + column state over every adapter matrix
+    blocks: list                   # (linear_params, linear_rows, other_params) of each block, as block swap sees them
 
-    def weights_bytes(self, fp8: bool) -> int:
-        if fp8:
-            return self.linear_params + 4 * self.linear_rows + 2 * self.other_params
-        return 2 * (self.linear_params + self.other_params)
+    def weights_bytes(self, fp8: bool, swap: int = 0) -> int:
+        """The frozen weights on the GPU: with block swap, less the swapped blocks, plus the two of them that can
+        be on the GPU at once (the computing one and the next one coming over), counted as the two largest."""
+        on_gpu = _bytes(self.linear_params, self.linear_rows, self.other_params, fp8)
+        if swap:
+            from lora_lab.trainer.training.block_swap import chosen_blocks
+            swapped = sorted((_bytes(*self.blocks[i], fp8) for i in chosen_blocks(swap, len(self.blocks))), reverse=True)
+            on_gpu += -sum(swapped) + sum(swapped[:2])
+        return on_gpu
+
+    def swapped_bytes(self, fp8: bool, swap: int) -> int:
+        return self.weights_bytes(fp8) - self.weights_bytes(fp8, swap)
 
     def adapter_bytes(self, optimizer: str) -> int:
         state = 4 * self.lora_factor_floats if optimizer == "Adafactor" else OPTIMIZER_BYTES[optimizer] * self.lora_params
         return 8 * self.lora_params + state
+
+
+def _bytes(linear_params: int, linear_rows: int, other_params: int, fp8: bool) -> int:
+    """Every Linear weight in fp8 (1 byte, plus a 4-byte scale per row) with fp8_base, everything else in bf16."""
+    return linear_params + 4 * linear_rows + 2 * other_params if fp8 else 2 * (linear_params + other_params)
 
 
 def inventory(family: str, rank: int) -> Inventory:
@@ -195,17 +209,24 @@ def inventory(family: str, rank: int) -> Inventory:
         out_f, in_f = weight.shape[0], math.prod(weight.shape[1:])
         lora += rank * (in_f + out_f)
         factors += (rank + in_f) + (out_f + rank)
-    return Inventory(linear_params, linear_rows, total - linear_params, lora, factors)
+    blocks = []
+    for block in comfy_bridge.blocks_of(network):
+        linears = [m.weight for m in block.modules() if isinstance(m, torch.nn.Linear)]
+        params = sum(p.numel() for p in block.parameters())
+        blocks.append((sum(w.numel() for w in linears), sum(w.shape[0] for w in linears),
+                       params - sum(w.numel() for w in linears)))
+    return Inventory(linear_params, linear_rows, total - linear_params, lora, factors, blocks)
 
 
 def measure_step(family: str, sizes: dict, resolution: int, batch: int, rank: int, fp8: bool, checkpointing: bool,
-                 device, whole: list | None = None) -> int:
+                 device, whole: list | None = None, swap: int = 0) -> int:
     """Peak bytes the training step's own tensors take (activations, gradients, transient copies). On a GPU,
     ``whole`` (a list) also gets torch.cuda.max_memory_allocated() itself: weights, adapters and step."""
     import torch
     from lora_lab.nodes import comfy_bridge
     from lora_lab.trainer.lora.adapters import InjectedLora
     from lora_lab.trainer.lora.network import Network
+    from lora_lab.trainer.training.block_swap import blocks_swapped
     from lora_lab.trainer.training.fp8_base import frozen_base_in_fp8
     patcher = (flux_patcher if family == "flux" else sdxl_patcher)(device, fp8=fp8, **sizes)
     x, sigma, cond = step_inputs(family, resolution, batch, device, torch.bfloat16)
@@ -214,7 +235,8 @@ def measure_step(family: str, sizes: dict, resolution: int, batch: int, rank: in
             comfy_bridge.trainable_unet(patcher, checkpointing) as network, \
             (frozen_base_in_fp8(network, convert=False) if fp8 else contextlib.nullcontext()):
         targets = comfy_bridge.unet_lora_targets(patcher, Network(rank=rank, alpha=rank))
-        with InjectedLora(network, targets, rank=rank, alpha=float(rank), seed=0, device=device) as lora:
+        with InjectedLora(network, targets, rank=rank, alpha=float(rank), seed=0, device=device) as lora, \
+                blocks_swapped(comfy_bridge.blocks_of(network), swap, device):      # on the CPU: nothing moves
             lora.train(True)
             x, sigma, cond = x.clone(), sigma.clone(), {k: v.clone() for k, v in cond.items()}
             if device.type == "cuda":
@@ -288,6 +310,7 @@ class Setting:
     fp8: bool
     checkpointing: bool
     peers: str = ""
+    swap: int = 0                  # blocks_to_swap
 
 
 SETTINGS = [
@@ -298,8 +321,11 @@ SETTINGS = [
     Setting("SDXL preset 12 GB (rank 32, U-Net only)", "sdxl", 1024, 1, 32, "Adafactor", False, True,
             "ComfyUI's own trainer runs out of memory on 32 GB (ComfyUI #12575)"),
     Setting("SDXL without checkpointing (rank 32)", "sdxl", 1024, 1, 32, "AdamW", False, False, ""),
-    Setting("Flux preset 12 GB (512 px, fp8 base)", "flux", 512, 1, 16, "AdamW8bit", True, True,
-            "kohya: 12 GB with --fp8_base, --blocks_to_swap 16 and 8-bit AdamW"),
+    Setting("Flux preset 12 GB (512 px, fp8 base, 24 blocks swapped)", "flux", 512, 1, 16, "AdamW8bit", True, True,
+            "kohya: 12 GB with --fp8_base, --blocks_to_swap 16 and 8-bit AdamW", swap=24),
+    Setting("Flux preset 8 GB (512 px, fp8 base, 40 blocks swapped)", "flux", 512, 1, 16, "AdamW8bit", True, True,
+            "kohya: 8 GB with --fp8_base and --blocks_to_swap 28", swap=40),
+    Setting("Flux 12 GB settings without block swap", "flux", 512, 1, 16, "AdamW8bit", True, True, ""),
     Setting("Flux preset 16 GB (1024 px, fp8 base)", "flux", 1024, 1, 16, "AdamW8bit", True, True,
             "kohya: 16 GB with --fp8_base, batch 1 and --blocks_to_swap"),
     Setting("Flux 1024 px, bf16 base", "flux", 1024, 1, 16, "AdamW8bit", False, True,
@@ -342,13 +368,13 @@ def main() -> None:
             # The rank changes the activations by the adapters' rank-wide intermediates only: measured at 16.
             measured[key] = activations(setting.family, setting.resolution, setting.batch, 16, setting.fp8,
                                         setting.checkpointing, device, log)
-        weights, adapters = parts.weights_bytes(setting.fp8), parts.adapter_bytes(setting.optimizer)
+        weights, adapters = parts.weights_bytes(setting.fp8, setting.swap), parts.adapter_bytes(setting.optimizer)
         total = weights + adapters + measured[key].full + CUDA_OVERHEAD_GB * GB
         real = []
         if args.full and device.type == "cuda":
             try:
                 measure_step(setting.family, {}, setting.resolution, setting.batch, setting.rank, setting.fp8,
-                             setting.checkpointing, device, whole=real)
+                             setting.checkpointing, device, whole=real, swap=setting.swap)
             except torch.cuda.OutOfMemoryError:
                 real = [float("inf")]
             torch.cuda.empty_cache()

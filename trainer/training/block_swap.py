@@ -85,6 +85,8 @@ class _Block:
 class BlockSwapper:
     def __init__(self, blocks: Sequence[nn.Module], count: int, device: torch.device, rehearsal: bool = False):
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:     # "cuda" is cuda:N, which weights name
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.rehearsal = rehearsal
         self.modules = list(blocks)
         self.report = SwapReport(requested=count, blocks=len(self.modules))

@@ -22,8 +22,9 @@ Conventions (kohya arithmetic: steps per epoch = pictures x repeats / batch size
 - Where a recipe needs an optional package (AdamW8bit: bitsandbytes) this table still names it; the
   caller falls back to AdamW, with a note, when the package is missing.
 - SD3 and Flux train on an fp8 base (``fp8_base``), as every recipe read holds them 8-bit (kohya's
-  ``--fp8_base``, ai-toolkit's ``quantize: true``). Block swap is not built yet (issue #19): where a
-  recipe relies on it, the other values are kept and a note says what to expect today.
+  ``--fp8_base``, ai-toolkit's ``quantize: true``). Flux at 12 and 8 GB also swaps blocks to the CPU
+  (``blocks_to_swap``), as kohya's recipe does, in numbers that bring docs/memory.md's predicted peak under
+  the card (LoRA Lab counts Flux's 57 blocks one by one; kohya counts them its own way).
 
 Sources read for this table (snapshots of 2026-02 to 2026-08):
   kohya-ss/sd-scripts docs/*.md, bmaltais/kohya_ss presets/lora/*.json, ostris/ai-toolkit
@@ -80,11 +81,11 @@ SDXL_24GB = ("Civitai's trainer shows the same 2000 pictures as batch 4 x 500 st
              "that instead (batch_size 4, steps 500).")
 SD3_24GB = ("ai-toolkit trains SD3.5 Large 8-bit quantized even at 24 GB, as this preset does (fp8_base): its 8B "
             "weights take 8 GB in fp8. SD3 Medium and SD3.5 Medium fit with room to spare.")
-SD3_16GB = ("SD3.5 Large in fp8 is 8 GB of weights: tight at 16 GB without block swap, which is not built yet "
-            "(issue #19). SD3 Medium and SD3.5 Medium fit.")
+SD3_16GB = ("SD3.5 Large in fp8 is 8 GB of weights: tight at 16 GB; if it runs out of memory, set blocks_to_swap "
+            "(Memory & Speed; kohya's SD3 example swaps 32 blocks). SD3 Medium and SD3.5 Medium fit.")
 SD3_LOW = ("512 px, as SimpleTuner's lowest-memory SD3 setup (10-12 GB) trains; that setup holds the base in "
-           "4 bits (nf4), LoRA Lab in fp8 and without block swap yet (issue #19): use SD3 Medium / SD3.5 Medium, "
-           "SD3.5 Large will run out of memory.")
+           "4 bits (nf4), LoRA Lab in fp8: use SD3 Medium / SD3.5 Medium. SD3.5 Large (8 GB in fp8) must load whole "
+           "before block swap can move part of it off the card, which it does not at this size.")
 FLUX_FP8 = ("Flux.1 in bf16 needs more than 30 GB to train (SimpleTuner: 'a bit more than 30G VRAM when not "
             "quantising the base model'); every recipe here holds it 8-bit, as this preset does (fp8_base: "
             "its 12B weights take 12 GB). On a card under 24 GB load it in fp8 (Load Diffusion Model, "
@@ -92,9 +93,16 @@ FLUX_FP8 = ("Flux.1 in bf16 needs more than 30 GB to train (SimpleTuner: 'a bit 
             "before it is converted.")
 
 
-def _swap_note(blocks: str) -> str:
-    return (f"kohya's recipe for this memory also swaps {blocks} transformer blocks to the CPU "
-            "(--blocks_to_swap), which is not built yet (issue #19): expect out-of-memory at 1024 px.")
+def _swap_note(blocks: int) -> str:
+    return (f"{blocks} of Flux's 57 blocks wait in CPU memory and come to the GPU as they compute (blocks_to_swap, "
+            "as kohya's recipe for this memory swaps blocks): slower, about 2 copies of each a step. Block swap "
+            "starts once the model is loaded, so the model must load whole first: Flux in fp8 is 11 GB, more than "
+            "a card this size loads whole today (Train LoRA then says the model did not fit). Moving blocks away "
+            "while loading is not built yet (issue #19).")
+
+
+FLUX_16GB = ("Predicted peak 14.7 GB at 1024 px (docs/memory.md), without block swap; kohya's recipe for 16 GB "
+             "swaps some blocks: if it runs out of memory, set blocks_to_swap (Memory & Speed) to 8 or so.")
 
 
 @dataclass(frozen=True)
@@ -317,12 +325,15 @@ _GPU = {
     # 1024 down to 16 GB (kohya's 16 GB row changes the batch and the swap, not the size); 512 at 12 and
     # 8 GB: SimpleTuner's lowest-memory Flux setup ("Resolution: 512px", "1024px requires >= 12G VRAM"
     # even on a 4-bit base), kohya_ss's only Flux preset, the fp8 one ("max_resolution": "512,512"), and
-    # Civitai's Flux default (resolution "default: 512", no Flux override).
+    # Civitai's Flux default (resolution "default: 512", no Flux override). blocks_to_swap: 20 at 12 GB and 40 at
+    # 8 GB bring tools/bench_memory.py's predicted peak to 10.2 and 6.4 GB (docs/memory.md); kohya's 16 and 28
+    # count a double block as two, so they are not the same numbers.
     "Flux": {
-        "8 GB": _Change(values=dict(resolution=512), notes=(_swap_note("28"),), sources=(SDS_FLUX, ST_FLUX, KSS_FLUX)),
-        "12 GB": _Change(values=dict(resolution=512), notes=(_swap_note("16"),),
+        "8 GB": _Change(values=dict(resolution=512), options=dict(blocks_to_swap=40), notes=(_swap_note(40),),
+                        sources=(SDS_FLUX, ST_FLUX, KSS_FLUX)),
+        "12 GB": _Change(values=dict(resolution=512), options=dict(blocks_to_swap=20), notes=(_swap_note(20),),
                          sources=(SDS_FLUX, ST_FLUX, KSS_FLUX, CIVITAI_PARAMS)),
-        "16 GB": _Change(notes=(_swap_note("some"),), sources=(SDS_FLUX,)),
+        "16 GB": _Change(notes=(FLUX_16GB,), sources=(SDS_FLUX,)),
         "24+ GB": _Change(sources=(AIT_FLUX, SDS_FLUX)),
     },
 }
