@@ -167,13 +167,14 @@ class Inventory:
     blocks: list                   # (linear_params, linear_rows, other_params) of each block, as block swap sees them
 
     def weights_bytes(self, fp8: bool, swap: int = 0) -> int:
-        """The frozen weights on the GPU: with block swap, less the swapped blocks, plus the two of them that can
-        be on the GPU at once (the computing one and the next one coming over), counted as the two largest."""
+        """The frozen weights on the GPU: with block swap, less the swapped blocks, plus the three of them that can
+        be on the GPU at once (the computing one, the next one coming over, and the one before while the GPU
+        finishes with it), counted as the three largest."""
         on_gpu = _bytes(self.linear_params, self.linear_rows, self.other_params, fp8)
         if swap:
             from lora_lab.trainer.training.block_swap import chosen_blocks
             swapped = sorted((_bytes(*self.blocks[i], fp8) for i in chosen_blocks(swap, len(self.blocks))), reverse=True)
-            on_gpu += -sum(swapped) + sum(swapped[:2])
+            on_gpu += -sum(swapped) + sum(swapped[:3])
         return on_gpu
 
     def swapped_bytes(self, fp8: bool, swap: int) -> int:
@@ -321,8 +322,8 @@ SETTINGS = [
     Setting("SDXL preset 12 GB (rank 32, U-Net only)", "sdxl", 1024, 1, 32, "Adafactor", False, True,
             "ComfyUI's own trainer runs out of memory on 32 GB (ComfyUI #12575)"),
     Setting("SDXL without checkpointing (rank 32)", "sdxl", 1024, 1, 32, "AdamW", False, False, ""),
-    Setting("Flux preset 12 GB (512 px, fp8 base, 24 blocks swapped)", "flux", 512, 1, 16, "AdamW8bit", True, True,
-            "kohya: 12 GB with --fp8_base, --blocks_to_swap 16 and 8-bit AdamW", swap=24),
+    Setting("Flux preset 12 GB (512 px, fp8 base, 20 blocks swapped)", "flux", 512, 1, 16, "AdamW8bit", True, True,
+            "kohya: 12 GB with --fp8_base, --blocks_to_swap 16 and 8-bit AdamW", swap=20),
     Setting("Flux preset 8 GB (512 px, fp8 base, 40 blocks swapped)", "flux", 512, 1, 16, "AdamW8bit", True, True,
             "kohya: 8 GB with --fp8_base and --blocks_to_swap 28", swap=40),
     Setting("Flux 12 GB settings without block swap", "flux", 512, 1, 16, "AdamW8bit", True, True, ""),

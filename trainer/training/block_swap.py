@@ -4,8 +4,10 @@ come to the GPU only while they compute (kohya's and musubi's ``--blocks_to_swap
 Each swapped block comes over twice a step: before its forward and again before its backward. It runs under
 (non-reentrant) checkpointing, so autograd keeps nothing of it between the two, its weights least of all, and
 its backward recomputes the block from its inputs, as gradient checkpointing does. The next swapped block is
-copied over on a side stream from pinned memory while the current one computes, so the copy overlaps compute;
-at most two swapped blocks are on the GPU at once.
+copied over on a side stream from pinned memory while the current one computes, so the copy overlaps compute.
+At most two swapped blocks are on the GPU at once, plus the one before while the GPU finishes with it: the host
+runs ahead of the GPU, so a block let go may still be computing, and its memory is reused only once it is done
+(each block is one buffer, copied in one go).
 
 Why the order is safe: autograd runs a device's backward nodes latest-created first, so when a block's backward
 begins (its recompute), every block after it has finished its own: those can leave.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -58,14 +61,25 @@ class SwapReport:
                 "each comes over for its forward and again for its backward, which recomputes it")
 
 
+ALIGN = 256          # bytes: each tensor's place in a block's buffer starts on this boundary (any dtype can view it)
+
+
 @dataclass
 class _Frozen:
-    """One frozen tensor of a swapped block: where it lives between uses, and how to put a copy in its place."""
+    """One frozen tensor of a swapped block: its place in the block's buffer, and how to put a tensor in its
+    place in the model."""
     module: nn.Module
     name: str
     is_parameter: bool
-    home: torch.Tensor            # CPU (pinned where possible); the original itself in a rehearsal
+    offset: int                   # bytes into the block's buffer
+    shape: tuple
+    dtype: torch.dtype
     device: torch.device          # where it was, and is put back on exit
+    original: torch.Tensor | None = None       # a rehearsal keeps it, to put the very tensor back
+
+    def view(self, buffer: torch.Tensor) -> torch.Tensor:
+        nbytes = math.prod(self.shape) * self.dtype.itemsize
+        return buffer[self.offset:self.offset + nbytes].view(self.dtype).view(self.shape)
 
     def put(self, tensor: torch.Tensor):
         if self.is_parameter:
@@ -78,6 +92,7 @@ class _Frozen:
 class _Block:
     index: int
     tensors: list[_Frozen] = field(default_factory=list)
+    home: torch.Tensor | None = None      # every frozen tensor's bytes in one CPU buffer (pinned where possible)
     on_device: bool = True
     ready: object = None          # a CUDA event recorded after the copy, waited on before use
 
@@ -94,54 +109,71 @@ class BlockSwapper:
         self.order = sorted(self.swapped)
         self.side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._end_of_backward_queued = False
+        self._still_computing: list = []   # events: evicted blocks the GPU may still be computing with
 
     # --- moving weights ---------------------------------------------------------------------------------
     def send_home(self):
-        """Every swapped block's frozen tensors to CPU memory; their places on the device emptied."""
+        """Every swapped block's frozen tensors to one CPU buffer per block; their places on the device emptied."""
         with torch.no_grad(), torch.inference_mode(False):
             for block in self.swapped.values():
+                found, seen, size = [], set(), 0
                 for module in self.modules[block.index].modules():
-                    for name, param in module._parameters.items():
-                        if param is not None and not param.requires_grad and param.device == self.device:
-                            block.tensors.append(self._take_home(module, name, param, True))
-                    for name, buffer in module._buffers.items():
-                        if buffer is not None and buffer.device == self.device:
-                            block.tensors.append(self._take_home(module, name, buffer, False))
+                    for kind, tensors in ((True, module._parameters), (False, module._buffers)):
+                        for name, tensor in tensors.items():
+                            if self._swappable(tensor, kind) and id(tensor) not in seen:
+                                seen.add(id(tensor))
+                                found.append((module, name, kind, tensor.data if kind else tensor, size))
+                                size += -(-tensor.numel() * tensor.element_size() // ALIGN) * ALIGN
+                block.home = self._buffer(size)
+                for module, name, kind, tensor, offset in found:
+                    frozen = _Frozen(module, name, kind, offset, tuple(tensor.shape), tensor.dtype, tensor.device,
+                                     original=tensor if self.rehearsal else None)
+                    frozen.view(block.home).copy_(tensor)
+                    block.tensors.append(frozen)
+                    self.report.bytes_swapped += tensor.numel() * tensor.element_size()
                 self._evict(block)
                 self.report.swapped += 1
 
-    def _take_home(self, module, name, tensor, is_parameter) -> _Frozen:
-        tensor = tensor.data if is_parameter else tensor
-        self.report.bytes_swapped += tensor.numel() * tensor.element_size()
+    def _swappable(self, tensor, is_parameter: bool) -> bool:
+        """Frozen, on the device, a plain tensor (ComfyUI's quantized and GGUF weights are subclasses that a byte
+        copy would not give back), contiguous and owning its storage (evicting a view would free nothing)."""
+        return (tensor is not None and not (is_parameter and tensor.requires_grad) and tensor.device == self.device
+                and type(tensor) in (torch.Tensor, nn.Parameter) and tensor.is_contiguous()
+                and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size())
+
+    def _buffer(self, nbytes: int) -> torch.Tensor:
         if self.rehearsal or self.device.type == "cpu":
-            return _Frozen(module, name, is_parameter, tensor, self.device)
+            return torch.empty(nbytes, dtype=torch.uint8)
         try:
-            home = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
             self.report.pinned = True
+            return buffer
         except RuntimeError:      # no pinned memory left: pageable memory works, the copies just overlap less
-            home = torch.empty(tensor.shape, dtype=tensor.dtype)
-        home.copy_(tensor)
-        return _Frozen(module, name, is_parameter, home, tensor.device)
+            return torch.empty(nbytes, dtype=torch.uint8)
 
     def _fetch(self, block: _Block, ahead: bool):
-        """A copy of the block's frozen tensors on the device; on the side stream when ``ahead``."""
+        """The block's buffer copied to the device in one go, its tensors views of it; on the side stream when
+        ``ahead``."""
         if block.on_device:
             return
         with torch.no_grad(), torch.inference_mode(False):
             if self.side is None:
-                for frozen in block.tensors:
-                    frozen.put(frozen.home.clone() if self.rehearsal else frozen.home)
+                copy = block.home.clone()
             else:
-                stream = self.side if ahead else torch.cuda.current_stream(self.device)
-                with torch.cuda.stream(stream):
-                    for frozen in block.tensors:
-                        copy = frozen.home.to(self.device, non_blocking=True)
-                        if ahead:         # made on the side stream, used and freed on the compute stream
-                            copy.record_stream(torch.cuda.current_stream(self.device))
-                        frozen.put(copy)
+                compute = torch.cuda.current_stream(self.device)
+                # Bound the memory: the GPU may still be computing with blocks already let go (the host runs
+                # ahead), and their memory is only reused once it is done with them. Wait for all but the last.
+                while len(self._still_computing) > 1:
+                    self._still_computing.pop(0).synchronize()
+                with torch.cuda.stream(self.side if ahead else compute):
+                    copy = block.home.to(self.device, non_blocking=True)
                     if ahead:
                         block.ready = torch.cuda.Event()
-                        block.ready.record(stream)
+                        block.ready.record(self.side)
+                if ahead:     # made on the side stream, used and freed on the compute stream
+                    copy.record_stream(compute)
+            for frozen in block.tensors:
+                frozen.put(frozen.view(copy))
         block.on_device = True
         self.report.fetches += 1
         self.report.most_on_device = max(self.report.most_on_device,
@@ -152,24 +184,35 @@ class BlockSwapper:
             return
         with torch.no_grad(), torch.inference_mode(False):
             for frozen in block.tensors:      # an empty stand-in: a block computing without a fetch fails loudly
-                frozen.put(torch.empty(0, dtype=frozen.home.dtype, device=self.device))
+                frozen.put(torch.empty(0, dtype=frozen.dtype, device=self.device))
+        if self.side is not None:
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(self.device))
+            self._still_computing.append(done)
         block.on_device, block.ready = False, None
 
     def put_back(self):
-        """Every frozen tensor back on its device, as it was. Raises (naming a reload) if memory ran out."""
+        """Every frozen tensor back on its device, each in a storage of its own as before (a rehearsal: the very
+        tensor). Raises, naming a reload, if memory ran out. The CPU buffers are let go either way."""
         failed = 0
         with torch.no_grad(), torch.inference_mode(False):
             for block in self.swapped.values():
                 for frozen in block.tensors:
+                    if frozen.original is not None:
+                        frozen.put(frozen.original)
+                        continue
                     try:
-                        frozen.put(frozen.home.to(frozen.device, copy=not self.rehearsal))
+                        frozen.put(frozen.view(block.home).to(frozen.device, copy=True))
                     except RuntimeError:          # out of memory: what the allocator holds back may be enough
                         torch.cuda.empty_cache()
                         try:
-                            frozen.put(frozen.home.to(frozen.device))
+                            frozen.put(frozen.view(block.home).to(frozen.device, copy=True))
                         except RuntimeError:
                             failed += 1
-                block.on_device = True
+                block.on_device, block.ready, block.home, block.tensors = True, None, None, []
+        self._still_computing.clear()
+        if self.report.pinned and hasattr(torch._C, "_host_emptyCache"):
+            torch._C._host_emptyCache()           # pinned memory stays locked in a cache otherwise
         if failed:
             raise RuntimeError(f"block swap: {failed} frozen weight(s) could not come back to {self.device} (out "
                                "of memory); reload the model (its loader node) before using it again")
@@ -192,7 +235,9 @@ class BlockSwapper:
             block.ready = None
         if upcoming is not None:
             self._fetch(upcoming, ahead=True)
-        if backward and not self._end_of_backward_queued:
+        if not backward:
+            self._end_of_backward_queued = False      # a backward that failed never ran its callback
+        elif not self._end_of_backward_queued:
             # Once this backward pass ends, no swapped block is needed until the next forward.
             self._end_of_backward_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._backward_ended)

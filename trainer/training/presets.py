@@ -326,7 +326,7 @@ _GPU = {
     # 8 GB: SimpleTuner's lowest-memory Flux setup ("Resolution: 512px", "1024px requires >= 12G VRAM"
     # even on a 4-bit base), kohya_ss's only Flux preset, the fp8 one ("max_resolution": "512,512"), and
     # Civitai's Flux default (resolution "default: 512", no Flux override). blocks_to_swap: 20 at 12 GB and 40 at
-    # 8 GB bring tools/bench_memory.py's predicted peak to 10.2 and 6.4 GB (docs/memory.md); kohya's 16 and 28
+    # 8 GB bring tools/bench_memory.py's predicted peak to 10.5 and 6.7 GB (docs/memory.md); kohya's 16 and 28
     # count a double block as two, so they are not the same numbers.
     "Flux": {
         "8 GB": _Change(values=dict(resolution=512), options=dict(blocks_to_swap=40), notes=(_swap_note(40),),

@@ -175,15 +175,40 @@ def test_on_the_cpu_nothing_moves_and_the_report_says_why():
         assert report.swapped == 0
 
 
-def test_a_weight_that_cannot_come_back_is_named(monkeypatch):
+def test_copies_back_are_bitwise_each_in_a_storage_of_its_own():
+    """Outside a rehearsal the originals are let go; what comes back is a copy of the block's buffer, split so each
+    weight owns its storage again (as the model had it)."""
     net = Net()
-    swapper = BlockSwapper(net.blocks, 1, "cpu", rehearsal=True)
+    before = frozen_state(net)
+    swapper = BlockSwapper(net.blocks, 6, "cpu")
     swapper.send_home()
+    assert all(block.linear.weight.numel() == 0 for block in net.blocks)
+    swapper.put_back()
+    assert all(torch.equal(before[k], v) for k, v in frozen_state(net).items())
+    weight = net.blocks[0].linear.weight
+    assert weight.untyped_storage().nbytes() == weight.numel() * weight.element_size()
+    assert all(block.home is None and not block.tensors for block in swapper.swapped.values())
+
+
+def test_tensors_a_byte_copy_would_not_give_back_stay_where_they_are():
+    net = Net()
+    shared = net.blocks[1].linear.weight.data
+    net.blocks[1].register_buffer("view", shared[:2])            # a view: evicting it would free nothing
+    with blocks_swapped(net.blocks, 6, "cpu", rehearsal=True):
+        assert net.blocks[1].view.numel() == 2 * WIDTH and net.blocks[1].linear.weight.numel() == 0
+
+
+def test_a_weight_that_cannot_come_back_is_named(monkeypatch):
+    from lora_lab.trainer.training import block_swap
+    net = Net()
+    swapper = BlockSwapper(net.blocks, 1, "cpu")
+    swapper.send_home()
+
     class OutOfMemory:
         def to(self, *args, **kwargs):
             raise RuntimeError("CUDA out of memory")
 
-    next(iter(swapper.swapped.values())).tensors[0].home = OutOfMemory()
+    monkeypatch.setattr(block_swap._Frozen, "view", lambda self, buffer: OutOfMemory())
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     with pytest.raises(RuntimeError, match="reload the model"):
         swapper.put_back()
