@@ -16,16 +16,9 @@ import torch
 import random_models
 from training import assert_base_untouched, options, run_train, saved_tensors, weights_snapshot
 
-pytestmark = pytest.mark.usefixtures("leave_models_unpatched")
+pytestmark = pytest.mark.usefixtures("leave_models_unpatched", "one_thread")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread: one arithmetic path, so the two runs' sums are taken in the same order."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

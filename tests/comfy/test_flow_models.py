@@ -21,7 +21,7 @@ from safetensors import safe_open
 from training import assert_loader_matches_adapter, SIZE, assert_base_untouched, encoded_training_set, run_train, training_loss, weights_snapshot, options
 
 # Module-scoped models: whatever a test loads with a LoRA patched in is unpatched before the next one.
-pytestmark = pytest.mark.usefixtures("leave_models_unpatched")
+pytestmark = pytest.mark.usefixtures("leave_models_unpatched", "one_thread")
 T5_WIDTH = 32                                   # random_flow_models.TINY_T5's d_model: Flux's context width
 FLUX_DOUBLE = ("img_mod_lin", "img_attn_qkv", "img_attn_proj", "img_mlp_0", "img_mlp_2",
                "txt_mod_lin", "txt_attn_qkv", "txt_attn_proj", "txt_mlp_0", "txt_mlp_2")
@@ -29,15 +29,6 @@ FLUX_SINGLE = ("linear1", "linear2", "modulation_lin")
 SD3_SIDE = ("attn_qkv", "attn_proj", "mlp_fc1", "mlp_fc2", "adaLN_modulation_1")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These DiTs are tiny: a step is dozens of small ops, and torch's thread pool costs more than it gives
-    (measured: 0.06 s a step on one thread, 0.25 s on two, and 5 s on two while another process keeps the
-    two cores busy). Put back afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -16,16 +16,9 @@ import random_models
 from training import (assert_base_untouched, encoded_training_set, options, run_train, saved_tensors, training_loss,
                       weights_snapshot)
 
-pytestmark = pytest.mark.usefixtures("leave_models_unpatched")
+pytestmark = pytest.mark.usefixtures("leave_models_unpatched", "one_thread")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small models: one thread is faster (see test_flow_models.py) and takes one arithmetic path."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
