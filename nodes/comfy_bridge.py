@@ -80,8 +80,9 @@ def prediction_type(sampling) -> str:
 class ComfyDenoiser:
     """trainer.loop.Denoiser over a ComfyUI BaseModel: ComfyUI's own model_sampling does the math."""
 
-    def __init__(self, patcher):
+    def __init__(self, patcher, guidance: float | None = None):
         self.base_model = patcher.model
+        self.guidance = guidance       # Flux.1 dev's guidance input; None: ComfyUI's default (3.5)
         self.sampling = model_sampling(patcher)
         self.prediction_type = prediction_type(self.sampling)
         sigmas = getattr(self.sampling, "sigmas", None)
@@ -122,7 +123,8 @@ class ComfyDenoiser:
         return [(group, _concatenated([per_example[i] for i in group], device)) for group in groups]
 
     def _extra_conds(self, texts, sizes, device) -> list[dict]:
-        return [self.base_model.extra_conds(**condition_arguments(text, size, device))
+        extra = {} if self.guidance is None else {"guidance": self.guidance}
+        return [self.base_model.extra_conds(**condition_arguments(text, size, device), **extra)
                 for text, size in zip(texts, sizes)]
 
     def denoise(self, noisy, sigma, cond):

@@ -7,6 +7,7 @@ accepting the workflows saved with it.
 from __future__ import annotations
 
 from ..trainer.lora.network import PRESETS as NETWORK_PRESETS
+from ..trainer.training.loss_shapes import HUBER_SCHEDULES, LOSS_TYPES, TIMESTEP_SAMPLINGS
 from ..trainer.training.optimizers import OPTIMIZERS
 from ..trainer.training.schedules import SCHEDULES
 from .training_options import NO_RESUME, PRECISIONS, SAVE_DTYPES, TrainingOptions, resume_choices
@@ -134,4 +135,33 @@ def option_inputs() -> dict[str, tuple]:
                                "blocks; SD1.5/SDXL: transformer and res blocks), spread evenly; kohya counts Flux's "
                                "differently. The LoRA is the same as without. 0 = off; on the CPU it does "
                                "nothing."}),
+            "loss_type": (list(LOSS_TYPES), {"default": d.loss_type, "tooltip":
+                          "How a wrong guess is scored (kohya's --loss_type). l2: squared error, the usual. huber: "
+                          "squared for small errors, linear for large ones, so a few odd pictures or noisy "
+                          "timesteps pull less; smooth_l1: the same, scaled like l1; l1: absolute error."}),
+            "huber_schedule": (list(HUBER_SCHEDULES), {"default": d.huber_schedule, "tooltip":
+                               "huber / smooth_l1 only: where the loss turns from squared to linear, per timestep "
+                               "(kohya's --huber_schedule). snr: near 1 at low noise, huber_c at high noise (SD1.5, "
+                               "SDXL only); exponential: huber_scale at low noise down to huber_c x huber_scale at "
+                               "high noise; constant: huber_c x huber_scale."}),
+            "huber_c": ("FLOAT", {"default": d.huber_c, "min": 0.001, "max": 1.0, "step": 0.01, "tooltip":
+                        "huber / smooth_l1: the threshold (kohya's --huber_c, default 0.1)."}),
+            "huber_scale": ("FLOAT", {"default": d.huber_scale, "min": 0.01, "max": 10.0, "step": 0.1, "tooltip":
+                            "huber / smooth_l1 with the exponential or constant schedule: scales the threshold "
+                            "(kohya's --huber_scale)."}),
+            "timestep_sampling": (list(TIMESTEP_SAMPLINGS), {"default": d.timestep_sampling, "tooltip":
+                                  "Which noise levels training visits. uniform: all alike. logit_normal: mostly "
+                                  "the middle ones (SD3's recipe; kohya's 'sigmoid' for Flux), with logit_mean and "
+                                  "logit_std. min_timestep / max_timestep still apply."}),
+            "logit_mean": ("FLOAT", {"default": d.logit_mean, "min": -3.0, "max": 3.0, "step": 0.1, "tooltip":
+                           "logit_normal: above 0 favours higher noise (layout, colour), below 0 lower (detail)."}),
+            "logit_std": ("FLOAT", {"default": d.logit_std, "min": 0.1, "max": 3.0, "step": 0.1, "tooltip":
+                          "logit_normal: how widely around the middle (1.0 in SD3's recipe and kohya's default)."}),
+            "flow_shift": ("FLOAT", {"default": d.flow_shift, "min": 0.0, "max": 20.0, "step": 0.05, "tooltip":
+                           "SD3 / Flux only: shift the noise levels trained towards high noise, as kohya's "
+                           "--discrete_flow_shift (its Flux recipe: 3.1582; SD3's own: 3.0). 0 = the model's own "
+                           "schedule."}),
+            "flux_guidance": ("FLOAT", {"default": d.flux_guidance, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip":
+                              "Flux.1 dev only: the guidance value the model is given while training (kohya's "
+                              "--guidance_scale; its recipes use 1.0). 3.5 is ComfyUI's default for Flux."}),
     }

@@ -58,7 +58,9 @@ class LoraLabNetworkOptions(_OptionGroupNode):
 
 class LoraLabNoiseOptions(_OptionGroupNode):
     GROUP, TITLE = "noise", "Noise & Loss"
-    DESCRIPTION = "Noise offset, the timestep range trained, Min-SNR loss weighting and v-prediction loss scaling."
+    DESCRIPTION = ("Noise offset, the timestep range trained and how timesteps are drawn (logit-normal, a flow "
+                   "shift), Min-SNR loss weighting, v-prediction loss scaling, the loss type (l2, l1, Huber) and "
+                   "Flux's guidance value.")
 
 
 class LoraLabCaptionOptions(_OptionGroupNode):

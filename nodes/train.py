@@ -148,6 +148,9 @@ class LoraLabTrainLora:
             run.notes += (notes_for(comfy_bridge.prediction_type(comfy_bridge.model_sampling(model)), settings.noise)
                           + schedule_notes(settings.lr_schedule, settings.warmup_steps, settings.steps)
                           + ([advice] if advice else []))
+            if options.flux_guidance != ADDED_SINCE_FIRST_RUNS["flux_guidance"] and flux_guidance(model, options) is None:
+                run.notes.append(f"flux_guidance does nothing here: it is Flux.1's guidance input, and this model is "
+                                 f"{comfy_bridge.model_family(model)}.")
             for note in run.notes:
                 log.warning("[LoRA Lab] %s", note)
             trigger_word = (trigger_word or saves.shared_first_tag(dataset)
@@ -159,6 +162,7 @@ class LoraLabTrainLora:
                 epoch_plan=epoch_plan, epochs=epochs, v_parameterization=comfy_bridge.predicts_v(model),
                 base_model=model_sources.base_model(prompt, unique_id, model, clip),
                 gradient_checkpointing=options.gradient_checkpointing, fp8_base=options.fp8_base,
+                flux_guidance=flux_guidance(model, options),
                 max_token_length=None if family in comfy_bridge.FLOW_FAMILIES else kohya_max_token_length(
                     encoding.cross_attn.shape[1] for encoding in data.conds.values()))
             if resume and resume.step >= settings.steps and epochs > 0:
@@ -206,10 +210,21 @@ NOT_IN_RUN_IDENTITY = ("save_every_n_steps", "save_every_n_epochs", "keep_last_s
                        "groups_set")      # which node set an option: the values themselves are in the identity
 
 
+# Options added after runs were saved, with the value that trains as before they existed.
+ADDED_SINCE_FIRST_RUNS = {"validation_pictures": 0, "fp8_base": False, "loss_type": "l2", "huber_schedule": "snr",
+                          "huber_c": 0.1, "huber_scale": 1.0, "timestep_sampling": "uniform", "logit_mean": 0.0,
+                          "logit_std": 1.0, "flow_shift": 0.0, "flux_guidance": 3.5}
+
+
 def options_added_since_saved(options) -> tuple[str, ...]:
-    """Options added after runs were saved, left out of the identity while off, so those runs stay reusable
-    (and an interrupted one continuable) after an update."""
-    return (() if options.validation_pictures else ("validation_pictures",)) + (() if options.fp8_base else ("fp8_base",))
+    """Options added after runs were saved, left out of the identity while they train as before, so those runs
+    stay reusable (and an interrupted one continuable) after an update."""
+    return tuple(name for name, before in ADDED_SINCE_FIRST_RUNS.items() if getattr(options, name) == before)
+
+
+def flux_guidance(model, options) -> float | None:
+    """The guidance input Flux.1 trains with; None for other models (they have none)."""
+    return float(options.flux_guidance) if comfy_bridge.model_family(model) == "flux1" else None
 
 
 def identity_of_run(model, data, settings, options, resolution, trigger_word, resume) -> str | None:
@@ -310,7 +325,7 @@ def train_adapters(model, clip, split, settings, options, device, run, describe,
                 # A trained text encoder encodes every step's captions with gradients; a frozen one's
                 # encodings are made once (data.conds) or, when captions vary, memoised by the loop.
                 encode_caption = comfy_bridge.loaded_caption_encoder(clip, with_gradients=text_encoder_trains)
-                loop_state = train(comfy_bridge.ComfyDenoiser(model), split.training, lora.parameters_by_part(),
+                loop_state = train(comfy_bridge.ComfyDenoiser(model, flux_guidance(model, options)), split.training, lora.parameters_by_part(),
                                    settings, device, on_step=run.step_callback(lora, describe, options),
                                    resume=resume.loop_state if resume else None,
                                    encode_caption=encode_caption, text_encoder_trains=text_encoder_trains,

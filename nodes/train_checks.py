@@ -73,3 +73,8 @@ def check_noise_settings(model, settings):
     if settings.noise.min_snr_gamma > 0 and kind not in ("eps", "v"):
         raise user_error(NODE, "options", f"min_snr_gamma applies to eps and v prediction; this model predicts {kind}.",
                          "set min_snr_gamma to 0 on the Noise & Loss options node.")
+    if settings.noise.loss_type in ("huber", "smooth_l1") and settings.noise.huber_schedule == "snr" and kind == "flow":
+        raise user_error(NODE, "options", "huber_schedule 'snr' follows the signal-to-noise ratio of eps- and "
+                         "v-prediction models (SD1.x, SD2.x, SDXL); this model is trained by flow matching (SD3, "
+                         "Flux.1), where kohya refuses it too.",
+                         "set huber_schedule to exponential or constant on the Noise & Loss options node.")

@@ -87,6 +87,16 @@ class TrainingOptions:
     validation_pictures: int = 0       # pictures held out of training to measure a validation loss per epoch
     fp8_base: bool = False             # the frozen model's Linear weights in fp8 (trainer/training/fp8_base.py)
     blocks_to_swap: int = 0            # blocks whose frozen weights wait in CPU memory (trainer/training/block_swap.py)
+    # The loss's shape and the timesteps' spread (trainer/training/loss_shapes.py), and Flux's guidance input:
+    loss_type: str = "l2"
+    huber_schedule: str = "snr"
+    huber_c: float = 0.1
+    huber_scale: float = 1.0
+    timestep_sampling: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    flow_shift: float = 0.0
+    flux_guidance: float = 3.5         # ComfyUI's Flux default; kohya's --guidance_scale (its recipes: 1.0)
     # The groups an option node set (GROUPS' keys); the others are Train LoRA's preset's to fill.
     groups_set: frozenset = field(default=frozenset())
 
@@ -116,7 +126,10 @@ class TrainingOptions:
     def noise(self) -> NoiseSettings:
         return NoiseSettings.from_kohya_timesteps(
             self.min_timestep, self.max_timestep, noise_offset=self.noise_offset,
-            min_snr_gamma=self.min_snr_gamma, scale_v_pred_loss=self.scale_v_pred_loss)
+            min_snr_gamma=self.min_snr_gamma, scale_v_pred_loss=self.scale_v_pred_loss, loss_type=self.loss_type,
+            huber_schedule=self.huber_schedule, huber_c=self.huber_c, huber_scale=self.huber_scale,
+            timestep_sampling=self.timestep_sampling, logit_mean=self.logit_mean, logit_std=self.logit_std,
+            flow_shift=self.flow_shift)
 
     @property
     def captions(self) -> CaptionAugment:
@@ -144,7 +157,10 @@ GROUPS = {
                   "gradient_accumulation", "max_grad_norm"),
     "network": ("network_preset", "conv_rank", "conv_alpha", "dropout", "train_text_encoder", "text_encoder_lr",
                 "text_encoder_2_lr"),
-    "noise": ("noise_offset", "min_timestep", "max_timestep", "min_snr_gamma", "scale_v_pred_loss"),
+    # Inputs added after a group's first release come last: saved workflows map widget values by position.
+    "noise": ("noise_offset", "min_timestep", "max_timestep", "min_snr_gamma", "scale_v_pred_loss", "loss_type",
+              "huber_schedule", "huber_c", "huber_scale", "timestep_sampling", "logit_mean", "logit_std", "flow_shift",
+              "flux_guidance"),
     "captions": ("caption_dropout", "shuffle_tags", "keep_tokens", "tag_dropout"),
     "saves": ("save_every_n_steps", "save_every_n_epochs", "keep_last_saves", "save_precision", "overwrite_existing",
               "resume_from"),
@@ -165,8 +181,8 @@ def checked(options: TrainingOptions, node: str) -> TrainingOptions:
         options.network()        # validates the preset, dropout and conv rank/alpha
         parse_optimizer_args(options.optimizer_args)
     except ValueError as bad:
-        raise user_error(node, None, str(bad), "check min_timestep < max_timestep, the optimizer_args and "
-                         "the network_preset.") from None
+        raise user_error(node, None, str(bad), "check min_timestep < max_timestep, the loss and timestep "
+                         "settings, the optimizer_args and the network_preset.") from None
     return options
 
 

@@ -128,13 +128,22 @@ def noise_and_caption_metadata(settings: TrainSettings) -> dict[str, str]:
     kohya's options default to None (off); LoRA Lab's 0 means the same and is written as kohya's None.
     """
     noise, captions = settings.noise, settings.captions
-    return {"ss_noise_offset": _off_is_none(noise.noise_offset),
+    data = {"ss_noise_offset": _off_is_none(noise.noise_offset),
             "ss_min_snr_gamma": _off_is_none(noise.min_snr_gamma),
+            "ss_loss_type": noise.loss_type, "ss_huber_schedule": noise.huber_schedule,
+            "ss_huber_c": str(float(noise.huber_c)), "ss_huber_scale": str(float(noise.huber_scale)),
             "ss_shuffle_caption": str(bool(captions.shuffle_tags)),
             "ss_keep_tokens": str(int(captions.keep_tokens)),
             "ss_caption_dropout_rate": str(float(captions.caption_dropout)),
             "ss_caption_tag_dropout_rate": str(float(captions.tag_dropout)),
             "ss_caption_dropout_every_n_epochs": "0"}
+    # LoRA Lab's own names where kohya's mean something slightly different for some models (loss_shapes.py).
+    if noise.timestep_sampling != "uniform":
+        data.update(loralab_timestep_sampling=noise.timestep_sampling, loralab_logit_mean=str(float(noise.logit_mean)),
+                    loralab_logit_std=str(float(noise.logit_std)))
+    if noise.flow_shift:
+        data["loralab_flow_shift"] = str(float(noise.flow_shift))
+    return data
 
 
 def kohya_max_token_length(encoded_lengths) -> int | None:
@@ -159,7 +168,6 @@ KOHYA_FEATURES_OFF = {
     "ss_multires_noise_iterations": "None", "ss_multires_noise_discount": "0.3", "ss_adaptive_noise_scale": "None",
     "ss_noise_offset_random_strength": "False", "ss_ip_noise_gamma": "None",
     "ss_ip_noise_gamma_random_strength": "False", "ss_zero_terminal_snr": "False", "ss_debiased_estimation": "False",
-    "ss_loss_type": "l2", "ss_huber_schedule": "snr", "ss_huber_scale": "1.0", "ss_huber_c": "0.1",
     "ss_scale_weight_norms": "None", "ss_full_fp16": "False", "ss_fp8_base": "False", "ss_fp8_base_unet": "False",
     "ss_lowram": "False", "ss_face_crop_aug_range": "None", "ss_color_aug": "False", "ss_flip_aug": "False",
     "ss_random_crop": "False", "ss_resize_interpolation": "None", "ss_training_comment": "None",
@@ -293,6 +301,7 @@ class Description:
     base_model: BaseModel = field(default_factory=BaseModel)
     gradient_checkpointing: bool = False
     fp8_base: bool = False
+    flux_guidance: float | None = None      # the guidance input Flux.1 dev trained with
     max_token_length: int | None = None      # kohya's: None = 75 tokens; 150, 225 for longer captions
     session_id: int = field(default_factory=lambda: random.randint(0, 2 ** 32))   # kohya: one per run
 
@@ -322,6 +331,7 @@ class Description:
             "ss_dataset_dirs": json.dumps(dataset_dirs(self.dataset)),
             "loralab_total_steps": str(settings.steps),
             "loralab_dataset_fingerprint": self.dataset.fingerprint(),
+            **self.flow_model_metadata(),
             **noise_and_caption_metadata(settings),
             **network_metadata(settings.network),
             **learning_rate_metadata(settings),
@@ -340,6 +350,20 @@ class Description:
             learning_rate=settings.learning_rate,
             started_at=started_at, finished_at=finished_at, trigger_word=self.trigger_word or None,
             v_parameterization=self.v_parameterization, extra=extra)
+
+    def flow_model_metadata(self) -> dict[str, str]:
+        """kohya's keys for what SD3 and Flux trained with, where their meaning is the same: Flux's guidance
+        (--guidance_scale), SD3's logit-normal timesteps (--weighting_scheme logit_normal, sampled on the model's
+        own shifted schedule as kohya's SD3 training samples them)."""
+        noise, data = self.settings.noise, {}
+        if self.family.startswith("flux") and self.flux_guidance is not None:
+            data["ss_guidance_scale"] = str(float(self.flux_guidance))
+        if self.family.startswith("sd3"):
+            logit = noise.timestep_sampling == "logit_normal"
+            data.update(ss_weighting_scheme="logit_normal" if logit else "uniform",
+                        ss_logit_mean=str(float(noise.logit_mean)) if logit else "None",
+                        ss_logit_std=str(float(noise.logit_std)) if logit else "None")
+        return data
 
     def arithmetic(self) -> str:
         images = len(self.dataset.items)

@@ -19,6 +19,7 @@ import torch
 from ..captions.augment import CaptionAugment, TextEncodingMemo, augment_batch, varies
 from ..data.encoded_dataset import EncodedDataset, PictureSize, TextEncoding, as_text_encoding, concat_conds
 from ..lora.network import Network
+from .loss_shapes import elementwise_loss, flow_sigmas, huber_threshold
 from .noise import NoiseSettings, draw, loss_weights, weighted_mean
 from .optimizers import make_optimizer, param_groups, trainable_parameters
 from .schedules import make_scheduler
@@ -159,16 +160,20 @@ def batch_loss(denoiser: Denoiser, latents: torch.Tensor, texts: list[TextEncodi
 
 def denoising_loss(denoiser: Denoiser, latents: torch.Tensor, cond, noise: torch.Tensor,
                    u: torch.Tensor, noise_settings: NoiseSettings | None = None) -> torch.Tensor:
-    """Mean squared error of the model's output at the timesteps ``u`` (also used to measure learning)."""
-    sigma = denoiser.training_sigmas(u)
+    """The error of the model's output at the timesteps ``u``, mean squared unless ``noise_settings`` shape it
+    otherwise (loss_shapes.py; also used to measure learning)."""
+    settings = noise_settings or NoiseSettings()
+    prediction = getattr(denoiser, "prediction_type", "eps")
+    shifted = settings.flow_shift > 0 and prediction == "flow"
+    sigma = flow_sigmas(u, settings.flow_shift).to(u.device) if shifted else denoiser.training_sigmas(u)
     noisy = denoiser.noisy_latents(latents, noise, sigma)
     denoised = denoiser.denoise(noisy, sigma, cond)
     scale = denoiser.output_error_scale(sigma).view(-1, *([1] * (latents.ndim - 1)))
-    squared_error = ((denoised.float() - latents.float()) / scale.float()).pow(2)
-    weights = None
-    if noise_settings is not None and noise_settings.weights_loss:
-        weights = loss_weights(sigma, getattr(denoiser, "prediction_type", "eps"), noise_settings)
-    return weighted_mean(squared_error, weights)
+    error = (denoised.float() - latents.float()) / scale.float()
+    threshold = (huber_threshold(u, sigma, prediction, settings.huber_schedule, settings.huber_c, settings.huber_scale)
+                 if settings.loss_type in ("huber", "smooth_l1") else None)
+    weights = loss_weights(sigma, prediction, settings) if settings.weights_loss else None
+    return weighted_mean(elementwise_loss(error, settings.loss_type, threshold), weights)
 
 
 def train(denoiser: Denoiser, data: EncodedDataset,

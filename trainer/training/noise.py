@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import loss_shapes
+
 MIN_SNR_PREDICTIONS = ("eps", "v")
 
 
@@ -43,6 +45,15 @@ class NoiseSettings:
     max_timestep: float = 1.0        # fraction of the schedule: kohya --max_timestep / 1000
     min_snr_gamma: float = 0.0       # kohya/diffusers --min_snr_gamma; 5 is the paper's value, 0 = off
     scale_v_pred_loss: bool = False  # kohya --scale_v_pred_loss_like_noise_pred
+    # The loss's shape and the timesteps' spread (loss_shapes.py):
+    loss_type: str = "l2"            # kohya --loss_type: l2 | l1 | huber | smooth_l1
+    huber_schedule: str = "snr"      # kohya --huber_schedule: snr | exponential | constant
+    huber_c: float = 0.1             # kohya --huber_c
+    huber_scale: float = 1.0         # kohya --huber_scale
+    timestep_sampling: str = "uniform"   # uniform | logit_normal
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    flow_shift: float = 0.0          # SD3 / Flux: sigma = shift t / (1 + (shift - 1) t); 0 = the model's own
 
     def __post_init__(self):
         if not (math.isfinite(self.noise_offset) and self.noise_offset >= 0):
@@ -52,6 +63,8 @@ class NoiseSettings:
                              f"got [{self.min_timestep}, {self.max_timestep})")
         if not (math.isfinite(self.min_snr_gamma) and self.min_snr_gamma >= 0):
             raise ValueError(f"min-SNR gamma must be >= 0 (0 = off), got {self.min_snr_gamma}")
+        loss_shapes.check(self.loss_type, self.huber_schedule, self.huber_c, self.huber_scale,
+                          self.timestep_sampling, self.logit_std, self.flow_shift)
 
     @classmethod
     def from_kohya_timesteps(cls, min_timestep: int = 0, max_timestep: int = 1000, **others) -> "NoiseSettings":
@@ -69,12 +82,14 @@ def draw(generator: torch.Generator, shape: tuple[int, ...],
     """Noise of ``shape`` (B, C, ...) and uniform u (B,) for one micro-batch, on the CPU.
 
     Drop-in for ``loop._draw``: the same draws in the same order (noise, then u); the offset's
-    (B, C) draw comes after them and only when the offset is on. Resume replays by calling this
-    with the same settings.
+    (B, C) draw comes after them and only when the offset is on, then logit-normal timesteps' (B,)
+    draw, only when they are on (taking u's place). Resume replays by calling this with the same settings.
     """
     noise = torch.randn(shape, generator=generator)
     u = torch.rand(shape[0], generator=generator)
     noise = offset_noise(noise, settings.noise_offset, generator)
+    if settings.timestep_sampling == "logit_normal":
+        u = loss_shapes.logit_normal(generator, shape[0], settings.logit_mean, settings.logit_std)
     u = timestep_range(u, settings.min_timestep, settings.max_timestep)
     return noise, u
 
@@ -159,4 +174,7 @@ def notes_for(prediction: str, settings: NoiseSettings) -> list[str]:
                      f"predicts {prediction}.")
     if settings.min_snr_gamma > 0 and prediction not in MIN_SNR_PREDICTIONS:
         notes.append(f"min_snr_gamma cannot be used with a {prediction}-prediction model; set it to 0.")
+    if settings.flow_shift and prediction != "flow":
+        notes.append(f"flow_shift does nothing here: it shifts the timesteps of flow models (SD3, Flux) and this one "
+                     f"predicts {prediction}.")
     return notes

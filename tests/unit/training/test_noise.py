@@ -7,18 +7,12 @@ import torch
 from lora_lab.trainer.training.noise import (NoiseSettings, draw, loss_weights, min_snr_weights, notes_for, offset_noise,
                                     snr_from_sigma, timestep_range, v_pred_loss_scale, weighted_mean)
 
+from toy_training import sd_schedule
+
 
 def _draw(generator, shape):
     """The loop's draws before noise options existed: noise, then one u per sample."""
     return torch.randn(shape, generator=generator), torch.rand(shape[0], generator=generator)
-
-
-def sd_schedule():
-    """SD1.x/SDXL scaled-linear betas -> alphas_cumprod and ComfyUI's sigmas (ModelSamplingDiscrete)."""
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
-    alphas_cumprod = torch.cumprod(1 - betas, dim=0)
-    sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
-    return alphas_cumprod, sigmas
 
 
 def test_default_draws_are_bit_identical_to_plain_draws():
