@@ -39,6 +39,23 @@ export function labelWidgets(node, labels) {
   }
 }
 
+// A new node is sized from its widgets' names, so a longer label would run into its value on the canvas
+// ("scale_v_pred_loss (v-prediction models)" over "false"): widen it to hold the longest label and a value.
+// Saved workflows keep the size they were saved with.
+const VALUE_ROOM = 120;       // px: the value, the arrows and the widget's margins
+let measuring = null;
+
+export function widthForLabels(labels) {
+  measuring ??= document.createElement("canvas").getContext("2d");
+  measuring.font = "12px Arial";
+  return Math.ceil(Math.max(0, ...Object.values(labels).map((label) => measuring.measureText(label).width))) + VALUE_ROOM;
+}
+
+function widenForLabels(node, labels) {
+  const width = widthForLabels(labels);
+  if (node.size?.[0] < width) node.setSize([width, node.size[1]]);
+}
+
 function labelVueRows(element, labels) {
   // Front end 1.27's Vue renderer writes each row's label from the widget's name and ignores widget.label:
   // the row's text is changed in place (Vue keeps it, as the name it renders from never changes).
@@ -61,6 +78,7 @@ app.registerExtension({
     nodeType.prototype.onNodeCreated = function () {
       const result = onNodeCreated?.apply(this, arguments);
       labelWidgets(this, labels);
+      widenForLabels(this, labels);
       return result;
     };
   },

@@ -330,3 +330,34 @@ def test_a_bundled_workflow_opens_readable(renderer_page, renderer, workflow):
         assert view["scale"] == 1, view           # the 2024 front end opens every workflow at 100 %
     else:
         assert view["scale"] == pytest.approx(0.8) and not view["low"], view
+
+
+OPTION_INPUTS = {   # nodes/training_options.py GROUPS; tests/comfy check the same order from the server's side
+    "LoraLabMemoryOptions": ["precision", "gradient_checkpointing", "latent_disk_cache", "fp8_base", "blocks_to_swap"],
+    "LoraLabNoiseOptions": ["noise_offset", "min_timestep", "max_timestep", "min_snr_gamma", "scale_v_pred_loss",
+                            "loss_type", "huber_schedule", "huber_c", "huber_scale", "timestep_sampling", "logit_mean",
+                            "logit_std", "flow_shift", "flux_guidance"],
+}
+
+
+def test_the_memory_and_noise_option_nodes_show_every_input_readable(renderer_page, renderer):
+    """Memory & Speed and Noise & Loss grew inputs (block swap; loss type, timesteps, Flux guidance): placed fresh
+    from the node list, each shows one widget per input, in order, none drawn over another node, no label cut."""
+    page = renderer_page
+    page.hide_floating_panels()
+    made = page.page.evaluate(
+        """() => { app.graph.clear(); return ['LoraLabMemoryOptions', 'LoraLabNoiseOptions'].map((type, i) => {
+             const node = LiteGraph.createNode(type);
+             node.pos = [40 + i * 660, 40];      // apart enough for the Vue renderer's wider nodes
+             app.graph.add(node);
+             return [node.id, type, node.widgets.map((w) => w.name)]; }); }""")
+    for node_id, node_type, widgets in made:
+        assert widgets == OPTION_INPUTS[node_type], (node_type, widgets)
+    page.show(20, 20)
+    assert not overlapping([b for b in page.node_boxes() if b.get("shown")]), "option nodes drawn over each other"
+    if renderer == "new-vue":
+        cut = page.page.evaluate(
+            """() => [...document.querySelectorAll('.lg-node .lg-widget-container p')]
+                 .filter((label) => label.scrollWidth > label.clientWidth).map((label) => label.textContent)""")
+        assert not cut, cut
+    page.screenshot(SCREENSHOTS / renderer / "memory_and_noise_options.png")
