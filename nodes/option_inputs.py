@@ -10,7 +10,7 @@ from ..trainer.lora.network import PRESETS as NETWORK_PRESETS
 from ..trainer.training.loss_shapes import HUBER_SCHEDULES, LOSS_TYPES, TIMESTEP_SAMPLINGS
 from ..trainer.training.optimizers import OPTIMIZERS
 from ..trainer.training.schedules import SCHEDULES
-from .training_options import NO_RESUME, PRECISIONS, SAVE_DTYPES, TrainingOptions, resume_choices
+from .training_options import EMA_WEIGHTS, NO_RESUME, PRECISIONS, SAVE_DTYPES, TrainingOptions, resume_choices
 
 
 def option_inputs() -> dict[str, tuple]:
@@ -164,4 +164,12 @@ def option_inputs() -> dict[str, tuple]:
             "flux_guidance": ("FLOAT", {"default": d.flux_guidance, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip":
                               "Flux.1 dev only: the guidance value the model is given while training (kohya's "
                               "--guidance_scale; its recipes use 1.0). 3.5 is ComfyUI's default for Flux."}),
+            "ema_decay": ("FLOAT", {"default": d.ema_decay, "min": 0.0, "max": 0.9999, "step": 0.0001, "round": False,
+                          "tooltip": "Keep a moving average of the LoRA's weights (EMA), as OneTrainer, SimpleTuner "
+                          "and ai-toolkit do: smoother results, less sensitive to where training stops. 0.999 is "
+                          "usual for a few thousand steps (ai-toolkit: 0.99 for short runs). 0 = off."}),
+            "ema_weights": (list(EMA_WEIGHTS), {"default": d.ema_weights, "tooltip":
+                            "With ema_decay: replace = every save holds the average instead of the raw weights; "
+                            "beside = saves hold the raw weights and the final save also writes <name>_ema with "
+                            "the average. Either way resume goes on exactly (its state keeps both)."}),
     }

@@ -72,7 +72,7 @@ class LoraLabCaptionOptions(_OptionGroupNode):
 class LoraLabSaveOptions(_OptionGroupNode):
     GROUP, TITLE = "saves", "Saves & Resume"
     DESCRIPTION = ("Saves every N steps or epochs (to compare epochs), how many to keep, the file's precision, "
-                   "and a save to resume exactly where it stopped.")
+                   "a save to resume exactly where it stopped, and a moving average (EMA) of the weights.")
 
     @classmethod
     def VALIDATE_INPUTS(cls, resume_from=""):

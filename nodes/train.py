@@ -22,6 +22,7 @@ from ..trainer.lora.files import load_lora_file
 from ..trainer.loss_plot import loss_curve_image
 from ..trainer.training import run_reuse, saves
 from ..trainer.training.block_swap import blocks_swapped
+from ..trainer.training.ema import AdapterEma
 from ..trainer.training.fp8_base import frozen_base_in_fp8, has_fp8_weights
 from ..trainer.training.half_precision_base import frozen_weights_in
 from ..trainer.training.kohya_metadata import Description, kohya_max_token_length
@@ -213,7 +214,8 @@ NOT_IN_RUN_IDENTITY = ("save_every_n_steps", "save_every_n_epochs", "keep_last_s
 # Options added after runs were saved, with the value that trains as before they existed.
 ADDED_SINCE_FIRST_RUNS = {"validation_pictures": 0, "fp8_base": False, "loss_type": "l2", "huber_schedule": "snr",
                           "huber_c": 0.1, "huber_scale": 1.0, "timestep_sampling": "uniform", "logit_mean": 0.0,
-                          "logit_std": 1.0, "flow_shift": 0.0, "flux_guidance": 3.5}
+                          "logit_std": 1.0, "flow_shift": 0.0, "flux_guidance": 3.5, "ema_decay": 0.0,
+                          "ema_weights": "replace"}
 
 
 def options_added_since_saved(options) -> tuple[str, ...]:
@@ -322,6 +324,9 @@ def train_adapters(model, clip, split, settings, options, device, run, describe,
                 lora.train(True)
                 if resume:
                     load_resumed_weights(lora, resume, options)
+                # After the resumed weights: a run resumed without an average starts it from them.
+                run.ema = AdapterEma(all_parameters(lora), options.ema_decay) if options.ema_decay else None
+                run.ema_beside = options.ema_weights == "beside"
                 # A trained text encoder encodes every step's captions with gradients; a frozen one's
                 # encodings are made once (data.conds) or, when captions vary, memoised by the loop.
                 encode_caption = comfy_bridge.loaded_caption_encoder(clip, with_gradients=text_encoder_trains)
@@ -329,7 +334,7 @@ def train_adapters(model, clip, split, settings, options, device, run, describe,
                                    settings, device, on_step=run.step_callback(lora, describe, options),
                                    resume=resume.loop_state if resume else None,
                                    encode_caption=encode_caption, text_encoder_trains=text_encoder_trains,
-                                   held_out=split.pictures, adapter_dropout=lora.train)
+                                   held_out=split.pictures, adapter_dropout=lora.train, ema=run.ema)
                 return run.save_final(lora, describe, loop_state, settings.steps, options.overwrite_existing)
     except comfy_bridge.PartiallyLoaded as too_big:
         clip_advice = (" turn off train_text_encoder / caption dropout and tag shuffle (they keep the text encoder "
@@ -375,6 +380,11 @@ def load_resumed_weights(lora, resume, options):
         raise user_error(NODE, "options", f"'{options.resume_from}' does not fit this run's network ({bad}).",
                          "resume with the rank, network_preset, conv_rank and train_text_encoder setting the save "
                          "was trained with.") from None
+
+
+def all_parameters(lora) -> list:
+    """Every trainable weight of the LoRA, all parts (the moving average covers what the optimizer steps)."""
+    return [parameter for part in lora.parameters_by_part().values() for parameter in part]
 
 
 def _trim(cache: dict):

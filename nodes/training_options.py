@@ -25,6 +25,7 @@ from .training_previews import PreviewSettings
 OPTIONS_TYPE = "LORALAB_TRAINING_OPTIONS"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+EMA_WEIGHTS = ("replace", "beside")
 NO_RESUME = "none"        # resume_from's first choice; "" (a text box's empty value) means the same
 LOG = logging.getLogger("lora_lab.training_options")
 
@@ -97,6 +98,8 @@ class TrainingOptions:
     logit_std: float = 1.0
     flow_shift: float = 0.0
     flux_guidance: float = 3.5         # ComfyUI's Flux default; kohya's --guidance_scale (its recipes: 1.0)
+    ema_decay: float = 0.0             # a moving average of the adapters (trainer/training/ema.py); 0 = off
+    ema_weights: str = "replace"       # replace: saves hold the average; beside: also <name>_ema, saves raw
     # The groups an option node set (GROUPS' keys); the others are Train LoRA's preset's to fill.
     groups_set: frozenset = field(default=frozenset())
 
@@ -163,7 +166,7 @@ GROUPS = {
               "flux_guidance"),
     "captions": ("caption_dropout", "shuffle_tags", "keep_tokens", "tag_dropout"),
     "saves": ("save_every_n_steps", "save_every_n_epochs", "keep_last_saves", "save_precision", "overwrite_existing",
-              "resume_from"),
+              "resume_from", "ema_decay", "ema_weights"),
     "previews": ("preview_every_n_steps", "preview_prompts", "preview_seed", "preview_steps", "preview_cfg",
                  "validation_pictures"),
     "memory": ("precision", "gradient_checkpointing", "latent_disk_cache", "fp8_base", "blocks_to_swap"),

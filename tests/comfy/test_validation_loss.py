@@ -149,8 +149,11 @@ def test_the_previews_node_offers_validation_pictures_last(pack):
     assert list(required)[-1] == "validation_pictures"         # saved workflows keep their widget values
     spec = required["validation_pictures"][1]
     assert spec["default"] == 0 and spec["min"] == 0 and "forward pass" in spec["tooltip"]
-    # Options are appended in the order they were added (fp8_base came after it).
-    assert list(LoraLabTrainingOptions.INPUT_TYPES()["optional"])[-2:] == ["validation_pictures", "fp8_base"]
+    # Options are appended in the order they were added, after it.
+    optional = list(LoraLabTrainingOptions.INPUT_TYPES()["optional"])
+    assert optional[optional.index("validation_pictures"):] == [
+        "validation_pictures", "fp8_base", "blocks_to_swap", "loss_type", "huber_schedule", "huber_c", "huber_scale",
+        "timestep_sampling", "logit_mean", "logit_std", "flow_shift", "flux_guidance", "ema_decay", "ema_weights"]
     assert "validation_pictures" in GROUPS["previews"]
     defaults = TrainingOptions()
     (built,) = LoraLabPreviewOptions().build(**{name: getattr(defaults, name) for name in GROUPS["previews"]}

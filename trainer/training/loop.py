@@ -19,6 +19,7 @@ import torch
 from ..captions.augment import CaptionAugment, TextEncodingMemo, augment_batch, varies
 from ..data.encoded_dataset import EncodedDataset, PictureSize, TextEncoding, as_text_encoding, concat_conds
 from ..lora.network import Network
+from .ema import AdapterEma
 from .loss_shapes import elementwise_loss, flow_sigmas, huber_threshold
 from .noise import NoiseSettings, draw, loss_weights, weighted_mean
 from .optimizers import make_optimizer, param_groups, trainable_parameters
@@ -113,6 +114,7 @@ class LoopState:
     scheduler: dict | None = None
     scaler: dict | None = None        # fp16 loss scaling
     rng: dict | None = None           # global torch RNG (adapter dropout)
+    ema: dict | None = None           # the adapters' moving average (ema.py), when the run keeps one
 
 
 def autocast_for(device: torch.device, mixed_precision: str):
@@ -184,7 +186,8 @@ def train(denoiser: Denoiser, data: EncodedDataset,
           encode_caption: Callable[[str], torch.Tensor] | None = None,
           text_encoder_trains: bool = False,
           held_out: EncodedDataset | None = None,
-          adapter_dropout: Callable[[bool], object] | None = None) -> LoopState:
+          adapter_dropout: Callable[[bool], object] | None = None,
+          ema: AdapterEma | None = None) -> LoopState:
     """Run ``settings.steps`` optimizer steps (counting any resumed ones) and return the loop state.
 
     ``on_step`` runs after every optimizer step; raising from it (Cancel) stops within one step —
@@ -197,7 +200,8 @@ def train(denoiser: Denoiser, data: EncodedDataset,
     steps itself, as fp16 training expects). ``held_out``: the ``settings.validation_pictures`` pictures
     the caller kept out of ``data`` (validation.hold_out); in every step that ends an epoch their loss is
     measured (``validation_loss``) and reported. ``adapter_dropout(on)`` switches the adapters' dropout,
-    which is off while measuring.
+    which is off while measuring. ``ema``: a moving average of the adapters, updated after every optimizer
+    step and carried in the resume state.
     """
     optimizer = make_optimizer(settings.optimizer, learning_rate_groups(adapters, settings), settings.learning_rate,
                                **{"weight_decay": settings.weight_decay, **settings.optimizer_args})
@@ -217,6 +221,8 @@ def train(denoiser: Denoiser, data: EncodedDataset,
     if resume is not None:
         _restore(resume, optimizer, scheduler, scaler, chosen=("lr", "initial_lr", "weight_decay",
                                                                 *settings.optimizer_args))
+        if ema is not None and resume.ema is not None:     # else the average starts from the resumed weights
+            ema.load_state_dict(resume.ema)
 
     # A private generator for noise, timesteps and batch order: same seed, same run.
     generator = torch.Generator().manual_seed(settings.seed)
@@ -260,6 +266,8 @@ def train(denoiser: Denoiser, data: EncodedDataset,
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
+        if ema is not None:
+            ema.update()
         seconds, done = time.perf_counter() - began, step + 1
         epoch, validation_loss = epochs.completed_at(done), None
         if validation and epoch > epochs.completed_at(step):     # an epoch ended: measure the held-out pictures
@@ -267,9 +275,9 @@ def train(denoiser: Denoiser, data: EncodedDataset,
                                                  encode_caption if text_encoder_trains else None)
         if on_step:
             on_step(StepReport(done, settings.steps, step_loss, lr, seconds,
-                               snapshot=lambda: _snapshot(done, optimizer, scheduler, scaler),
+                               snapshot=lambda: _snapshot(done, optimizer, scheduler, scaler, ema),
                                epoch=epoch, validation_loss=validation_loss))
-    return _snapshot(settings.steps, optimizer, scheduler, scaler)
+    return _snapshot(settings.steps, optimizer, scheduler, scaler, ema)
 
 
 def _held_out_loss(held_out: EncodedDataset | None, settings: TrainSettings) -> HeldOutLoss | None:
@@ -320,13 +328,13 @@ def _grad_scaler(device: torch.device):
     return torch.cuda.amp.GradScaler(enabled=device.type == "cuda")
 
 
-def _snapshot(step, optimizer, scheduler, scaler) -> LoopState:
+def _snapshot(step, optimizer, scheduler, scaler, ema=None) -> LoopState:
     # The global RNG drives adapter dropout; keeping it makes a resumed run draw the same masks.
     rng = {"cpu": torch.random.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     return LoopState(step, optimizer.state_dict(), scheduler.state_dict(),
-                     scaler.state_dict() if scaler else None, rng)
+                     scaler.state_dict() if scaler else None, rng, ema.state_dict() if ema is not None else None)
 
 
 def _restore(resume: LoopState, optimizer, scheduler, scaler, chosen: tuple[str, ...]) -> None:

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -71,6 +72,8 @@ class TrainingRun:
         self.notes: list[str] = []            # settings that do nothing here, for the report
         self.carried_steps = 0                # losses of an interrupted run this one continues (not timed here)
         self.validation = ValidationHistory()   # the held-out pictures' loss at each epoch's end (validation.py)
+        self.ema = None                       # the adapters' moving average (ema.py), when the run keeps one
+        self.ema_beside = False               # True: the final save also writes <name>_ema; False: saves hold the EMA
 
     @contextlib.contextmanager
     def kept_if_stopped(self, lora, describe):
@@ -163,8 +166,10 @@ class TrainingRun:
                 metadata[run_reuse.RUN_IDENTITY_KEY] = self.identity
         elif self.identity:     # the same run queued after a crash goes on from here (interrupted_runs.py)
             metadata[interrupted_runs.UNFINISHED_RUN_KEY] = self.identity
-        path = save_lora_file(self.folders.loras, name, lora.kohya_state_dict(), metadata,
+        path = save_lora_file(self.folders.loras, name, self.weights_to_save(lora, metadata), metadata,
                               overwrite=overwrite, dtype=self.save_dtype)
+        if final and self.ema is not None and self.ema_beside:
+            self.saves.append(str(self.save_averaged_beside(lora, name, metadata, overwrite)))
         try:
             state_path = saves.save_resume_state(path, lora, loop_state, step, self.optimizer_name, self.folders,
                                                  run={"run_identity": self.identity, "losses": list(self.losses)})
@@ -178,6 +183,38 @@ class TrainingRun:
         self.saves.append(str(path))
         self.saved_step = step
         log.info("[LoRA Lab] saved %s (step %d)", path, step)
+        return path
+
+    def weights_to_save(self, lora, metadata: dict) -> dict:
+        """The LoRA's weights as this run saves them: the moving average instead of the raw weights when the run
+        keeps one and ema_weights is "replace" (the resume state always holds the raw ones, to go on exactly)."""
+        if self.ema is None:
+            return lora.kohya_state_dict()
+        metadata["loralab_ema_decay"] = str(self.ema.decay)
+        if self.ema_beside:
+            metadata["loralab_ema"] = "raw weights; the moving average is saved beside, as <name>_ema"
+            return lora.kohya_state_dict()
+        metadata["loralab_ema"] = "moving average of the weights (the resume state holds the raw ones)"
+        with self.ema.applied():
+            return lora.kohya_state_dict()
+
+    def ema_text(self) -> str:
+        if self.ema is None:
+            return ""
+        if self.ema_beside:
+            beside = next((Path(p).name for p in reversed(self.saves) if Path(p).stem.endswith("_ema")), None)
+            return (f"; the moving average of its weights (decay {self.ema.decay}) as {beside}" if beside
+                    else "; no moving average was saved beside it")
+        return f" (the moving average of its weights, decay {self.ema.decay})"
+
+    def save_averaged_beside(self, lora, name: str, metadata: dict, overwrite: bool):
+        """<name>_ema: the moving average of the final weights, a LoRA like any other (no resume state)."""
+        with self.ema.applied():
+            averaged = lora.kohya_state_dict()
+        path = save_lora_file(self.folders.loras, f"{name}_ema", averaged,
+                              {**metadata, "loralab_ema": "moving average of the weights", "ss_output_name":
+                               f"{metadata.get('ss_output_name', name)}_ema"}, overwrite=overwrite, dtype=self.save_dtype)
+        log.info("[LoRA Lab] saved the moving average as %s", path)
         return path
 
     def continue_interrupted(self, base_name: str, describe):
@@ -278,7 +315,7 @@ class TrainingRun:
         try:
             metadata = describe.metadata(step=self.step, started_at=self.started_at, finished_at=time.time())
             self.add_validation(metadata)
-            path = save_lora_file(self.folders.rescue, name, lora.kohya_state_dict(), metadata,
+            path = save_lora_file(self.folders.rescue, name, self.weights_to_save(lora, metadata), metadata,
                                   overwrite=False, dtype=self.save_dtype)
         except Exception as also_failed:
             log.error("[LoRA Lab] the rescue copy failed too (%s: %s); the weights are lost",
@@ -325,7 +362,7 @@ class TrainingRun:
     def report(self, lora_name, describe) -> str:
         elapsed = time.time() - self.started_at
         finite = [v for v in self.losses if math.isfinite(v)]
-        lines = [f"Saved {lora_name} in {self.folders.loras}",
+        lines = [f"Saved {lora_name} in {self.folders.loras}" + self.ema_text(),
                  f"{len(self.losses) - self.carried_steps} steps in {elapsed:.0f}s; "
                  f"loss {finite[0]:.4f} -> {finite[-1]:.4f}"
                  if finite else "no steps", describe.arithmetic(), self.cache_report]

@@ -103,6 +103,8 @@ def save_resume_state(lora_path: Path, lora, loop_state: LoopState | None, step:
     if loop_state is not None:
         state.update(optimizer=loop_state.optimizer, scheduler=loop_state.scheduler, scaler=loop_state.scaler,
                      rng=loop_state.rng)
+        if loop_state.ema is not None:
+            state["ema"] = loop_state.ema
     state.update({key: value for key, value in (run or {}).items() if key in RUN_KEYS and value is not None})
     path = resume_state_path(lora_path, folders)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -204,7 +206,7 @@ def read_resume_state(state_path) -> ResumePoint:
     step = int(state["step"])
     adapters = dict(state["adapters"])
     return ResumePoint(step, adapters, LoopState(step, state.get("optimizer"), state.get("scheduler"),
-                                                          state.get("scaler"), state.get("rng")),
+                                                          state.get("scaler"), state.get("rng"), state.get("ema")),
                        state.get("optimizer_name"), {key: state[key] for key in RUN_KEYS if key in state})
 
 
