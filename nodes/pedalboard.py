@@ -117,7 +117,8 @@ def _words_from_headers(entries, strict: bool, input_name: str) -> list[str]:
     words = []
     for name, *_ in entries:
         try:
-            words += lora_words.trigger_words(stacks.read_metadata(pedal_nodes.resolve_name(name).path))
+            path = pedal_nodes.resolve_name(name).path
+            words += lora_words.sidecar_words(path) + lora_words.trigger_words(stacks.read_metadata(path))
         except LoraStackError as error:
             if strict:
                 raise user_error(NODE_BOARD, input_name, error.problem, error.fix) from None
@@ -156,8 +157,9 @@ class LoraLabPedalboard:
                        "any LORA_STACK node.",
                        "The model wearing the whole stack; connect the MODEL input to use it.",
                        "The CLIP wearing the whole stack; without a CLIP input it is None.",
-                       "Trigger words of every LoRA in the stack, comma-separated (stored trigger word, else "
-                       f"the {lora_words.TRIGGER_TAGS_FROM_FREQUENCY} most frequent training tags).")
+                       "Trigger words of every LoRA in the stack, comma-separated (the words in its <name>.txt "
+                       "or <name>.civitai.info, then its stored trigger word, else the "
+                       f"{lora_words.TRIGGER_TAGS_FROM_FREQUENCY} most frequent training tags).")
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -235,7 +235,7 @@ def apply_stack(model, clip, stack, node: str = NODE_APPLY, input_name: str = "l
             error = stacks.describe_mismatch(resolved.path, lora.tensors)
             raise user_error(node, input_name, error.problem, error.fix)
         model, clip = comfy_bridge.apply_lora(model, clip, dict(lora.tensors), strength_model, strength_clip)
-        words += lora_words.trigger_words(lora.metadata)
+        words += lora_words.sidecar_words(resolved.path) + lora_words.trigger_words(lora.metadata)
         applied.append((resolved.name, strength_model, strength_clip))
     return AppliedStack(model, clip, lora_words.join_words(words), applied)
 
@@ -249,8 +249,9 @@ class LoraLabApplyLoraStack:
     RETURN_TYPES = ("MODEL", "CLIP", "STRING")
     RETURN_NAMES = ("model", "clip", "trigger_words")
     OUTPUT_TOOLTIPS = ("The model wearing the LoRAs.", "The CLIP wearing the LoRAs (None without a CLIP input).",
-                       "Trigger words of the applied LoRAs, comma-separated: each file's stored trigger word, "
-                       f"else its {lora_words.TRIGGER_TAGS_FROM_FREQUENCY} most frequent training tags.")
+                       "Trigger words of the applied LoRAs, comma-separated: the words in each file's <name>.txt "
+                       "or <name>.civitai.info beside it, then its stored trigger word, else its "
+                       f"{lora_words.TRIGGER_TAGS_FROM_FREQUENCY} most frequent training tags.")
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -9,7 +9,8 @@
 ``POST /loralab/review/save`` {"session": T, "captions": {key: caption}} -> {"written", "replaced", ..., "report"}
   (the review editor, js/caption_review.js; sessions and the rules are in review.py)
 
-The info route reads the file's safetensors header only (8-byte length + JSON): no tensor is loaded,
+The info route reads the file's safetensors header only (8-byte length + JSON), and the trigger-word files beside
+it (trainer/lora/trigger_words.py): no tensor is loaded,
 nothing is unpickled, and names go through the same resolution as the pedals, so a request cannot
 read a file outside the loras folders or a pickle. (Newer ComfyUI serves every route under /api/ too.)
 """
@@ -84,7 +85,7 @@ def lora_info(name) -> tuple[int, dict]:
     metadata = stacks.header_metadata(header)
     return 200, {
         "name": resolved.name,
-        "trigger_words": lora_words.trigger_words(metadata),
+        "trigger_words": lora_words.sidecar_words(resolved.path) + lora_words.trigger_words(metadata),
         "base_model": metadata.get("ss_base_model_version") or None,
         "network_dim": _number(metadata.get("ss_network_dim"), int),
         "network_alpha": _number(metadata.get("ss_network_alpha"), float),

@@ -542,3 +542,20 @@ def test_server_rejects_bad_pedals_before_running(server, server_loras):
     with pytest.raises(ComfyExecutionError) as error:
         server.queue(graph(pedal_node("never/there.safetensors", 1.0, 1.0)))
     assert "never/there.safetensors" in str(error.value) and "loras" in str(error.value)
+
+
+def test_trigger_words_written_beside_a_lora_come_first(stack_nodes, lora_files, loras_dir, tiny_unet, sd15_clip):
+    """<name>.txt (LoRA managers, Civitai downloads) and <name>.civitai.info (Civitai Helper) beside the file: their
+    words lead, then the file's own; the same words once (any case)."""
+    stem = os.path.splitext(loras_dir / lora_files["detail"])[0]
+    with open(stem + ".txt", "w", encoding="utf-8") as sidecar:
+        sidecar.write("detailer, fine lines\n")
+    with open(stem + ".civitai.info", "w", encoding="utf-8") as info:
+        json.dump({"trainedWords": ["Fine Lines, crisp"]}, info)
+    try:
+        stack = [(lora_files["detail"], 1.0, 0.0), (lora_files["style"], 1.0, 1.0)]
+        _, _, words = apply(stack_nodes, tiny_unet, sd15_clip, stack)
+        assert words == "detailer, fine lines, crisp, stylex"
+    finally:
+        os.remove(stem + ".txt")
+        os.remove(stem + ".civitai.info")

@@ -1,7 +1,10 @@
-"""The words that call up a LoRA, read from its metadata: a stored trigger word, else its training tags."""
+"""The words that call up a LoRA: the ones its user wrote beside it (a ``<name>.txt`` sidecar, Civitai Helper's
+``<name>.civitai.info``), then its metadata's (a stored trigger word, else its training tags)."""
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections import Counter
 from typing import Iterable
 
@@ -45,3 +48,34 @@ def join_words(words: Iterable[str]) -> str:
             seen.add(word.lower())
             kept.append(word)
     return ", ".join(kept)
+
+
+SIDECAR_BYTES = 64 * 1024       # a trigger-word file is a line or two; anything bigger is not one
+
+
+def sidecar_words(lora_path: str) -> list[str]:
+    """The trigger words written beside a LoRA file, in the order written: ``<name>.txt`` (words separated by
+    commas or lines, as LoRA managers and Civitai downloads leave them) and ``<name>.civitai.info``'s
+    ``trainedWords`` (Civitai Helper). Missing, unreadable, oversized or malformed files give no words."""
+    stem = os.path.splitext(lora_path)[0]
+    words = [word.strip() for word in re.split(r"[,\n]", _small_text(stem + ".txt") or "") if word.strip()]
+    try:
+        info = json.loads(_small_text(stem + ".civitai.info") or "{}")
+    except ValueError:
+        info = {}
+    trained = info.get("trainedWords") if isinstance(info, dict) else None
+    if isinstance(trained, list):
+        words += [word.strip() for entry in trained if isinstance(entry, str)
+                  for word in entry.split(",") if word.strip()]
+    return words
+
+
+def _small_text(path: str) -> str | None:
+    try:
+        if not os.path.isfile(path) or os.path.getsize(path) > SIDECAR_BYTES:
+            return None
+        with open(path, encoding="utf-8", errors="replace") as text:
+            return text.read()
+    except OSError:
+        return None
+

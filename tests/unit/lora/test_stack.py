@@ -230,3 +230,20 @@ def test_grid_places_every_cell_unscaled_under_its_labels():
     assert (grid[geometry.top:, :geometry.left - 4] < 128).any(), "no row label was drawn"
     with pytest.raises(ValueError):
         compose_grid(cells, ["only one"], ["p1", "p2"])
+
+
+def test_sidecar_words_come_from_the_txt_and_civitai_info_beside_the_lora(tmp_path):
+    from lora_lab.trainer.lora.trigger_words import SIDECAR_BYTES, sidecar_words
+    lora = tmp_path / "hero.safetensors"
+    lora.write_bytes(b"")
+    assert sidecar_words(str(lora)) == []
+    (tmp_path / "hero.txt").write_text("ohwx hero, red cape\n  blue sky ,\n\n", encoding="utf-8")
+    (tmp_path / "hero.civitai.info").write_text(json.dumps({"trainedWords": ["hero style, cape", 3, ""]}))
+    assert sidecar_words(str(lora)) == ["ohwx hero", "red cape", "blue sky", "hero style", "cape"]
+    (tmp_path / "hero.civitai.info").write_text("{not json")
+    assert sidecar_words(str(lora)) == ["ohwx hero", "red cape", "blue sky"]
+    (tmp_path / "hero.txt").write_text("x" * (SIDECAR_BYTES + 1))          # not a trigger-word file
+    assert sidecar_words(str(lora)) == []
+    (tmp_path / "hero.txt").unlink()
+    (tmp_path / "hero.txt").mkdir()                                        # a folder of that name
+    assert sidecar_words(str(lora)) == []
