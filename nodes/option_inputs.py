@@ -167,7 +167,9 @@ def option_inputs() -> dict[str, tuple]:
             "ema_decay": ("FLOAT", {"default": d.ema_decay, "min": 0.0, "max": 0.9999, "step": 0.0001, "round": False,
                           "tooltip": "Keep a moving average of the LoRA's weights (EMA), as OneTrainer, SimpleTuner "
                           "and ai-toolkit do: smoother results, less sensitive to where training stops. 0.999 is "
-                          "usual for a few thousand steps (ai-toolkit: 0.99 for short runs). 0 = off."}),
+                          "usual for a few thousand steps (ai-toolkit: 0.99 for short runs). The decay warms up as "
+                          "diffusers' does, (1 + n) / (10 + n) at step n, so 0.99 is reached after about 900 steps and "
+                          "0.999 after about 9000; the report says what was reached. 0 = off."}),
             "ema_weights": (list(EMA_WEIGHTS), {"default": d.ema_weights, "tooltip":
                             "With ema_decay: replace = every save holds the average instead of the raw weights; "
                             "beside = saves hold the raw weights and the final save also writes <name>_ema with "

@@ -144,7 +144,8 @@ class LoraLabTrainLora:
                 captions=options.captions, validation_pictures=options.validation_pictures)
             check_noise_settings(model, settings)
             run.validate_on(split, settings,
-                            resumed_save=folder_paths.get_full_path("loras", options.resume_from) if resume else None)
+                            resumed_save=folder_paths.get_full_path("loras", options.resume_from) if resume else None,
+                            measured_with=validation_measured_with(model, options))
             advice = lr_advice(settings.optimizer, settings.learning_rate)
             run.notes += (notes_for(comfy_bridge.prediction_type(comfy_bridge.model_sampling(model)), settings.noise)
                           + schedule_notes(settings.lr_schedule, settings.warmup_steps, settings.steps)
@@ -221,12 +222,29 @@ ADDED_SINCE_FIRST_RUNS = {"validation_pictures": 0, "fp8_base": False, "loss_typ
 def options_added_since_saved(options) -> tuple[str, ...]:
     """Options added after runs were saved, left out of the identity while they train as before, so those runs
     stay reusable (and an interrupted one continuable) after an update."""
-    return tuple(name for name, before in ADDED_SINCE_FIRST_RUNS.items() if getattr(options, name) == before)
+    unused = ("ema_weights",) if not options.ema_decay else ()        # it says where an average goes: none is kept
+    return tuple(name for name, before in ADDED_SINCE_FIRST_RUNS.items()
+                 if getattr(options, name) == before or name in unused)
 
 
 def flux_guidance(model, options) -> float | None:
-    """The guidance input Flux.1 trains with; None for other models (they have none)."""
-    return float(options.flux_guidance) if comfy_bridge.model_family(model) == "flux1" else None
+    """The guidance input Flux.1 dev trains with; None for models without one (other families, Flux schnell)."""
+    if comfy_bridge.model_family(model) != "flux1":
+        return None
+    params = getattr(model.model.diffusion_model, "params", None)
+    return float(options.flux_guidance) if getattr(params, "guidance_embed", True) else None
+
+
+def validation_measured_with(model, options) -> dict:
+    """What changes the validation numbers besides the noise settings (validation.history_key), only when on:
+    Flux's guidance other than ComfyUI's default, the moving average measured in place of the weights."""
+    measured = {}
+    guidance = flux_guidance(model, options)
+    if guidance is not None and guidance != ADDED_SINCE_FIRST_RUNS["flux_guidance"]:
+        measured["flux_guidance"] = guidance
+    if options.ema_decay and options.ema_weights == "replace":
+        measured["ema_decay"] = float(options.ema_decay)
+    return measured
 
 
 def identity_of_run(model, data, settings, options, resolution, trigger_word, resume) -> str | None:
@@ -325,8 +343,9 @@ def train_adapters(model, clip, split, settings, options, device, run, describe,
                 if resume:
                     load_resumed_weights(lora, resume, options)
                 # After the resumed weights: a run resumed without an average starts it from them.
-                run.ema = AdapterEma(all_parameters(lora), options.ema_decay) if options.ema_decay else None
                 run.ema_beside = options.ema_weights == "beside"
+                run.ema = (AdapterEma(all_parameters(lora), options.ema_decay, saved_instead=not run.ema_beside)
+                           if options.ema_decay else None)
                 # A trained text encoder encodes every step's captions with gradients; a frozen one's
                 # encodings are made once (data.conds) or, when captions vary, memoised by the loop.
                 encode_caption = comfy_bridge.loaded_caption_encoder(clip, with_gradients=text_encoder_trains)

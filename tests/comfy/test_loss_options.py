@@ -103,10 +103,14 @@ def test_the_snr_huber_schedule_on_flux_stops_with_the_fix(flux, make_dataset, l
     assert not list(loras_dir.glob("flux_huber_snr*"))
 
 
-def test_sd3_logit_normal_timesteps_are_kohyas_weighting_scheme_in_the_file(flow_models, make_dataset, loras_dir):
+def test_sd3_trains_with_logit_normal_timesteps_recorded_under_our_names(flow_models, make_dataset, loras_dir):
     unet = flow_models.sd3_model_patcher(seed=55, depth=1, context_dim=4096, pooled_dim=2048)
     clip, vae = flow_models.sd3_clip(seed=56), flow_models.small_flow_vae(seed=57)
     result = run_train(unet, clip, vae, make_dataset(1), "sd3_logit", steps=2,
                        options=options(precision="fp32", timestep_sampling="logit_normal", logit_std=0.8))
+    assert all(math.isfinite(v) for v in result["ui"]["loss"])
     meta = metadata_of(loras_dir, result["result"][2])
-    assert (meta["ss_weighting_scheme"], meta["ss_logit_mean"], meta["ss_logit_std"]) == ("logit_normal", "0.0", "0.8")
+    assert (meta["loralab_timestep_sampling"], meta["loralab_logit_mean"], meta["loralab_logit_std"]) == \
+        ("logit_normal", "0.0", "0.8")
+    # Not under kohya's SD3 keys: its sampler reads the mean against the other direction of the schedule.
+    assert "ss_weighting_scheme" not in meta and "ss_logit_mean" not in meta

@@ -17,11 +17,13 @@ import torch
 
 
 class AdapterEma:
-    def __init__(self, parameters: Iterable[torch.nn.Parameter], decay: float):
+    def __init__(self, parameters: Iterable[torch.nn.Parameter], decay: float, saved_instead: bool = True):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"ema_decay must be between 0 and 1 (0.999 is usual), got {decay}")
         self.parameters = list(parameters)
         self.decay = float(decay)
+        # The saves hold the average instead of the weights: validation and previews then measure the average.
+        self.saved_instead = saved_instead
         self.updates = 0
         self.shadow = [p.detach().float().clone() for p in self.parameters]
 
@@ -50,8 +52,9 @@ class AdapterEma:
 
     @contextlib.contextmanager
     def applied(self):
-        """Inside: the parameters hold the averaged weights (to save them); on exit, their own again, bitwise."""
-        own = [p.detach().clone() for p in self.parameters]
+        """Inside: the parameters hold the averaged weights (to save or measure them); on exit, their own again,
+        bitwise. The own weights wait in CPU memory: a save after the GPU ran out of memory must not need more."""
+        own = [p.detach().to("cpu", copy=True) for p in self.parameters]
         try:
             with torch.no_grad():
                 for parameter, shadow in zip(self.parameters, self.shadow):

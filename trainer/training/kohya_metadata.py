@@ -352,17 +352,12 @@ class Description:
             v_parameterization=self.v_parameterization, extra=extra)
 
     def flow_model_metadata(self) -> dict[str, str]:
-        """kohya's keys for what SD3 and Flux trained with, where their meaning is the same: Flux's guidance
-        (--guidance_scale), SD3's logit-normal timesteps (--weighting_scheme logit_normal, sampled on the model's
-        own shifted schedule as kohya's SD3 training samples them)."""
-        noise, data = self.settings.noise, {}
+        """kohya's keys for what Flux trained with, where their meaning is the same: its guidance input
+        (--guidance_scale). The timestep settings stay under LoRA Lab's own names (noise_and_caption_metadata):
+        kohya's SD3 and Flux samplers read their logit mean against another direction of the schedule."""
+        data = {}
         if self.family.startswith("flux") and self.flux_guidance is not None:
             data["ss_guidance_scale"] = str(float(self.flux_guidance))
-        if self.family.startswith("sd3"):
-            logit = noise.timestep_sampling == "logit_normal"
-            data.update(ss_weighting_scheme="logit_normal" if logit else "uniform",
-                        ss_logit_mean=str(float(noise.logit_mean)) if logit else "None",
-                        ss_logit_std=str(float(noise.logit_std)) if logit else "None")
         return data
 
     def arithmetic(self) -> str:

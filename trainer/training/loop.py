@@ -271,8 +271,10 @@ def train(denoiser: Denoiser, data: EncodedDataset,
         seconds, done = time.perf_counter() - began, step + 1
         epoch, validation_loss = epochs.completed_at(done), None
         if validation and epoch > epochs.completed_at(step):     # an epoch ended: measure the held-out pictures
-            validation_loss = validation_loss_of(denoiser, validation, device, settings, adapter_dropout,
-                                                 encode_caption if text_encoder_trains else None)
+            # ...with the weights the saves hold: the moving average, when it replaces them.
+            with ema.applied() if ema is not None and ema.saved_instead else contextlib.nullcontext():
+                validation_loss = validation_loss_of(denoiser, validation, device, settings, adapter_dropout,
+                                                     encode_caption if text_encoder_trains else None)
         if on_step:
             on_step(StepReport(done, settings.steps, step_loss, lr, seconds,
                                snapshot=lambda: _snapshot(done, optimizer, scheduler, scaler, ema),

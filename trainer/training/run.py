@@ -74,6 +74,7 @@ class TrainingRun:
         self.validation = ValidationHistory()   # the held-out pictures' loss at each epoch's end (validation.py)
         self.ema = None                       # the adapters' moving average (ema.py), when the run keeps one
         self.ema_beside = False               # True: the final save also writes <name>_ema; False: saves hold the EMA
+        self.ema_path: str | None = None      # the <name>_ema file written beside the final save
 
     @contextlib.contextmanager
     def kept_if_stopped(self, lora, describe):
@@ -103,11 +104,11 @@ class TrainingRun:
         finally:
             lora.remove()
 
-    def validate_on(self, held_out: HeldOut, settings, resumed_save=None) -> None:
+    def validate_on(self, held_out: HeldOut, settings, resumed_save=None, measured_with: dict | None = None) -> None:
         """Record the validation loss of ``held_out``'s pictures (measured by the loop). A run resumed from
         ``resumed_save`` (a LoRA file) goes on with that save's history, if it measured the same pictures
         with the same draws and loss (an interrupted run's is carried on by continue_interrupted)."""
-        key = history_key(held_out.pictures, settings.seed, settings.noise, settings.mixed_precision)
+        key = history_key(held_out.pictures, settings.seed, settings.noise, settings.mixed_precision, measured_with)
         self.validation = ValidationHistory(key, len(held_out.indices))
         if resumed_save is not None and self.validation.on:
             self.validation = self.validation.continued_from(run_reuse.file_metadata(resumed_save))
@@ -169,7 +170,7 @@ class TrainingRun:
         path = save_lora_file(self.folders.loras, name, self.weights_to_save(lora, metadata), metadata,
                               overwrite=overwrite, dtype=self.save_dtype)
         if final and self.ema is not None and self.ema_beside:
-            self.saves.append(str(self.save_averaged_beside(lora, name, metadata, overwrite)))
+            self.save_averaged_beside(lora, path, metadata, overwrite)
         try:
             state_path = saves.save_resume_state(path, lora, loop_state, step, self.optimizer_name, self.folders,
                                                  run={"run_identity": self.identity, "losses": list(self.losses)})
@@ -201,21 +202,31 @@ class TrainingRun:
     def ema_text(self) -> str:
         if self.ema is None:
             return ""
+        # The warm-up caps the decay at (1 + n) / (10 + n): say what it reached, not only what was asked.
+        decay = f"decay {self.ema.decay}, reached {self.ema.current_decay():.4f} after {self.ema.updates} steps"
         if self.ema_beside:
-            beside = next((Path(p).name for p in reversed(self.saves) if Path(p).stem.endswith("_ema")), None)
-            return (f"; the moving average of its weights (decay {self.ema.decay}) as {beside}" if beside
-                    else "; no moving average was saved beside it")
-        return f" (the moving average of its weights, decay {self.ema.decay})"
+            return (f"; the moving average of its weights ({decay}) as {Path(self.ema_path).name}" if self.ema_path
+                    else "; the moving average could not be saved beside it (see the log)")
+        return f" (the moving average of its weights, {decay})"
 
-    def save_averaged_beside(self, lora, name: str, metadata: dict, overwrite: bool):
-        """<name>_ema: the moving average of the final weights, a LoRA like any other (no resume state)."""
-        with self.ema.applied():
-            averaged = lora.kohya_state_dict()
-        path = save_lora_file(self.folders.loras, f"{name}_ema", averaged,
-                              {**metadata, "loralab_ema": "moving average of the weights", "ss_output_name":
-                               f"{metadata.get('ss_output_name', name)}_ema"}, overwrite=overwrite, dtype=self.save_dtype)
-        log.info("[LoRA Lab] saved the moving average as %s", path)
-        return path
+    def save_averaged_beside(self, lora, path, metadata: dict, overwrite: bool):
+        """<name>_ema beside the final save ``path``: the moving average of the final weights, a LoRA like any
+        other (no resume state). A failure here costs only this file: the LoRA itself is saved."""
+        name = os.path.relpath(path, self.folders.loras)[: -len(".safetensors")] + "_ema"
+        try:
+            with self.ema.applied():
+                averaged = lora.kohya_state_dict()
+            self.ema_path = str(save_lora_file(
+                self.folders.loras, name, averaged, {**metadata, "loralab_ema": "moving average of the weights",
+                                                     "ss_output_name": f"{metadata.get('ss_output_name', name)}_ema"},
+                overwrite=overwrite, dtype=self.save_dtype))
+        except Exception as failed:
+            log.warning("[LoRA Lab] the moving average could not be saved as %s (%s: %s)", name,
+                        type(failed).__name__, failed)
+            self.notes.append(f"the moving average could not be saved as {name} ({type(failed).__name__}: {failed})")
+            return
+        self.saves.append(self.ema_path)
+        log.info("[LoRA Lab] saved the moving average as %s", self.ema_path)
 
     def continue_interrupted(self, base_name: str, describe):
         """When this very run (same identity) was interrupted before (ComfyUI killed or crashed): its newest
@@ -259,7 +270,9 @@ class TrainingRun:
 
     def render_preview(self, lora, step):
         try:
-            self.previews.render(lora, step)
+            # The weights the saves hold: the moving average, when it replaces them.
+            with self.ema.applied() if self.ema is not None and self.ema.saved_instead else contextlib.nullcontext():
+                self.previews.render(lora, step)
         except Exception as failed:         # a preview must never cost the training run
             if self.host.is_cancel(failed):
                 raise

@@ -48,7 +48,7 @@ def free_base_name(loras_folder: Path, output_name: str, overwrite: bool) -> str
         candidate = base if number == 1 else f"{base}_{number}"
         stem = glob.escape(Path(candidate).name)      # a name like "char[v2]" is not a pattern
         taken = (root / f"{candidate}.safetensors").exists() or any(
-            next((root / candidate).parent.glob(f"{stem}_{kind}*.safetensors"), None) for kind in ("step", "epoch"))
+            next((root / candidate).parent.glob(f"{stem}_{kind}*.safetensors"), None) for kind in ("step", "epoch", "ema"))
         if not taken:
             return candidate
     raise RuntimeError(f"no free name left for {base!r}")

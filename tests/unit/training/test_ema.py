@@ -155,3 +155,27 @@ def test_beside_saves_the_raw_weights_and_the_average_as_name_ema(tmp_path):
     assert all(torch.equal(ema_tensors[k], averaged[k]) for k in averaged)
     assert ema_metadata["ss_output_name"] == "run_ema" and ema_metadata["loralab_ema"] == "moving average of the weights"
     assert str(run.folders.loras / "run_ema.safetensors") in run.saves
+
+
+def test_beside_names_the_average_after_the_file_written_and_a_failure_costs_only_that_file(tmp_path, monkeypatch):
+    from lora_lab.trainer.training import run as run_module
+    folders = SaveFolders(loras=tmp_path / "loras", rescue=tmp_path / "rescued", states=tmp_path / "states")
+    folders.loras.mkdir(parents=True)
+    (folders.loras / "run_ema.safetensors").write_bytes(b"someone else's")
+    assert saves.free_base_name(folders.loras, "run", overwrite=False) == "run_2"      # a new run keeps clear of it
+    _, run, path, _ = averaged_run(tmp_path / "second", beside=True)
+    assert run.ema_path.endswith("run_ema.safetensors") and "as run_ema.safetensors" in run.ema_text()
+
+    real = run_module.save_lora_file
+
+    def refuses_the_average(folder, name, *args, **kwargs):
+        if name.endswith("_ema"):
+            raise OSError("disk full")
+        return real(folder, name, *args, **kwargs)
+
+    monkeypatch.setattr(run_module, "save_lora_file", refuses_the_average)
+    _, run, path, _ = averaged_run(tmp_path / "third", beside=True)
+    assert path.is_file() and run.ema_path is None
+    assert any("could not be saved" in note for note in run.notes)
+    assert "could not be saved beside it" in run.ema_text()
+    assert saves.resume_state_path(path, run.folders).is_file()

@@ -385,3 +385,49 @@ def test_a_training_text_encoder_encodes_the_held_out_captions_as_it_is_now_with
     assert {(caption, grad) for caption, grad in encoded if caption in held_captions} == {
         (caption, False) for caption in held_captions}
     assert reports[-1].validation_loss is not None and reports[-1].validation_loss == reports[-1].validation_loss
+
+
+def test_the_history_key_is_unchanged_by_options_added_later_while_they_are_off():
+    """A history saved before loss types, logit-normal timesteps and the flow shift existed keys the noise settings
+    of that time only: at their defaults the new settings leave the key as it was, so that history continues."""
+    import hashlib
+    import json
+
+    from lora_lab.trainer.training.run_reuse import data_fingerprint
+    from lora_lab.trainer.training.validation import history_key
+    pictures = hold_out(toy_data(), 2, SEED).pictures
+    before = {"noise_offset": 0.0, "min_timestep": 0.0, "max_timestep": 1.0, "min_snr_gamma": 0.0,
+              "scale_v_pred_loss": False}          # NoiseSettings as the first validation histories saved it
+    text = json.dumps({"pictures": data_fingerprint(pictures), "seed": SEED, "noise": before, "precision": "fp32"},
+                      sort_keys=True)
+    assert history_key(pictures, SEED, NoiseSettings(), "fp32") == hashlib.sha256(text.encode()).hexdigest()[:32]
+    changed = {history_key(pictures, SEED, NoiseSettings(loss_type="huber"), "fp32"),
+               history_key(pictures, SEED, NoiseSettings(timestep_sampling="logit_normal"), "fp32"),
+               history_key(pictures, SEED, NoiseSettings(), "fp32", {"ema_decay": 0.99}),
+               history_key(pictures, SEED, NoiseSettings(), "fp32", {"flux_guidance": 1.0})}
+    assert len(changed) == 4 and history_key(pictures, SEED, NoiseSettings(), "fp32") not in changed
+
+
+@pytest.mark.parametrize("saved_instead", [True, False])
+def test_validation_measures_the_weights_the_saves_hold(saved_instead, one_arithmetic_path):
+    """With the moving average replacing the weights in the saves, the epoch's validation loss is the average's;
+    with it beside them, the raw weights'."""
+    from lora_lab.trainer.training.ema import AdapterEma
+    from lora_lab.trainer.training.loop import validation_loss_of
+    from lora_lab.trainer.training.validation import HeldOutLoss
+    data = toy_data()
+    split = hold_out(data, 2, SEED)
+    torch.manual_seed(0)
+    model = TinyDenoiser()
+    lora = InjectedLora(model, {"net.0": "lora_unet_a", "net.2": "lora_unet_b"}, rank=2, alpha=2.0, seed=1)
+    ema = AdapterEma(lora.parameters(), 0.5, saved_instead=saved_instead)
+    reports = []
+    run_settings = settings(2, steps=split.training.epochs(2, 1).steps_for(1))      # one epoch: measured at the end
+    train(model, split.training, lora.parameters(), run_settings, torch.device("cpu"), on_step=reports.append,
+          held_out=split.pictures, ema=ema)
+    measure = HeldOutLoss(split.pictures, SEED, run_settings.noise)
+    raw = validation_loss_of(model, measure, torch.device("cpu"), run_settings)
+    with ema.applied():
+        averaged = validation_loss_of(model, measure, torch.device("cpu"), run_settings)
+    assert raw != averaged
+    assert reports[-1].validation_loss == (averaged if saved_instead else raw)
