@@ -52,3 +52,24 @@ def sd_schedule():
     alphas_cumprod = torch.cumprod(1 - betas, dim=0)
     sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
     return alphas_cumprod, sigmas
+
+
+def interrupted_at(step: int, run) -> tuple:
+    """(the loop's snapshot, the model's weights) when ``run(model, on_step)`` stops right after ``step`` on a fresh
+    TinyEpsDenoiser (seed 0), as a Cancel or a killed ComfyUI would stop it: for resume tests."""
+    captured = {}
+
+    def stop(report):
+        if report.step == step:
+            captured["state"] = report.snapshot()
+            captured["weights"] = {k: v.clone() for k, v in model.state_dict().items()}
+            raise KeyboardInterrupt
+
+    torch.manual_seed(0)
+    model = TinyEpsDenoiser()
+    try:
+        run(model, stop)
+    except KeyboardInterrupt:
+        return captured["state"], captured["weights"]
+    raise AssertionError(f"the run ended before step {step}")
+

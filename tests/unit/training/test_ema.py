@@ -18,7 +18,7 @@ from lora_lab.trainer.training.loop import LoopState, TrainSettings, train
 from lora_lab.trainer.training.run import TrainingRun
 from lora_lab.trainer.training.saves import SaveFolders
 
-from toy_training import TinyEpsDenoiser, params_of, toy_data
+from toy_training import TinyEpsDenoiser, interrupted_at, params_of, toy_data
 
 
 def test_the_average_follows_diffusers_warm_up_by_hand():
@@ -72,31 +72,19 @@ def test_the_average_never_feeds_back_into_the_training(one_arithmetic_path):
 
 
 def test_a_resumed_run_averages_exactly_as_an_uninterrupted_one(one_arithmetic_path):
-    whole_model, whole = trained(6, ema_decay=0.9)
-    captured = {}
-
-    def stop_after_three(report):
-        if report.step == 3:
-            captured["state"] = report.snapshot()
-            captured["weights"] = {k: v.clone() for k, v in model.state_dict().items()}
-            raise KeyboardInterrupt
-
-    torch.manual_seed(0)
-    model = TinyEpsDenoiser()
-    with pytest.raises(KeyboardInterrupt):
-        trained(6, ema_decay=0.9, model=model, on_step=stop_after_three)
-    assert captured["state"].ema["updates"] == 3
+    _, whole = trained(6, ema_decay=0.9)
+    state, weights = interrupted_at(3, lambda model, on_step: trained(6, ema_decay=0.9, model=model, on_step=on_step))
+    assert state.ema["updates"] == 3
     resumed_model = TinyEpsDenoiser()
-    resumed_model.load_state_dict(captured["weights"])
-    _, resumed = trained(6, ema_decay=0.9, resume=captured["state"], model=resumed_model)
+    resumed_model.load_state_dict(weights)
+    _, resumed = trained(6, ema_decay=0.9, resume=state, model=resumed_model)
     assert resumed.updates == 6
     for a, b in zip(whole.shadow, resumed.shadow):     # one arithmetic path: bitwise
         assert torch.equal(a, b), (a - b).abs().max()
     # The negative control: an average started afresh at the resume is another average.
     control = TinyEpsDenoiser()
-    control.load_state_dict(captured["weights"])
-    _, fresh = trained(6, ema_decay=0.9, resume=LoopState(**{**captured["state"].__dict__, "ema": None}),
-                       model=control)
+    control.load_state_dict(weights)
+    _, fresh = trained(6, ema_decay=0.9, resume=LoopState(**{**state.__dict__, "ema": None}), model=control)
     assert any(not torch.allclose(a, b) for a, b in zip(whole.shadow, fresh.shadow))
 
 

@@ -5,10 +5,9 @@ import pytest
 import torch
 
 from lora_lab.trainer.data.encoded_dataset import TextEncoding
-from lora_lab.trainer.training.loop import (LoopState, NonFiniteLoss, TrainSettings, denoising_loss, measure_loss,
-                                   train)
+from lora_lab.trainer.training.loop import NonFiniteLoss, TrainSettings, denoising_loss, measure_loss, train
 
-from toy_training import TinyEpsDenoiser, params_of, toy_data
+from toy_training import TinyEpsDenoiser, interrupted_at, params_of, toy_data
 
 
 def trained_copy(settings, data=None, model_seed=0, **kwargs):
@@ -57,22 +56,10 @@ def test_every_batch_comes_from_one_bucket():
 def test_resume_equals_an_uninterrupted_run(one_arithmetic_path):
     settings = TrainSettings(steps=8, batch_size=2, learning_rate=1e-3, lr_schedule="cosine", seed=3)
     full, _ = trained_copy(settings)
-
-    captured = {}
-
-    def stop_after_three(report):
-        if report.step == 3:
-            captured["state"] = report.snapshot()
-            captured["weights"] = {k: v.clone() for k, v in model.state_dict().items()}
-            raise KeyboardInterrupt
-
-    torch.manual_seed(0)
-    model = TinyEpsDenoiser()
-    with pytest.raises(KeyboardInterrupt):
-        train(model, toy_data(), params_of(model), settings, torch.device("cpu"), on_step=stop_after_three)
+    state, weights = interrupted_at(3, lambda model, on_step: train(
+        model, toy_data(), params_of(model), settings, torch.device("cpu"), on_step=on_step))
     resumed = TinyEpsDenoiser()
-    resumed.load_state_dict(captured["weights"])
-    state: LoopState = captured["state"]
+    resumed.load_state_dict(weights)
     assert state.step == 3
     train(resumed, toy_data(), params_of(resumed), settings, torch.device("cpu"), resume=state)
     for pa, pb in zip(full.parameters(), resumed.parameters()):
