@@ -150,7 +150,8 @@ class LoraLabTrainLora:
             run.notes += (notes_for(comfy_bridge.prediction_type(comfy_bridge.model_sampling(model)), settings.noise)
                           + schedule_notes(settings.lr_schedule, settings.warmup_steps, settings.steps)
                           + ([advice] if advice else []))
-            if options.flux_guidance != ADDED_SINCE_FIRST_RUNS["flux_guidance"] and flux_guidance(model, options) is None:
+            guidance_unused = flux_guidance(model, options) is None
+            if guidance_unused and options.flux_guidance != ADDED_SINCE_FIRST_RUNS["flux_guidance"]:
                 run.notes.append(f"flux_guidance does nothing here: it is Flux.1's guidance input, and this model is "
                                  f"{comfy_bridge.model_family(model)}.")
             for note in run.notes:
@@ -349,7 +350,8 @@ def train_adapters(model, clip, split, settings, options, device, run, describe,
                 # A trained text encoder encodes every step's captions with gradients; a frozen one's
                 # encodings are made once (data.conds) or, when captions vary, memoised by the loop.
                 encode_caption = comfy_bridge.loaded_caption_encoder(clip, with_gradients=text_encoder_trains)
-                loop_state = train(comfy_bridge.ComfyDenoiser(model, flux_guidance(model, options)), split.training, lora.parameters_by_part(),
+                denoiser = comfy_bridge.ComfyDenoiser(model, flux_guidance(model, options))
+                loop_state = train(denoiser, split.training, lora.parameters_by_part(),
                                    settings, device, on_step=run.step_callback(lora, describe, options),
                                    resume=resume.loop_state if resume else None,
                                    encode_caption=encode_caption, text_encoder_trains=text_encoder_trains,

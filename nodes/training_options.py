@@ -180,8 +180,8 @@ def checked(options: TrainingOptions, node: str) -> TrainingOptions:
     if problem:
         raise user_error(node, "resume_from", *problem)
     if not 0.0 <= options.ema_decay < 1.0:
-        raise user_error(node, "ema_decay", f"ema_decay is {options.ema_decay}; a moving average needs a decay below 1.",
-                         "use 0.99-0.9999, or 0 to keep no average.")
+        raise user_error(node, "ema_decay", f"ema_decay is {options.ema_decay}; a moving average needs a decay "
+                         "from 0 to below 1.", "use 0.99-0.9999, or 0 to keep no average.")
     if options.ema_weights not in EMA_WEIGHTS:
         raise user_error(node, "ema_weights", f"ema_weights is {options.ema_weights!r}.",
                          f"choose one of {', '.join(EMA_WEIGHTS)}.")
