@@ -45,7 +45,7 @@ export function labelWidgets(node, labels) {
 const VALUE_ROOM = 120;       // px: the value, the arrows and the widget's margins
 let measuring = null;
 
-export function widthForLabels(labels) {
+function widthForLabels(labels) {
   measuring ??= document.createElement("canvas").getContext("2d");
   measuring.font = "12px Arial";
   return Math.ceil(Math.max(0, ...Object.values(labels).map((label) => measuring.measureText(label).width))) + VALUE_ROOM;

@@ -27,7 +27,7 @@ from ..trainer.training.fp8_base import frozen_base_in_fp8, has_fp8_weights
 from ..trainer.training.half_precision_base import frozen_weights_in
 from ..trainer.training.kohya_metadata import Description, kohya_max_token_length
 from ..trainer.training.loop import TrainSettings, train
-from ..trainer.training.noise import notes_for
+from ..trainer.training.noise import ADDED_AFTER_FIRST_RELEASE as noise_options_added_later, notes_for
 from ..trainer.training.optimizers import lr_advice, parse_optimizer_args
 from ..trainer.training.run import TrainingRun
 from ..trainer.training.schedules import schedule_notes
@@ -213,11 +213,9 @@ NOT_IN_RUN_IDENTITY = ("save_every_n_steps", "save_every_n_epochs", "keep_last_s
                        "groups_set")      # which node set an option: the values themselves are in the identity
 
 
-# Options added after runs were saved, with the value that trains as before they existed.
-ADDED_SINCE_FIRST_RUNS = {"validation_pictures": 0, "fp8_base": False, "loss_type": "l2", "huber_schedule": "snr",
-                          "huber_c": 0.1, "huber_scale": 1.0, "timestep_sampling": "uniform", "logit_mean": 0.0,
-                          "logit_std": 1.0, "flow_shift": 0.0, "flux_guidance": 3.5, "ema_decay": 0.0,
-                          "ema_weights": "replace"}
+# Options added after runs were saved, with their defaults: the value that trains as before they existed.
+ADDED_SINCE_FIRST_RUNS = {name: getattr(TrainingOptions(), name) for name in (
+    "validation_pictures", "fp8_base", *noise_options_added_later, "flux_guidance", "ema_decay", "ema_weights")}
 
 
 def options_added_since_saved(options) -> tuple[str, ...]:
@@ -230,10 +228,9 @@ def options_added_since_saved(options) -> tuple[str, ...]:
 
 def flux_guidance(model, options) -> float | None:
     """The guidance input Flux.1 dev trains with; None for models without one (other families, Flux schnell)."""
-    if comfy_bridge.model_family(model) != "flux1":
+    if comfy_bridge.model_family(model) != "flux1" or model_sources.model_variant(model) == "schnell":
         return None
-    params = getattr(model.model.diffusion_model, "params", None)
-    return float(options.flux_guidance) if getattr(params, "guidance_embed", True) else None
+    return float(options.flux_guidance)
 
 
 def validation_measured_with(model, options) -> dict:

@@ -177,9 +177,6 @@ class Inventory:
             on_gpu += -sum(swapped) + sum(swapped[:3])
         return on_gpu
 
-    def swapped_bytes(self, fp8: bool, swap: int) -> int:
-        return self.weights_bytes(fp8) - self.weights_bytes(fp8, swap)
-
     def adapter_bytes(self, optimizer: str) -> int:
         state = 4 * self.lora_factor_floats if optimizer == "Adafactor" else OPTIMIZER_BYTES[optimizer] * self.lora_params
         return 8 * self.lora_params + state

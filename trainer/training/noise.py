@@ -36,6 +36,10 @@ import torch
 from . import loss_shapes
 
 MIN_SNR_PREDICTIONS = ("eps", "v")
+# Settings added after runs and validation histories were first saved: at their defaults they train and measure
+# as before they existed, so identities and history keys leave them out there (validation.py, nodes/train.py).
+ADDED_AFTER_FIRST_RELEASE = ("loss_type", "huber_schedule", "huber_c", "huber_scale", "timestep_sampling",
+                             "logit_mean", "logit_std", "flow_shift")
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import Callable, Mapping
 import torch
 
 from ..data.encoded_dataset import EncodedDataset, TextEncoding, as_text_encoding
-from .noise import NoiseSettings, draw
+from .noise import ADDED_AFTER_FIRST_RELEASE, NoiseSettings, draw
 from .run_reuse import data_fingerprint
 
 VALIDATION_KEY = "loralab_validation_loss"     # a save's metadata: ValidationHistory.metadata_text()
@@ -113,20 +113,15 @@ class HeldOutLoss:
         return total / max(1, len(self.draws))
 
 
-# Noise settings added after validation histories were first saved, with the value that measures as before:
-# left out of the key at that value, so a history saved before them still continues.
-NOISE_ADDED_SINCE_FIRST_HISTORIES = {"loss_type": "l2", "huber_schedule": "snr", "huber_c": 0.1, "huber_scale": 1.0,
-                                     "timestep_sampling": "uniform", "logit_mean": 0.0, "logit_std": 1.0,
-                                     "flow_shift": 0.0}
-
-
 def history_key(pictures: EncodedDataset, seed: int, noise: NoiseSettings, precision: str,
                 measured_with: dict | None = None) -> str:
     """What a validation number depends on besides the LoRA: the pictures, their draws (seed, noise
     settings) and the loss (weights, precision), and ``measured_with`` (what else changes the numbers: Flux's
     guidance, the moving average measured instead of the weights). Equal keys: the numbers of two runs compare."""
+    # Settings added later are left out at their defaults: a history saved before them still continues.
+    defaults = NoiseSettings()
     settings = {name: value for name, value in dataclasses.asdict(noise).items()
-                if name not in NOISE_ADDED_SINCE_FIRST_HISTORIES or NOISE_ADDED_SINCE_FIRST_HISTORIES[name] != value}
+                if name not in ADDED_AFTER_FIRST_RELEASE or getattr(defaults, name) != value}
     fields = {"pictures": data_fingerprint(pictures), "seed": int(seed), "noise": settings, "precision": precision}
     if measured_with:
         fields["measured_with"] = measured_with
