@@ -440,6 +440,47 @@ def send_to_front_end(event: str, data: dict) -> None:
         server.send_sync(event, data, getattr(server, "client_id", None))
 
 
+class _DropMissingKeyWarnings(logging.Filter):
+    def filter(self, record):
+        return "lora key not loaded" not in record.getMessage()
+
+
+def quiet_load_lora(tensors: dict, key_map: dict) -> dict:
+    """comfy.lora.load_lora without its "lora key not loaded" lines: a check's, not the real application's."""
+    if "log_missing" in inspect.signature(comfy.lora.load_lora).parameters:
+        return comfy.lora.load_lora(tensors, key_map, log_missing=False)
+    # 2024-03 logs every unmatched key; the real application logs them once, a check stays quiet.
+    quiet = _DropMissingKeyWarnings()
+    root = logging.getLogger()
+    root.addFilter(quiet)
+    try:
+        return comfy.lora.load_lora(tensors, key_map)
+    finally:
+        root.removeFilter(quiet)
+
+
+def loader_applies_dora() -> bool:
+    """Whether this ComfyUI's LoraLoader applies a DoRA's ``dora_scale`` (ComfyUI from 2024-05 on). Older ones
+    skip the key and apply the plain LoRA part: a DoRA trained here would sample otherwise than it trained.
+    Asked of ComfyUI itself: a one-weight file, and whether its dora_scale reaches the patch."""
+    dora_scale = torch.ones(1, 1)
+    probe = {"probe.lora_up.weight": torch.zeros(1, 1), "probe.lora_down.weight": torch.zeros(1, 1),
+             "probe.dora_scale": dora_scale}
+    patch = quiet_load_lora(probe, {"probe": "probe.weight"}).get("probe.weight")
+    return _holds(patch, dora_scale)
+
+
+def _holds(value, tensor: torch.Tensor, depth: int = 0) -> bool:
+    """Whether a ComfyUI patch (tuples, or 2025's adapter objects with ``weights``) holds this very tensor."""
+    if value is tensor:
+        return True
+    if depth > 3:
+        return False
+    if isinstance(value, (tuple, list)):
+        return any(_holds(item, tensor, depth + 1) for item in value)
+    return _holds(getattr(value, "weights", None), tensor, depth + 1) if hasattr(value, "weights") else False
+
+
 def apply_lora(model, clip, tensors: dict, strength_model: float = 1.0, strength_clip: float = 1.0):
     """The same path as ComfyUI's LoraLoader: patched clones, the shared originals untouched."""
     return comfy.sd.load_lora_for_models(model, clip, tensors, strength_model, strength_clip)

@@ -7,6 +7,7 @@ accepting the workflows saved with it.
 from __future__ import annotations
 
 from ..trainer.lora.network import PRESETS as NETWORK_PRESETS
+from ..trainer.lora.network_types import NETWORK_TYPES
 from ..trainer.training.loss_shapes import HUBER_SCHEDULES, LOSS_TYPES, TIMESTEP_SAMPLINGS
 from ..trainer.training.optimizers import OPTIMIZERS
 from ..trainer.training.schedules import SCHEDULES
@@ -174,4 +175,14 @@ def option_inputs() -> dict[str, tuple]:
                             "With ema_decay: replace = every save holds the average instead of the raw weights; "
                             "beside = saves hold the raw weights and the final save also writes <name>_ema with "
                             "the average. Either way resume goes on exactly (its state keeps both)."}),
+            "network_type": (list(NETWORK_TYPES), {"default": d.network_type, "tooltip":
+                             "What kind of network learns, on the layers network_preset picks. LoRA: the usual. "
+                             "DoRA: LoRA plus a learned magnitude per input channel; closer to full fine-tuning "
+                             "at the same rank, a little slower (needs ComfyUI from mid-2024 to load). LoHa: two "
+                             "LoRAs multiplied element by element; more detail for the same file size. LoKr: a "
+                             "Kronecker product, very small files; rank and lokr_factor set its size. All load in "
+                             "ComfyUI's Load LoRA, A1111/Forge and kohya (LyCORIS' keys)."}),
+            "lokr_factor": ("INT", {"default": d.lokr_factor, "min": -1, "max": 1024, "tooltip":
+                            "LoKr only: the size of the smaller Kronecker factor (LyCORIS' factor). Smaller = "
+                            "smaller file; -1 = as square as possible (largest)."}),
     }

@@ -7,8 +7,6 @@ of LoraLoader nodes.
 """
 from __future__ import annotations
 
-import inspect
-import logging
 import os
 from dataclasses import dataclass
 
@@ -178,24 +176,10 @@ def lora_key_map(model, clip) -> dict:
     return key_map
 
 
-class _DropMissingKeyWarnings(logging.Filter):
-    def filter(self, record):
-        return "lora key not loaded" not in record.getMessage()
-
-
 def patches_that_map(tensors: dict, key_map: dict) -> dict:
     """What ComfyUI would patch from this file: empty means the LoRA would silently change nothing."""
     tensors = _CONVERT_LORA(dict(tensors)) if _CONVERT_LORA else dict(tensors)
-    if "log_missing" in inspect.signature(comfy.lora.load_lora).parameters:
-        return comfy.lora.load_lora(tensors, key_map, log_missing=False)
-    # 2024-03 logs every unmatched key; the real application logs them once, this check stays quiet.
-    quiet = _DropMissingKeyWarnings()
-    root = logging.getLogger()
-    root.addFilter(quiet)
-    try:
-        return comfy.lora.load_lora(tensors, key_map)
-    finally:
-        root.removeFilter(quiet)
+    return comfy_bridge.quiet_load_lora(tensors, key_map)
 
 
 def read_lora(resolved: stacks.ResolvedLora, node: str, input_name: str) -> stacks.LoraFile:

@@ -215,7 +215,8 @@ NOT_IN_RUN_IDENTITY = ("save_every_n_steps", "save_every_n_epochs", "keep_last_s
 
 # Options added after runs were saved, with their defaults: the value that trains as before they existed.
 ADDED_SINCE_FIRST_RUNS = {name: getattr(TrainingOptions(), name) for name in (
-    "validation_pictures", "fp8_base", *noise_options_added_later, "flux_guidance", "ema_decay", "ema_weights")}
+    "validation_pictures", "fp8_base", *noise_options_added_later, "flux_guidance", "ema_decay", "ema_weights",
+    "network_type", "lokr_factor")}
 
 
 def options_added_since_saved(options) -> tuple[str, ...]:
@@ -396,8 +397,8 @@ def load_resumed_weights(lora, resume, options):
         lora.load_kohya_state_dict(resume.tensors)
     except ValueError as bad:
         raise user_error(NODE, "options", f"'{options.resume_from}' does not fit this run's network ({bad}).",
-                         "resume with the rank, network_preset, conv_rank and train_text_encoder setting the save "
-                         "was trained with.") from None
+                         "resume with the rank, network_preset, network_type, conv_rank and train_text_encoder "
+                         "setting the save was trained with.") from None
 
 
 def all_parameters(lora) -> list:

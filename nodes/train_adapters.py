@@ -16,22 +16,25 @@ def inject_adapters(model, unet, clip, text_model, network, seed, device) -> Lor
     parts = {}
     try:
         targets, ranks, alphas = network.adapter_arguments(comfy_bridge.unet_lora_layers(model, network))
+        kind = dict(network_type=network.network_type, lokr_factor=network.lokr_factor)
         parts["unet"] = InjectedLora(unet, targets, rank=network.rank, alpha=network.alpha, ranks=ranks,
-                                     alphas=alphas, dropout=network.dropout, seed=seed, device=device)
+                                     alphas=alphas, dropout=network.dropout, seed=seed, device=device, **kind)
         if text_model is not None:
             for encoder, (root, targets) in text_encoder_targets(clip, text_model).items():
                 parts[encoder] = InjectedLora(root, targets, rank=network.rank, alpha=network.alpha,
                                               dropout=network.dropout, seed=seed,
-                                              device=torch.device(clip.patcher.load_device))
+                                              device=torch.device(clip.patcher.load_device), **kind)
         return LoraSet(parts)
     except BaseException as error:
         for part in parts.values():         # nothing may stay injected in the shared model
             part.remove()
         if isinstance(error, (RuntimeError, ValueError)) and not isinstance(error, torch.cuda.OutOfMemoryError):
             where = "the text encoder" if "unet" in parts else "the UNet"
-            raise user_error(NODE, "options", f"LoRA layers could not be added to {where} of this model ({error}).",
-                             "use network_preset 'kohya default' with train_text_encoder off, or load an SD1.5, "
-                             "SD2.x, SDXL, SD3 or Flux.1 checkpoint.") from None
+            fix = ("use network_type LoRA with this model, or load it in bf16 or fp16." if "DoRA" in str(error) else
+                   "use network_preset 'kohya default' with train_text_encoder off, or load an SD1.5, SD2.x, SDXL, "
+                   "SD3 or Flux.1 checkpoint.")
+            raise user_error(NODE, "options", f"{network.network_type} layers could not be added to {where} of this "
+                             f"model ({error}).", fix) from None
         raise
 
 

@@ -31,6 +31,11 @@ def check_inputs(model, dataset, output_name, rank, alpha, options=None):
                          "cannot carry a LoRA here).",
                          "turn train_text_encoder off on the Network options node: the LoRA then trains the "
                          f"{FLOW_FAMILY_NAMES[family]} transformer alone, as kohya does by default.")
+    if options is not None and options.network_type == "DoRA" and not comfy_bridge.loader_applies_dora():
+        raise user_error(NODE, "options", "network_type is DoRA, but this ComfyUI's Load LoRA skips DoRA's "
+                         "magnitudes (dora_scale; ComfyUI applies them from May 2024 on), so the LoRA would sample "
+                         "otherwise than it trained.",
+                         "update ComfyUI, or choose network_type LoRA, LoHa or LoKr on the Network options node.")
     if dataset is None or not getattr(dataset, "items", None):
         raise user_error(NODE, "dataset", "the dataset has no pictures.",
                          "check the folder in the dataset node and its report.")

@@ -100,6 +100,8 @@ class TrainingOptions:
     flux_guidance: float = 3.5         # ComfyUI's Flux default; kohya's --guidance_scale (its recipes: 1.0)
     ema_decay: float = 0.0             # a moving average of the adapters (trainer/training/ema.py); 0 = off
     ema_weights: str = "replace"       # replace: saves hold the average; beside: also <name>_ema, saves raw
+    network_type: str = "LoRA"         # LoRA, DoRA, LoHa or LoKr (trainer/lora/network_types.py)
+    lokr_factor: int = -1
     # The groups an option node set (GROUPS' keys); the others are Train LoRA's preset's to fill.
     groups_set: frozenset = field(default=frozenset())
 
@@ -123,7 +125,8 @@ class TrainingOptions:
     def network(self, rank: int = 16, alpha: float = 8.0) -> Network:
         """The network Train LoRA trains: its rank and alpha, with these options' layers, convs and dropout."""
         return Network(rank=rank, alpha=alpha, preset=self.network_preset, dropout=self.dropout,
-                       conv_rank=self.conv_rank, conv_alpha=self.conv_alpha)
+                       conv_rank=self.conv_rank, conv_alpha=self.conv_alpha, network_type=self.network_type,
+                       lokr_factor=self.lokr_factor)
 
     @property
     def noise(self) -> NoiseSettings:
@@ -159,7 +162,7 @@ GROUPS = {
     "optimizer": ("optimizer", "optimizer_args", "weight_decay", "lr_schedule", "warmup_steps", "lr_cycles",
                   "gradient_accumulation", "max_grad_norm"),
     "network": ("network_preset", "conv_rank", "conv_alpha", "dropout", "train_text_encoder", "text_encoder_lr",
-                "text_encoder_2_lr"),
+                "text_encoder_2_lr", "network_type", "lokr_factor"),
     # Inputs added after a group's first release come last: saved workflows map widget values by position.
     "noise": ("noise_offset", "min_timestep", "max_timestep", "min_snr_gamma", "scale_v_pred_loss", "loss_type",
               "huber_schedule", "huber_c", "huber_scale", "timestep_sampling", "logit_mean", "logit_std", "flow_shift",
@@ -187,11 +190,12 @@ def checked(options: TrainingOptions, node: str) -> TrainingOptions:
                          f"choose one of {', '.join(EMA_WEIGHTS)}.")
     try:
         options.noise            # validates the timestep range and the other noise settings
-        options.network()        # validates the preset, dropout and conv rank/alpha
+        options.network()        # validates the preset, type, dropout and conv rank/alpha
         parse_optimizer_args(options.optimizer_args)
     except ValueError as bad:
         raise user_error(node, None, str(bad), "check min_timestep < max_timestep, the loss and timestep "
-                         "settings, the optimizer_args and the network_preset.") from None
+                         "settings, the optimizer_args, and the network_preset, network_type and "
+                         "dropout.") from None
     return options
 
 

@@ -337,20 +337,23 @@ OPTION_INPUTS = {   # nodes/training_options.py GROUPS; tests/comfy check the sa
     "LoraLabNoiseOptions": ["noise_offset", "min_timestep", "max_timestep", "min_snr_gamma", "scale_v_pred_loss",
                             "loss_type", "huber_schedule", "huber_c", "huber_scale", "timestep_sampling", "logit_mean",
                             "logit_std", "flow_shift", "flux_guidance"],
+    "LoraLabNetworkOptions": ["network_preset", "conv_rank", "conv_alpha", "dropout", "train_text_encoder",
+                              "text_encoder_lr", "text_encoder_2_lr", "network_type", "lokr_factor"],
 }
 
 
-def test_the_memory_and_noise_option_nodes_show_every_input_readable(renderer_page, renderer):
-    """Memory & Speed and Noise & Loss grew inputs (block swap; loss type, timesteps, Flux guidance): placed fresh
-    from the node list, each shows one widget per input, in order, none drawn over another node, no label cut."""
+def test_the_option_nodes_that_grew_show_every_input_readable(renderer_page, renderer):
+    """Memory & Speed, Noise & Loss and Network grew inputs (block swap; loss type, timesteps, Flux guidance;
+    network type): placed fresh from the node list, each shows one widget per input, in order, none drawn over
+    another node, no label cut."""
     page = renderer_page
     page.hide_floating_panels()
     made = page.page.evaluate(
-        """() => { app.graph.clear(); return ['LoraLabMemoryOptions', 'LoraLabNoiseOptions'].map((type, i) => {
+        """(types) => { app.graph.clear(); return types.map((type, i) => {
              const node = LiteGraph.createNode(type);
-             node.pos = [40 + i * 660, 40];      // apart enough for the Vue renderer's wider nodes
+             node.pos = [40 + (i % 2) * 660, 40 + Math.floor(i / 2) * 560];  // apart for Vue's wider nodes
              app.graph.add(node);
-             return [node.id, type, node.widgets.map((w) => w.name)]; }); }""")
+             return [node.id, type, node.widgets.map((w) => w.name)]; }); }""", list(OPTION_INPUTS))
     for node_id, node_type, widgets in made:
         assert widgets == OPTION_INPUTS[node_type], (node_type, widgets)
     page.show(20, 20)
@@ -360,4 +363,4 @@ def test_the_memory_and_noise_option_nodes_show_every_input_readable(renderer_pa
             """() => [...document.querySelectorAll('.lg-node .lg-widget-container p')]
                  .filter((label) => label.scrollWidth > label.clientWidth).map((label) => label.textContent)""")
         assert not cut, cut
-    page.screenshot(SCREENSHOTS / renderer / "memory_and_noise_options.png")
+    page.screenshot(SCREENSHOTS / renderer / "grown_option_nodes.png")

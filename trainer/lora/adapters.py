@@ -4,7 +4,8 @@ The base model belongs to ComfyUI and is shared with every other node of the gra
 strict: ``InjectedLora.remove()`` puts back the very module objects that were there, every parameter's
 ``requires_grad`` flag and every module's ``training`` flag, and the ``peft_config`` attribute peft sets
 on the root. peft (``inject_adapter_in_model``) builds the adapter layers; this module owns the
-bookkeeping around it, the initialisation and the kohya naming.
+bookkeeping around it, the initialisation and the kohya naming. The network types other than plain LoRA
+(DoRA, LoHa, LoKr) and their keys are described in network_types.py.
 
 Kohya format, per module name ``<name>`` (e.g. ``lora_unet_down_blocks_0_attentions_0_proj_in``):
 ``<name>.lora_down.weight`` = peft ``lora_A`` (r, in) or, for Conv2d, (r, in, kh, kw) with the base conv's
@@ -14,12 +15,14 @@ stride/padding; ``<name>.lora_up.weight`` = peft ``lora_B`` (out, r) or (out, r,
 from __future__ import annotations
 
 import hashlib
-import math
 import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from . import network_types as types
+from .network_types import DORA, LORA
 
 ADAPTER_NAME = "loralab"
 SUPPORTED_TYPES = (nn.Linear, nn.Conv2d)
@@ -45,10 +48,11 @@ class InjectedLora:
     ``targets`` maps module paths inside ``root`` (``"input_blocks.1.1.transformer_blocks.0.attn1.to_q"``)
     to kohya module names (``"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"``).
     Targets must be ``nn.Linear`` or ``nn.Conv2d`` (subclasses such as ComfyUI's ops are fine).
-    ``ranks`` / ``alphas`` optionally override ``rank`` / ``alpha`` per target path.
+    ``ranks`` / ``alphas`` optionally override ``rank`` / ``alpha`` per target path. ``network_type`` is
+    one of network_types.NETWORK_TYPES; ``lokr_factor`` is LoKr's factor (-1: as square as possible).
 
     Initialisation matches kohya: ``lora_down`` kaiming-uniform (a=sqrt(5)), ``lora_up`` zero, so the model's
-    output is unchanged until the first optimizer step. Each module's init comes from its own generator
+    output is unchanged until the first optimizer step (LoHa and LoKr: one factor zero, as peft has it). Each module's init comes from its own generator
     seeded by ``(seed, kohya name)``: the same seed gives the same adapters on any device, adding a target
     does not change the others, and the global RNG is left alone. With ``seed=None`` one seed is drawn
     from the global torch RNG; it is kept in ``self.seed``.
@@ -60,8 +64,13 @@ class InjectedLora:
     def __init__(self, root: nn.Module, targets: dict[str, str], rank: int, alpha: float,
                  dropout: float = 0.0, dtype: torch.dtype = torch.float32, seed: int | None = None,
                  ranks: dict[str, int] | None = None, alphas: dict[str, float] | None = None,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, network_type: str = LORA, lokr_factor: int = -1):
         self.root = root
+        if network_type not in types.NETWORK_TYPES:
+            raise ValueError(f"network type {network_type!r} is not one of {', '.join(types.NETWORK_TYPES)}")
+        if dropout and network_type not in (LORA, DORA):
+            raise ValueError(f"{network_type} has no input dropout in peft; dropout applies to LoRA and DoRA")
+        self.network_type = network_type
         self.rank = int(rank)
         self.alpha = float(alpha)
         self.dtype = dtype
@@ -83,28 +92,25 @@ class InjectedLora:
             # peft's layer constructors draw from the global RNG (then our init overwrites the values):
             # fork it so that injecting leaves the training loop's random stream where it was.
             with torch.inference_mode(False), torch.random.fork_rng(devices=[]):
-                self._inject(dropout)
+                self._inject(dropout, lokr_factor)
                 self._initialise(device)
         except BaseException:
             self.remove()
             raise
 
     # --- building ---------------------------------------------------------------------------------
-    def _inject(self, dropout: float) -> None:
+    def _inject(self, dropout: float, lokr_factor: int) -> None:
         # One peft call per distinct (rank, alpha): peft's rank_pattern matches by suffix regex, which
         # differs between peft versions; exact target lists per call do not.
         groups: dict[tuple[int, float], list[str]] = {}
         for site in self._sites:
             groups.setdefault((site.rank, site.alpha), []).append(site.path)
-        LoraConfig, inject_adapter_in_model, BaseTunerLayer = _peft()
+        inject_adapter_in_model, BaseTunerLayer = _peft()
         for (rank, alpha), paths in groups.items():
             # peft stores its config on the root and, finding one there, would merge into it (with a
             # warning); we keep none on the root, so every call starts clean and remove() has less to undo.
             vars(self.root).pop("peft_config", None)
-            config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none",
-                                # A string is matched with re.fullmatch against full module paths; a list
-                                # would also match any module whose path merely ends with ".<target>".
-                                target_modules="(?:" + "|".join(re.escape(p) for p in paths) + ")")
+            config = types.peft_config(self.network_type, rank, alpha, dropout, paths, lokr_factor)
             inject_adapter_in_model(config, self.root, adapter_name=ADAPTER_NAME)
             vars(self.root).pop("peft_config", None)
 
@@ -122,31 +128,43 @@ class InjectedLora:
             raise RuntimeError(f"peft wrapped modules that were not targets: {stray[:5]}")
         self._hooks = [site.parent._modules[site.child_name].register_forward_pre_hook(_no_input_copy_under_autocast)
                        for site in self._sites]
+        for site in self._sites:
+            layer = site.parent._modules[site.child_name]
+            if self.network_type == DORA:
+                self._hooks.append(types.add_dora_magnitude(layer, site.original, ADAPTER_NAME))
+            elif self.network_type != LORA:
+                # peft's LoHa/LoKr layer draws a random number each forward while training (for its module
+                # dropout, which is 0 here); in eval mode it draws none, so the run's random stream is ours.
+                layer.training = False
+            # The scale ComfyUI will apply the file with: alpha / rank, except for LoKr with two whole factors.
+            layer.scaling[ADAPTER_NAME] = types.loader_scale(
+                self.network_type, set(self._weights(site)), site.alpha, site.rank)
 
     def _initialise(self, device) -> None:
         for param, _ in self._requires_grad:
             if param.requires_grad:
                 param.requires_grad_(False)
         for site in self._sites:
-            down, up = self._down_up(site)
+            weights = self._weights(site)
             target_device = device if device is not None else site.original.weight.device
-            for adapter in (down, up):
-                adapter.to(device=target_device, dtype=self.dtype)
             generator = torch.Generator().manual_seed(_module_seed(self.seed, site.kohya_name))
-            # kaiming_uniform_(a=sqrt(5)) as kohya and peft use, written out so a private generator can
-            # drive it on every torch version: bound = gain * sqrt(3 / fan_in) = 1 / sqrt(fan_in).
-            fan_in = math.prod(down.weight.shape[1:])
-            bound = 1.0 / math.sqrt(fan_in)
-            init = torch.empty(down.weight.shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
-            with torch.no_grad():
-                down.weight.copy_(init)
-                up.weight.zero_()
-            for adapter in (down, up):
-                adapter.weight.requires_grad_(True)
+            for suffix, weight in weights.items():
+                weight.data = weight.data.to(device=target_device, dtype=self.dtype)
+                if suffix == types.DORA_SCALE:
+                    pass                    # the base weight's own column norms (network_types.add_dora_magnitude)
+                elif types.starts_at_zero(suffix, set(weights)):
+                    weight.data.zero_()
+                else:
+                    # kaiming_uniform_(a=sqrt(5)) as kohya and peft use, drawn from a private generator in
+                    # float32 on the CPU, so the same seed gives the same adapters on every device.
+                    bound = types.kaiming_bound(weight.shape)
+                    init = torch.empty(weight.shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
+                    weight.data.copy_(init)
+                weight.requires_grad_(True)
 
-    def _down_up(self, site: _Site) -> tuple[nn.Module, nn.Module]:
-        layer = site.parent._modules[site.child_name]
-        return layer.lora_A[ADAPTER_NAME], layer.lora_B[ADAPTER_NAME]
+    def _weights(self, site: _Site) -> dict[str, nn.Parameter]:
+        """{file key suffix: trainable tensor} of one adapted layer (network_types.adapter_weights)."""
+        return types.adapter_weights(self.network_type, site.parent._modules[site.child_name], ADAPTER_NAME)
 
     def _live_sites(self) -> list[_Site]:
         if self._removed:
@@ -155,17 +173,15 @@ class InjectedLora:
 
     # --- training ---------------------------------------------------------------------------------
     def parameters(self) -> list[nn.Parameter]:
-        """The trainable adapter weights: ``lora_down`` then ``lora_up`` of each target, in target order."""
-        params = []
-        for site in self._live_sites():
-            down, up = self._down_up(site)
-            params += [down.weight, up.weight]
-        return params
+        """The trainable adapter weights, in target order: ``lora_down`` then ``lora_up`` of each target (DoRA:
+        then its magnitude; LoHa and LoKr: their factors)."""
+        return [weight for site in self._live_sites() for weight in self._weights(site).values()]
 
     def train(self, mode: bool = True) -> "InjectedLora":
         """Switch adapter dropout on or off without touching the base model's own train/eval flags."""
-        for site in self._live_sites():
-            site.parent._modules[site.child_name].lora_dropout.train(mode)
+        if self.network_type in (LORA, DORA):
+            for site in self._live_sites():
+                site.parent._modules[site.child_name].lora_dropout.train(mode)
         return self
 
     # --- kohya format -----------------------------------------------------------------------------
@@ -177,20 +193,24 @@ class InjectedLora:
         """
         tensors = {}
         for site in self._live_sites():
-            down, up = self._down_up(site)
-            tensors[f"{site.kohya_name}.lora_down.weight"] = _cpu_copy(down.weight, dtype)
-            tensors[f"{site.kohya_name}.lora_up.weight"] = _cpu_copy(up.weight, dtype)
+            for suffix, weight in self._weights(site).items():
+                tensors[f"{site.kohya_name}.{suffix}"] = _cpu_copy(weight, dtype)
             tensors[f"{site.kohya_name}.alpha"] = torch.tensor(site.alpha, dtype=torch.float32)
         return tensors
+
+    def _scale(self, site: _Site) -> float:
+        """The scale this module's update is computed with (alpha / rank, but see network_types.loader_scale)."""
+        return site.parent._modules[site.child_name].scaling[ADAPTER_NAME]
 
     def load_kohya_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
         """Load adapter weights saved in kohya format (for resuming). All checks run before anything is copied.
 
-        A missing ``.alpha`` means alpha = rank (kohya's and ComfyUI's convention). When the file's alpha
-        differs from this adapter's, ``lora_up`` is rescaled by ``file_alpha / alpha`` so the model computes
-        exactly the file's update; this adapter keeps its own alpha for further training and export.
-        ``strict=False`` skips modules absent from the file and ignores keys for other modules; a module with
-        only one of ``lora_down``/``lora_up``, or any shape mismatch, is an error either way.
+        A missing ``.alpha`` means alpha = rank (kohya's and ComfyUI's convention). When the file's scale
+        differs from this adapter's, ``lora_up`` (LoHa, LoKr: their first factor) is rescaled by
+        ``file_alpha / alpha`` so the model computes exactly the file's update; this adapter keeps its own
+        alpha for further training and export. ``strict=False`` skips modules absent from the file and
+        ignores keys for other modules; a module with only some of its tensors, or any shape mismatch, is an
+        error either way.
         """
         self._apply_load(self._plan_load(state_dict, strict))
 
@@ -200,24 +220,26 @@ class InjectedLora:
         known = set()
         missing, mismatched, plan = [], [], []
         for site in sites:
-            down, up = self._down_up(site)
-            keys = (f"{site.kohya_name}.lora_down.weight", f"{site.kohya_name}.lora_up.weight")
+            weights = self._weights(site)
+            keys = {f"{site.kohya_name}.{suffix}": weight for suffix, weight in weights.items()}
             alpha_key = f"{site.kohya_name}.alpha"
-            known.update(keys + (alpha_key,))
+            known.update(keys, {alpha_key})
             present = [key in state_dict for key in keys]
             if not all(present):
                 if any(present) or strict:
                     missing += [key for key, there in zip(keys, present) if not there]
                 continue
-            for key, adapter in zip(keys, (down, up)):
+            for key, weight in keys.items():
                 got = tuple(state_dict[key].shape)
-                if got != tuple(adapter.weight.shape):
-                    mismatched.append(f"{key}: file {got}, adapter {tuple(adapter.weight.shape)}")
+                if got != tuple(weight.shape):
+                    mismatched.append(f"{key}: file {got}, adapter {tuple(weight.shape)}")
             if alpha_key in state_dict and state_dict[alpha_key].numel() != 1:
                 mismatched.append(f"{alpha_key}: file {tuple(state_dict[alpha_key].shape)}, expected a scalar")
                 continue
             file_alpha = float(state_dict[alpha_key].item()) if alpha_key in state_dict else float(site.rank)
-            plan.append((down, up, state_dict[keys[0]], state_dict[keys[1]], file_alpha / site.alpha))
+            rescale = types.loader_scale(self.network_type, set(weights), file_alpha, site.rank) / self._scale(site)
+            scaled = f"{site.kohya_name}.{types.scaled_weight(self.network_type, set(weights))}"
+            plan += [(weight, state_dict[key], rescale if key == scaled else 1.0) for key, weight in keys.items()]
         unexpected = sorted(set(state_dict) - known) if strict else []
         problems = [f"{label}: {_listing(items)}" for label, items in
                     (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", mismatched))
@@ -229,12 +251,8 @@ class InjectedLora:
     @staticmethod
     def _apply_load(plan: list) -> None:
         with torch.inference_mode(False), torch.no_grad():
-            for down, up, down_value, up_value, up_scale in plan:
-                down.weight.copy_(down_value)
-                if up_scale == 1.0:
-                    up.weight.copy_(up_value)
-                else:
-                    up.weight.copy_(up_value.to(torch.float64) * up_scale)
+            for weight, value, scale in plan:
+                weight.copy_(value if scale == 1.0 else value.to(torch.float64) * scale)
 
     # --- removal ----------------------------------------------------------------------------------
     def remove(self) -> None:
@@ -290,16 +308,16 @@ def _autocast_enabled(device_type: str) -> bool:
 def _peft():
     """peft, imported on first use: with the transformers and accelerate code it pulls in it costs
     seconds and about 25 MB, which a ComfyUI that loads the pack but trains nothing should not pay."""
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import inject_adapter_in_model
     from peft.tuners.tuners_utils import BaseTunerLayer
-    return LoraConfig, inject_adapter_in_model, BaseTunerLayer
+    return inject_adapter_in_model, BaseTunerLayer
 
 
 def _resolve_sites(root: nn.Module, targets: dict[str, str], rank: int, alpha: float,
                    ranks: dict[str, int], alphas: dict[str, float]) -> list[_Site]:
     if not targets:
         raise ValueError("no LoRA targets given")
-    stale = [name for name, m in root.named_modules() if isinstance(m, _peft()[2])]
+    stale = [name for name, m in root.named_modules() if isinstance(m, _peft()[1])]
     if stale:
         raise ValueError(f"the model already contains peft adapter layers ({_listing(stale)}); "
                          "remove the previous LoRA injection first")

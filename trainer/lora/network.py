@@ -31,6 +31,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .network_types import LORA, NETWORK_TYPES
+
 ATTENTION_ONLY, KOHYA_DEFAULT, LOCON = "attention only", "kohya default", "LoCon (+conv)"
 PRESETS = (KOHYA_DEFAULT, ATTENTION_ONLY, LOCON)
 
@@ -47,13 +49,15 @@ _DIT_ATTENTION = re.compile(r"^(?:(?:img|txt)_attn\.(?:qkv|proj)|linear[12]"
 @dataclass(frozen=True)
 class Network:
     """What is trained, in one object (as peft's LoraConfig is): rank and alpha, which layers (the preset),
-    the larger convolutions' own rank and alpha, and dropout."""
+    the larger convolutions' own rank and alpha, dropout, and the network type (network_types.py)."""
     rank: int = 16                # kohya network_dim
     alpha: float = 8.0            # kohya network_alpha; the LoRA is scaled by alpha / rank
     preset: str = KOHYA_DEFAULT
     dropout: float = 0.0          # peft lora_dropout (kohya's --network_dropout slot in the metadata)
     conv_rank: int = 0            # kohya conv_dim; 0 = rank
     conv_alpha: float = 0.0       # kohya conv_alpha; 0 = alpha
+    network_type: str = LORA      # LoRA, DoRA, LoHa or LoKr (LyCORIS' algo)
+    lokr_factor: int = -1         # LyCORIS' factor: LoKr's smaller Kronecker factor; -1 = as square as possible
 
     def __post_init__(self):
         if self.rank < 1 or self.alpha <= 0:
@@ -65,6 +69,14 @@ class Network:
         if self.conv_rank < 0 or self.conv_alpha < 0:
             raise ValueError(f"conv_rank and conv_alpha must be >= 0 (0 = same as rank/alpha), "
                              f"got {self.conv_rank} and {self.conv_alpha}")
+        if self.network_type not in NETWORK_TYPES:
+            raise ValueError(f"network type {self.network_type!r} is not one of {', '.join(NETWORK_TYPES)}")
+        if self.dropout and self.network_type not in (LORA, "DoRA"):
+            raise ValueError(f"network dropout is {self.dropout}, but {self.network_type} has no input dropout "
+                             "(peft's LoHa and LoKr drop whole ranks or modules instead); set dropout to 0")
+        if self.lokr_factor == 0 or self.lokr_factor < -1:
+            raise ValueError(f"lokr_factor must be -1 (as square as possible) or a positive number, "
+                             f"got {self.lokr_factor}")
 
     @property
     def trains_convs(self) -> bool:

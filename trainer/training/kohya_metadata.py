@@ -29,6 +29,7 @@ from ..data.buckets import bucket_side_range, make_buckets, nearest_bucket
 from ..data.encoded_dataset import Epochs
 from ..file_hashes import FileHashes
 from ..lora.network import Network
+from ..lora.network_types import DORA, LOKR, LORA, LYCORIS_ALGOS, NETWORK_MODULES
 from .loop import TrainSettings
 from .optimizers import optimizer_description
 
@@ -38,13 +39,14 @@ def kohya_metadata(*, output_name: str, base_model_version: str, network_dim: in
                    tag_frequency: dict[str, dict[str, int]], steps: int, learning_rate: float,
                    started_at: float, finished_at: float, trigger_word: str | None = None,
                    max_train_steps: int | None = None, v_parameterization: bool = False,
-                   extra: dict | None = None) -> dict[str, str]:
+                   network_module: str = "networks.lora", extra: dict | None = None) -> dict[str, str]:
     """The ``ss_*`` keys A1111/Forge read (Civitai shows them too), formatted as kohya's sd-scripts does.
 
     ``base_model_version`` is kohya's: ``"sd_v1"``, ``"sd_v2"``, ``"sd_v2_v"``, ``"sdxl_base_v1-0"``…;
     A1111 picks the SD version filter from its ``sdxl_`` prefix or from ``ss_v2``. ``resolution`` is
     (width, height). ``max_train_steps`` defaults to ``steps``. ``v_parameterization``: the model predicts v
-(kohya ``--v_parameterization``; A1111 then needs the v-pred config). The trigger word is stored as
+(kohya ``--v_parameterization``; A1111 then needs the v-pred config). ``network_module`` is kohya's
+    ``networks.lora`` or, for DoRA, LoHa and LoKr, LyCORIS' ``lycoris.kohya``. The trigger word is stored as
     ``loralab_trigger_word`` and ``modelspec.trigger_phrase``. ``extra`` adds keys (non-str values are
     JSON-encoded) but may not replace the ones above.
     """
@@ -53,7 +55,7 @@ def kohya_metadata(*, output_name: str, base_model_version: str, network_dim: in
         "ss_base_model_version": str(base_model_version),
         "ss_v2": str(str(base_model_version).startswith("sd_v2")),
         "ss_v_parameterization": str(bool(v_parameterization)),
-        "ss_network_module": "networks.lora",
+        "ss_network_module": str(network_module),
         "ss_network_dim": str(int(network_dim)),
         "ss_network_alpha": str(float(network_alpha)),
         "ss_resolution": str((int(resolution[0]), int(resolution[1]))),
@@ -91,12 +93,25 @@ def tag_frequency(captions_by_folder: dict[str, list[str]]) -> dict[str, dict[st
 
 
 def network_metadata(network: Network) -> dict[str, str]:
-    """kohya's ss_network_args / ss_network_dropout (and the preset, for LoRA Lab's resume checks)."""
+    """kohya's ss_network_args / ss_network_dropout (and the preset and type, for LoRA Lab's resume checks).
+
+    DoRA, LoHa and LoKr are written as LyCORIS writes them: ``algo`` (DoRA: lora with ``dora_wd``, its
+    magnitude on the input axis, ``wd_on_out`` False), LoKr's ``factor``."""
     data = {"ss_network_dropout": str(float(network.dropout)), "loralab_network_preset": network.preset}
+    args = {}
+    if network.network_type != LORA:
+        data["loralab_network_type"] = network.network_type
+        args["algo"] = LYCORIS_ALGOS[network.network_type]
+        if network.network_type == DORA:
+            args.update(dora_wd="True", wd_on_out="False")
+        if network.network_type == LOKR:
+            args["factor"] = str(network.lokr_factor)
     if network.trains_convs:
         conv_rank, conv_alpha = network.rank_alpha("conv")
+        args.update(conv_dim=str(conv_rank), conv_alpha=str(conv_alpha))
+    if args:
         # kohya stores network_args as given on its command line: strings.
-        data["ss_network_args"] = json.dumps({"conv_dim": str(conv_rank), "conv_alpha": str(conv_alpha)})
+        data["ss_network_args"] = json.dumps(args)
     return data
 
 
@@ -349,7 +364,8 @@ class Description:
             tag_frequency=tag_frequency(captions), steps=step, max_train_steps=settings.steps,
             learning_rate=settings.learning_rate,
             started_at=started_at, finished_at=finished_at, trigger_word=self.trigger_word or None,
-            v_parameterization=self.v_parameterization, extra=extra)
+            v_parameterization=self.v_parameterization,
+            network_module=NETWORK_MODULES[settings.network.network_type], extra=extra)
 
     def flow_model_metadata(self) -> dict[str, str]:
         """kohya's keys for what Flux trained with, where their meaning is the same: its guidance input
