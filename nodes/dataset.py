@@ -19,7 +19,7 @@ import folder_paths
 
 from ..trainer.data.buckets import make_buckets, nearest_bucket
 from ..trainer.data.dataset import (DEFAULT_MAX_PIXELS, EXACT_STEPS_NOTE, Dataset, DatasetError, dataset_from_pixels,
-                                    steps_report)
+                                    mask_batch, steps_report)
 from ..trainer.data.folder_scan import folder_signature, normalize_caption_extension, scan_folder
 from ..trainer.fonts import drawable, fit, label_font, text_width, wrap
 from ..trainer.paths import is_inside
@@ -105,15 +105,20 @@ class LoraLabDatasetFromImages:
                 "to caption them later with the Caption node."}),
             "repeats": ("INT", {"default": 1, "min": 1, "max": 10000, "tooltip":
                 "How often each picture is shown per epoch."}),
+        }, "optional": {
+            "masks": ("MASK", {"tooltip":
+                "With masked_loss on (Noise & Loss): where each picture is learned, white = learned; one mask per "
+                "picture or one for all, at the pictures' size. Load Image's MASK is white where the picture is "
+                "transparent: put an Invert Mask between."}),
         }}
 
     RETURN_TYPES = ("LORALAB_DATASET",)
     RETURN_NAMES = ("dataset",)
     FUNCTION = "build"
     CATEGORY = CATEGORY
-    DESCRIPTION = "Turns an IMAGE batch and typed captions into a dataset."
+    DESCRIPTION = "Turns an IMAGE batch and typed captions (and masks, for masked loss) into a dataset."
 
-    def build(self, images, captions, repeats):
+    def build(self, images, captions, repeats, masks=None):
         if not isinstance(images, torch.Tensor) or images.dim() != 4:
             raise user_error(self.TITLE, "images", "This input needs an IMAGE batch.",
                              "Connect an IMAGE output, e.g. from Load Image.")
@@ -124,7 +129,9 @@ class LoraLabDatasetFromImages:
             raise user_error(self.TITLE, "captions", f"{len(lines)} caption lines for {count} pictures.",
                              f"Write exactly {count} lines (one per picture, in batch order), a single line "
                              "for all of them, or nothing to caption them later.")
-        return (_or_user_error(self.TITLE, "images", dataset_from_pixels, images, lines, repeats),)
+        if masks is not None:
+            masks = _or_user_error(self.TITLE, "masks", mask_batch, masks, count, images.shape[1], images.shape[2])
+        return (_or_user_error(self.TITLE, "images", dataset_from_pixels, images, lines, repeats, masks),)
 
 
 class LoraLabDatasetPreview:

@@ -175,6 +175,15 @@ def option_inputs() -> dict[str, tuple]:
                             "With ema_decay: replace = every save holds the average instead of the raw weights; "
                             "beside = saves hold the raw weights and the final save also writes <name>_ema with "
                             "the average. Either way resume goes on exactly (its state keeps both)."}),
+            "masked_loss": ("BOOLEAN", {"default": d.masked_loss, "tooltip":
+                            "Learn only (or mostly) where each picture's mask is white, as kohya's "
+                            "--masked_loss and OneTrainer's masked training: the character, not the background. "
+                            "Masks come from Dataset From Images' masks input, a <name>.mask.png (or OneTrainer's "
+                            "<name>-masklabel.png) next to the picture, or the picture's own transparency "
+                            "(opaque = learned). Pictures without one train whole; the report says which had one."}),
+            "unmasked_weight": ("FLOAT", {"default": d.unmasked_weight, "min": 0.0, "max": 0.99, "step": 0.05,
+                                "tooltip": "masked_loss: how much the loss outside a mask still counts (OneTrainer's "
+                                "unmasked_weight, its default 0.1); 0 = nothing outside the masks is learned."}),
             "network_type": (list(NETWORK_TYPES), {"default": d.network_type, "tooltip":
                              "What kind of network learns, on the layers network_preset picks. LoRA: the usual. "
                              "DoRA: LoRA plus a learned magnitude per input channel; closer to full fine-tuning "

@@ -15,6 +15,7 @@ import folder_paths
 from ..trainer.captions import augment as caption_augment
 from ..trainer.data.dataset import DatasetError
 from ..trainer.data.encoded_dataset import encode_dataset
+from ..trainer.data.loss_masks import MaskedLoss
 from ..trainer.data.latent_disk_cache import (EncodeDatasetCache, LatentDiskCache, describe as describe_cache,
                                               vae_fingerprint)
 from ..trainer.lora import trigger_words as lora_words
@@ -123,8 +124,11 @@ class LoraLabTrainLora:
 
         with torch.inference_mode(False):   # tensors made in here (resume state too) may take part in autograd
             resume = load_resume(options, host) if options.resume_from else None
+            masked = MaskedLoss(dataset, options.unmasked_weight) if options.masked_loss else None
             data, run.cache_report = encode_for_training(model, clip, vae, dataset, resolution,
-                                                         options.latent_disk_cache)
+                                                         options.latent_disk_cache, masked)
+            if masked:
+                run.notes.append(f"masked loss: {masked.description()}.")
             split = hold_out_for_validation(data, options.validation_pictures, seed)
             epoch_plan = split.training.epochs(batch_size, options.gradient_accumulation)
             steps, rounding = train_preset.steps_in_whole_epochs(chosen, epoch_plan)
@@ -166,6 +170,7 @@ class LoraLabTrainLora:
                 base_model=model_sources.base_model(prompt, unique_id, model, clip),
                 gradient_checkpointing=options.gradient_checkpointing, fp8_base=options.fp8_base,
                 flux_guidance=flux_guidance(model, options),
+                masked_loss=masked.description() if masked else None,
                 max_token_length=None if family in comfy_bridge.FLOW_FAMILIES else kohya_max_token_length(
                     encoding.cross_attn.shape[1] for encoding in data.conds.values()))
             if resume and resume.step >= settings.steps and epochs > 0:
@@ -216,13 +221,14 @@ NOT_IN_RUN_IDENTITY = ("save_every_n_steps", "save_every_n_epochs", "keep_last_s
 # Options added after runs were saved, with their defaults: the value that trains as before they existed.
 ADDED_SINCE_FIRST_RUNS = {name: getattr(TrainingOptions(), name) for name in (
     "validation_pictures", "fp8_base", *noise_options_added_later, "flux_guidance", "ema_decay", "ema_weights",
-    "network_type", "lokr_factor")}
+    "network_type", "lokr_factor", "masked_loss", "unmasked_weight")}
 
 
 def options_added_since_saved(options) -> tuple[str, ...]:
     """Options added after runs were saved, left out of the identity while they train as before, so those runs
     stay reusable (and an interrupted one continuable) after an update."""
-    unused = ("ema_weights",) if not options.ema_decay else ()        # it says where an average goes: none is kept
+    unused = (("ema_weights",) if not options.ema_decay else ()       # it says where an average goes: none is kept
+              ) + (("unmasked_weight",) if not options.masked_loss else ())
     return tuple(name for name, before in ADDED_SINCE_FIRST_RUNS.items()
                  if getattr(options, name) == before or name in unused)
 
@@ -283,11 +289,12 @@ def reuse_finished(model, clip, path, run, describe):
             "result": (model_out, clip_out, lora_name, curve, empty_previews(), describe.trigger_word or "")}
 
 
-def encode_for_training(model, clip, vae, dataset, resolution, use_disk_cache: bool):
+def encode_for_training(model, clip, vae, dataset, resolution, use_disk_cache: bool, masked=None):
     """VAE and text encoder run once per picture/caption, with a progress bar and Cancel.
 
     Latents are looked up in memory (this VAE object, this session), then on disk (any session, keyed
-    by picture content, bucket and a fingerprint of the VAE's encoder and the latent format).
+    by picture content, bucket and a fingerprint of the VAE's encoder and the latent format). ``masked``: the
+    run's MaskedLoss, which weighs each picture's loss (its masks are read afresh: they cost no VAE).
     """
     progress = comfy.utils.ProgressBar(len(dataset.items))
 
@@ -305,9 +312,14 @@ def encode_for_training(model, clip, vae, dataset, resolution, use_disk_cache: b
         data = encode_dataset(dataset, resolution, comfy_bridge.pixel_encoder(vae, model),
                               comfy_bridge.caption_encoder(clip), latent_cache=cache,
                               cache_key=f"{resolution}:{comfy_bridge.latent_space_name(model)}",
-                              on_progress=on_progress)
+                              on_progress=on_progress, loss_weight=masked)
     except DatasetError as error:      # a picture changed, vanished or became a link leading out since the scan
         raise user_error(NODE, "dataset", error.problem, error.fix) from None
+    if masked is not None and not masked.masked:
+        raise user_error(NODE, "options", f"masked_loss is on, but none of the {len(dataset.items)} pictures has a "
+                         "mask.", "put a <name>.mask.png (white = learned) next to each picture, use pictures with "
+                         "a transparent background, connect masks on Dataset From Images, or turn masked_loss off "
+                         "on the Noise & Loss node.")
     _trim(memory)
     return data, (describe_cache(disk.stats) if disk else "latent disk cache: off")
 

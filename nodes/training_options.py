@@ -102,6 +102,8 @@ class TrainingOptions:
     ema_weights: str = "replace"       # replace: saves hold the average; beside: also <name>_ema, saves raw
     network_type: str = "LoRA"         # LoRA, DoRA, LoHa or LoKr (trainer/lora/network_types.py)
     lokr_factor: int = -1
+    masked_loss: bool = False          # weigh the loss by each picture's mask (trainer/data/loss_masks.py)
+    unmasked_weight: float = 0.1       # OneTrainer's: what the loss outside a mask still counts
     # The groups an option node set (GROUPS' keys); the others are Train LoRA's preset's to fill.
     groups_set: frozenset = field(default=frozenset())
 
@@ -166,7 +168,7 @@ GROUPS = {
     # Inputs added after a group's first release come last: saved workflows map widget values by position.
     "noise": ("noise_offset", "min_timestep", "max_timestep", "min_snr_gamma", "scale_v_pred_loss", "loss_type",
               "huber_schedule", "huber_c", "huber_scale", "timestep_sampling", "logit_mean", "logit_std", "flow_shift",
-              "flux_guidance"),
+              "flux_guidance", "masked_loss", "unmasked_weight"),
     "captions": ("caption_dropout", "shuffle_tags", "keep_tokens", "tag_dropout"),
     "saves": ("save_every_n_steps", "save_every_n_epochs", "keep_last_saves", "save_precision", "overwrite_existing",
               "resume_from", "ema_decay", "ema_weights"),
@@ -185,6 +187,10 @@ def checked(options: TrainingOptions, node: str) -> TrainingOptions:
     if not 0.0 <= options.ema_decay < 1.0:
         raise user_error(node, "ema_decay", f"ema_decay is {options.ema_decay}; a moving average needs a decay "
                          "from 0 to below 1.", "use 0.99-0.9999, or 0 to keep no average.")
+    if not 0.0 <= options.unmasked_weight < 1.0:
+        raise user_error(node, "unmasked_weight", f"unmasked_weight is {options.unmasked_weight}; it must be from 0 "
+                         "(outside a mask counts nothing) to below 1 (1 would be no mask).",
+                         "use 0.1 (OneTrainer's default), or 0 to learn only inside the masks.")
     if options.ema_weights not in EMA_WEIGHTS:
         raise user_error(node, "ema_weights", f"ema_weights is {options.ema_weights!r}.",
                          f"choose one of {', '.join(EMA_WEIGHTS)}.")

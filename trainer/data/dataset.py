@@ -59,6 +59,7 @@ class DatasetItem:
     has_caption: bool     # False: empty caption, needs captioning
     path: str | None = None
     caption_path: str | None = None
+    mask_path: str | None = None   # its <name>.mask.png / <name>-masklabel.png (loss_masks.py), if any
 
 
 # eq=False: the pixels tensor makes field-wise equality ambiguous; identity is what callers need.
@@ -69,6 +70,7 @@ class Dataset:
     skipped: tuple[tuple[str, str], ...] = ()
     warnings: tuple[str, ...] = ()
     pixels: "torch.Tensor | None" = None    # (N,H,W,3) float 0..1, IMAGE-batch datasets only
+    masks: "torch.Tensor | None" = None     # (N,H,W) float 0..1 with ``pixels``: where the loss counts (loss_masks.py)
     # Set by a review that is not finished (Review Captions' ready_to_train off): why training must wait.
     waiting_for_review: str = ""
 
@@ -108,7 +110,10 @@ class Dataset:
     def fingerprint(self) -> str:
         """Changes when any picture, caption or repeat count changes; the trainer skips retraining on a match."""
         rows = [[item.key, item.content_hash, item.caption, item.repeats] for item in self.items]
-        return hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode("utf-8", "surrogatepass")).hexdigest()
+        digest = hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+        if self.masks is not None:          # only then: the fingerprints of datasets without masks stay as they were
+            digest.update(self.masks.numpy().tobytes())
+        return digest.hexdigest()
 
 
 def clean_caption(text: str) -> str:
@@ -174,10 +179,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 # --- IMAGE batches --------------------------------------------------------------------------------
-def dataset_from_pixels(pixels: "torch.Tensor", captions: list[str], repeats: int = 1) -> Dataset:
+def dataset_from_pixels(pixels: "torch.Tensor", captions: list[str], repeats: int = 1,
+                        masks: "torch.Tensor | None" = None) -> Dataset:
     """A dataset over a ComfyUI IMAGE batch (B,H,W,C float 0..1).
 
-    ``captions`` holds one caption per picture, or one for all, or none (all uncaptioned). The
+    ``captions`` holds one caption per picture, or one for all, or none (all uncaptioned). ``masks``: a
+    ComfyUI MASK batch (B,H,W or H,W; one for all pictures or one each), white = where the loss counts. The
     pixels are copied outside inference mode so the trainer may use them with autograd.
     """
     import torch
@@ -208,12 +215,29 @@ def dataset_from_pixels(pixels: "torch.Tensor", captions: list[str], repeats: in
             rgb = rgb[..., :3] * alpha + (1 - alpha)
         rgb = rgb.clamp(0, 1).contiguous()
     height, width = rgb.shape[1], rgb.shape[2]
+    masks = mask_batch(masks, count, height, width) if masks is not None else None
     items = tuple(
         DatasetItem(key=f"image_{index:04d}", caption=clean_caption(caption), repeats=repeats, concept="",
                     width=width, height=height, content_hash=hashlib.sha256(rgb[index].numpy().tobytes()).hexdigest(),
                     has_caption=bool(clean_caption(caption)))
         for index, caption in enumerate(captions))
-    return Dataset(items=items, pixels=rgb)
+    return Dataset(items=items, pixels=rgb, masks=masks)
+
+
+def mask_batch(masks: "torch.Tensor", count: int, height: int, width: int) -> "torch.Tensor":
+    """A MASK input as (count, H, W) float32 CPU values in 0..1, or a DatasetError saying what does not fit."""
+    import torch
+    if not isinstance(masks, torch.Tensor) or masks.dim() not in (2, 3):
+        shape = tuple(masks.shape) if isinstance(masks, torch.Tensor) else type(masks).__name__
+        raise DatasetError(f"masks should be a MASK batch shaped (count, height, width), got {shape}.",
+                           "Connect a MASK output (Load Image's, a mask editor's, Convert Image to Mask).")
+    masks = masks if masks.dim() == 3 else masks[None]
+    if tuple(masks.shape[1:]) != (height, width) or masks.shape[0] not in (1, count):
+        raise DatasetError(f"The masks are {masks.shape[0]} of {masks.shape[2]}x{masks.shape[1]}; the pictures are "
+                           f"{count} of {width}x{height}.",
+                           "Give one mask per picture (or one for all), at the pictures' size.")
+    with torch.inference_mode(False), torch.no_grad():
+        return masks.detach().to("cpu", torch.float32).expand(count, -1, -1).clamp(0, 1).contiguous()
 
 
 # --- the report -------------------------------------------------------------------------------------

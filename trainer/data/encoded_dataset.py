@@ -58,6 +58,7 @@ class Example:
     bucket: tuple[int, int]   # (width, height) in pixels
     repeats: int
     size: PictureSize | None = None   # None: the picture was the bucket's size, uncropped
+    loss_weight: torch.Tensor | None = None   # (h,w) per latent pixel (masked loss, loss_masks.py); None: all 1
 
     def picture_size(self) -> PictureSize:
         return self.size or PictureSize(self.bucket, (0, 0), self.bucket)
@@ -99,6 +100,15 @@ class EncodedDataset:
         return (latents, [as_text_encoding(self.conds[ex.caption]) for ex in examples],
                 [ex.picture_size() for ex in examples])
 
+    def loss_weights(self, indices: Sequence[int], device: torch.device) -> torch.Tensor | None:
+        """(B,1,h,w) loss weights of a batch (masked loss), pictures without a mask all 1; None when no picture
+        of the batch has one (the plain loss, exactly)."""
+        examples = [self.examples[i] for i in indices]
+        if all(ex.loss_weight is None for ex in examples):
+            return None
+        return torch.stack([ex.loss_weight if ex.loss_weight is not None else torch.ones(ex.latent.shape[1:])
+                            for ex in examples])[:, None].to(device)
+
 
 @dataclass(frozen=True)
 class Epochs:
@@ -139,12 +149,15 @@ def pil_to_pixels(image) -> torch.Tensor:
 
 def encode_dataset(dataset, resolution: int, encode_pixels: EncodePixels, encode_caption: EncodeCaption,
                    latent_cache: dict | None = None, cache_key: str = "",
-                   on_progress: Callable[[int, int], None] | None = None) -> EncodedDataset:
+                   on_progress: Callable[[int, int], None] | None = None,
+                   loss_weight: Callable[[int, tuple[int, int], tuple[int, int]], torch.Tensor | None] | None = None
+                   ) -> EncodedDataset:
     """Bucket and encode every picture once and every distinct caption once.
 
     Pictures are decoded one at a time, so a big dataset never sits in memory as pixels. When
     ``latent_cache`` is given, latents are reused across runs keyed by (``cache_key``, content hash,
-    bucket) — re-queueing with another learning rate skips the VAE entirely.
+    bucket) — re-queueing with another learning rate skips the VAE entirely. ``loss_weight(index, bucket,
+    latent (h, w))``: a picture's loss weights for masked loss (loss_masks.py), or None.
     """
     buckets = make_buckets(resolution)
     encoded = EncodedDataset(examples=[])
@@ -158,8 +171,9 @@ def encode_dataset(dataset, resolution: int, encode_pixels: EncodePixels, encode
             latent = encode_pixels(pil_to_pixels(picture))[0].detach().to("cpu", torch.float32).clone()
             if latent_cache is not None:
                 latent_cache[key] = latent
+        weight = loss_weight(index, bucket, tuple(latent.shape[1:])) if loss_weight else None
         encoded.examples.append(Example(latent=latent, caption=item.caption, bucket=bucket, repeats=item.repeats,
-                                        size=PictureSize.of(item.width, item.height, bucket)))
+                                        size=PictureSize.of(item.width, item.height, bucket), loss_weight=weight))
         encoded.buckets[bucket] = encoded.buckets.get(bucket, 0) + 1
         if item.caption not in encoded.conds:
             encoded.conds[item.caption] = as_text_encoding(encode_caption(item.caption)).stored()

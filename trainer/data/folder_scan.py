@@ -44,7 +44,7 @@ def scan_folder(root: str, caption_extension: str = ".txt", default_repeats: int
 
     skipped: list[tuple[str, str]] = []
     warn: list[str] = []
-    pictures, captions, others = _discover(root_real, caption_extension, skipped)
+    pictures, captions, others, masks = _discover(root_real, caption_extension, skipped)
     pictures.sort(key=lambda found: (_natural_key(found[0]), found[0]))     # items, warnings: stable order
     root_repeats = _kohya_repeats(os.path.basename(root_real))
 
@@ -68,9 +68,10 @@ def scan_folder(root: str, caption_extension: str = ".txt", default_repeats: int
         caption, has_caption, caption_path = _caption_for(rel, path, caption_extension, captions, warn)
         if caption_path:
             sidecar_users.setdefault(caption_path, []).append(rel)
+        mask = masks.pop(_sidecar_key(rel), None)
         items.append(DatasetItem(key=rel, caption=caption, repeats=repeats, concept=concept, width=width,
                                  height=height, content_hash=content_hash, has_caption=has_caption,
-                                 path=path, caption_path=caption_path))
+                                 path=path, caption_path=caption_path, mask_path=mask[1] if mask else None))
 
     for sidecar, users in sidecar_users.items():
         if len(users) > 1:
@@ -80,6 +81,9 @@ def scan_folder(root: str, caption_extension: str = ".txt", default_repeats: int
     orphans = sorted(rel for rel, path in captions.values() if path not in used_sidecars)
     if orphans:
         warn.append(f"{len(orphans)} caption file(s) have no picture with the same name: {_short_list(orphans)}.")
+    if masks:
+        warn.append(f"{len(masks)} mask file(s) have no picture with the same name: "
+                    f"{_short_list(sorted(rel for rel, _ in masks.values()))}.")
     top_folders = {rel.split("/", 1)[0].lower() for rel, _ in pictures if "/" in rel}
     if top_folders & {"reg", "regularization", "regularisation"}:
         warn.append("A 'reg' folder is trained like any other pictures here (no prior preservation); "
@@ -95,9 +99,9 @@ def folder_signature(root: str, caption_extension: str = ".txt") -> str:
     relative paths, sizes and modification times instead of file contents."""
     root_real = os.path.realpath(root)
     skipped: list[tuple[str, str]] = []
-    pictures, captions, _ = _discover(root_real, normalize_caption_extension(caption_extension), skipped)
+    pictures, captions, _, masks = _discover(root_real, normalize_caption_extension(caption_extension), skipped)
     digest = hashlib.sha256()
-    for rel, path in sorted(pictures + list(captions.values())):
+    for rel, path in sorted(pictures + list(captions.values()) + list(masks.values())):
         try:
             stat = os.stat(path)
             digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode("utf-8", "surrogatepass"))
@@ -119,9 +123,11 @@ def normalize_caption_extension(extension: str) -> str:
 
 
 def _discover(root_real: str, caption_extension: str, skipped: list):
-    """Walk the folder: pictures and captions found, and a count of other files (which go to ``skipped``)."""
+    """Walk the folder: pictures, captions and mask sidecars found, and a count of other files (which go to
+    ``skipped``)."""
     pictures: list[tuple[str, str]] = []
     captions: dict[tuple[str, str], tuple[str, str]] = {}    # (folder, stem.lower()) -> (rel, path)
+    masks: dict[tuple[str, str], tuple[str, str]] = {}       # (folder, picture stem.lower()) -> (rel, path)
     others = 0
     visited = {root_real}
     pending = [("", root_real)]
@@ -164,6 +170,8 @@ def _discover(root_real: str, caption_extension: str, skipped: list):
                     pending.append((rel, entry.path))
             elif not is_file:
                 skipped.append((rel, "not a regular file"))    # a FIFO or socket would block a read forever
+            elif sidecar_owner(entry.name):        # cat.mask.png: where cat.png's loss counts, not a picture
+                masks[(rel_dir, sidecar_owner(entry.name).lower())] = (rel, entry.path)
             elif extension.lower() in IMAGE_EXTENSIONS:
                 pictures.append((rel, entry.path))
             elif extension.lower() == caption_extension.lower():
@@ -172,7 +180,25 @@ def _discover(root_real: str, caption_extension: str, skipped: list):
                 others += 1
                 skipped.append((rel, f"not a picture ({extension or 'no extension'}); pictures are "
                                      f"{', '.join(sorted(IMAGE_EXTENSIONS))}"))
-    return pictures, captions, others
+    return pictures, captions, others, masks
+
+
+MASK_SIDECAR_SUFFIXES = (".mask.png", "-masklabel.png")     # lower-cased; LoRA Lab's, OneTrainer's
+
+
+def sidecar_owner(file_name: str) -> str | None:
+    """The picture stem a mask sidecar belongs to ("cat.mask.png" -> "cat"), or None for other files."""
+    lowered = file_name.lower()
+    for suffix in MASK_SIDECAR_SUFFIXES:
+        if lowered.endswith(suffix) and len(file_name) > len(suffix):
+            return file_name[:-len(suffix)]
+    return None
+
+
+def _sidecar_key(rel: str) -> tuple[str, str]:
+    """(folder, stem.lower()) of a picture, as captions and masks are filed by ``_discover``."""
+    rel_dir = rel.rsplit("/", 1)[0] if "/" in rel else ""
+    return rel_dir, os.path.splitext(os.path.basename(rel))[0].lower()
 
 
 def _kohya_repeats(folder_name: str) -> int | None:

@@ -317,6 +317,7 @@ class Description:
     gradient_checkpointing: bool = False
     fp8_base: bool = False
     flux_guidance: float | None = None      # the guidance input Flux.1 dev trained with
+    masked_loss: str | None = None           # which pictures had a mask, and the weight outside (loss_masks.py)
     max_token_length: int | None = None      # kohya's: None = 75 tokens; 150, 225 for longer captions
     session_id: int = field(default_factory=lambda: random.randint(0, 2 ** 32))   # kohya: one per run
 
@@ -347,6 +348,7 @@ class Description:
             "loralab_total_steps": str(settings.steps),
             "loralab_dataset_fingerprint": self.dataset.fingerprint(),
             **self.flow_model_metadata(),
+            **({"loralab_masked_loss": self.masked_loss} if self.masked_loss else {}),
             **noise_and_caption_metadata(settings),
             **network_metadata(settings.network),
             **learning_rate_metadata(settings),

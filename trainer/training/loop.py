@@ -145,25 +145,30 @@ def conditioning_groups(denoiser: Denoiser, texts: list[TextEncoding], sizes: li
 
 
 def batch_loss(denoiser: Denoiser, latents: torch.Tensor, texts: list[TextEncoding], sizes: list[PictureSize],
-               noise: torch.Tensor, u: torch.Tensor, device: torch.device, settings: "TrainSettings") -> torch.Tensor:
+               noise: torch.Tensor, u: torch.Tensor, device: torch.device, settings: "TrainSettings",
+               pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
     """The batch's loss. Conditionings that cannot share a batch go through the model in sub-batches,
-    each weighted by its share of the batch: the same mean as one pass."""
+    each weighted by its share of the batch: the same mean as one pass. ``pixel_weights``: (B,1,h,w) masked-loss
+    weights (EncodedDataset.loss_weights), or None."""
     groups = conditioning_groups(denoiser, [text.to(device) for text in texts], sizes, device)
     if len(groups) == 1:                      # the usual case: the batch as it is, in one pass
         with autocast_for(device, settings.mixed_precision):
-            return denoising_loss(denoiser, latents, groups[0][1], noise, u, settings.noise)
+            return denoising_loss(denoiser, latents, groups[0][1], noise, u, settings.noise, pixel_weights)
     total = torch.zeros((), device=device)
     for group, cond in groups:
+        weights = pixel_weights[group] if pixel_weights is not None else None
         with autocast_for(device, settings.mixed_precision):
-            part = denoising_loss(denoiser, latents[group], cond, noise[group], u[group], settings.noise)
+            part = denoising_loss(denoiser, latents[group], cond, noise[group], u[group], settings.noise, weights)
         total = total + part * (len(group) / len(texts))
     return total
 
 
 def denoising_loss(denoiser: Denoiser, latents: torch.Tensor, cond, noise: torch.Tensor,
-                   u: torch.Tensor, noise_settings: NoiseSettings | None = None) -> torch.Tensor:
+                   u: torch.Tensor, noise_settings: NoiseSettings | None = None,
+                   pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
     """The error of the model's output at the timesteps ``u``, mean squared unless ``noise_settings`` shape it
-    otherwise (loss_shapes.py; also used to measure learning)."""
+    otherwise (loss_shapes.py; also used to measure learning). ``pixel_weights`` (B,1,h,w) weigh each latent
+    pixel's error before the mean (masked loss: the mean stays over all pixels, as kohya's)."""
     settings = noise_settings or NoiseSettings()
     prediction = getattr(denoiser, "prediction_type", "eps")
     shifted = settings.flow_shift > 0 and prediction == "flow"
@@ -175,7 +180,10 @@ def denoising_loss(denoiser: Denoiser, latents: torch.Tensor, cond, noise: torch
     threshold = (huber_threshold(u, sigma, prediction, settings.huber_schedule, settings.huber_c, settings.huber_scale)
                  if settings.loss_type in ("huber", "smooth_l1") else None)
     weights = loss_weights(sigma, prediction, settings) if settings.weights_loss else None
-    return weighted_mean(elementwise_loss(error, settings.loss_type, threshold), weights)
+    elementwise = elementwise_loss(error, settings.loss_type, threshold)
+    if pixel_weights is not None:
+        elementwise = elementwise * pixel_weights.to(elementwise.dtype)
+    return weighted_mean(elementwise, weights)
 
 
 def train(denoiser: Denoiser, data: EncodedDataset,
@@ -243,7 +251,8 @@ def train(denoiser: Denoiser, data: EncodedDataset,
                 encode = encode_caption if text_encoder_trains else text_for   # a trained encoder keeps its graph
                 texts = [as_text_encoding(encode(caption)) for caption in captions]
             noise, u = draw(generator, tuple(latents.shape), settings.noise)
-            loss = batch_loss(denoiser, latents, texts, sizes, noise.to(device), u.to(device), device, settings)
+            loss = batch_loss(denoiser, latents, texts, sizes, noise.to(device), u.to(device), device, settings,
+                              data.loss_weights(indices, device))
             if not math.isfinite(loss.item()):
                 optimizer.zero_grad(set_to_none=True)
                 raise NonFiniteLoss(step + 1, loss.item())
@@ -301,8 +310,8 @@ def validation_loss_of(denoiser: Denoiser, validation: HeldOutLoss, device: torc
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             return validation.measure(
-                lambda latents, texts, sizes, noise, u: batch_loss(denoiser, latents, texts, sizes, noise, u, device,
-                                                                   settings).item(),
+                lambda latents, texts, sizes, noise, u, weights: batch_loss(
+                    denoiser, latents, texts, sizes, noise, u, device, settings, weights).item(),
                 device, encode_caption)
     finally:
         if adapter_dropout:

@@ -38,6 +38,8 @@ def data_fingerprint(data: EncodedDataset) -> str:
                                   list(size.crop), list(size.target)], ensure_ascii=False).encode(
             "utf-8", "surrogatepass"))
         _update(digest, example.latent)
+        if example.loss_weight is not None:      # masked loss; without masks the fingerprint is as it was
+            _update(digest, example.loss_weight)
     for caption in sorted(data.conds):
         encoding = as_text_encoding(data.conds[caption])
         digest.update(caption.encode("utf-8", "surrogatepass"))

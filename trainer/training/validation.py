@@ -100,8 +100,9 @@ class HeldOutLoss:
         self.draws = [draw(generator, (1, *example.latent.shape), noise) for example in pictures.examples]
 
     def measure(self, loss_of: Callable, device: torch.device, encode_caption: Callable | None = None) -> float:
-        """The mean over the pictures of ``loss_of(latents, texts, sizes, noise, u)`` (the training loss of one
-        batch). ``encode_caption``: a text encoder that trains encodes the captions as it is now."""
+        """The mean over the pictures of ``loss_of(latents, texts, sizes, noise, u, pixel_weights)`` (the training
+        loss of one batch, masked as training masks it). ``encode_caption``: a text encoder that trains encodes the
+        captions as it is now."""
         total = 0.0
         for index, (noise, u) in enumerate(self.draws):
             latents, texts, sizes = self.pictures.collate([index], device)
@@ -109,7 +110,8 @@ class HeldOutLoss:
                 encoding = as_text_encoding(encode_caption(self.pictures.examples[index].caption))
                 texts = [TextEncoding(encoding.cross_attn.detach(),
                                       None if encoding.pooled is None else encoding.pooled.detach())]
-            total += float(loss_of(latents, texts, sizes, noise.to(device), u.to(device)))
+            total += float(loss_of(latents, texts, sizes, noise.to(device), u.to(device),
+                                   self.pictures.loss_weights([index], device)))
         return total / max(1, len(self.draws))
 
 
