@@ -184,6 +184,9 @@ def option_inputs() -> dict[str, tuple]:
             "unmasked_weight": ("FLOAT", {"default": d.unmasked_weight, "min": 0.0, "max": 0.99, "step": 0.05,
                                 "tooltip": "masked_loss: how much the loss outside a mask still counts (OneTrainer's "
                                 "unmasked_weight, its default 0.1); 0 = nothing outside the masks is learned."}),
+            "prior_loss_weight": ("FLOAT", {"default": d.prior_loss_weight, "min": 0.01, "max": 10.0, "step": 0.05,
+                                  "tooltip": "With pictures on Train LoRA's regularization input: how much their "
+                                  "loss counts beside the training pictures' (kohya's --prior_loss_weight, 1.0)."}),
             "network_type": (list(NETWORK_TYPES), {"default": d.network_type, "tooltip":
                              "What kind of network learns, on the layers network_preset picks. LoRA: the usual. "
                              "DoRA: LoRA plus a learned magnitude per input channel; closer to full fine-tuning "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import weakref
@@ -16,6 +17,7 @@ from ..trainer.captions import augment as caption_augment
 from ..trainer.data.dataset import DatasetError
 from ..trainer.data.encoded_dataset import encode_dataset
 from ..trainer.data.loss_masks import MaskedLoss
+from ..trainer.data.regularization import with_class_captions, with_regularization
 from ..trainer.data.latent_disk_cache import (EncodeDatasetCache, LatentDiskCache, describe as describe_cache,
                                               vae_fingerprint)
 from ..trainer.lora import trigger_words as lora_words
@@ -94,6 +96,12 @@ class LoraLabTrainLora:
                             "Speed), chained in any order."}),
                 # Added after the first release: last, so saved workflows keep their widget values in place.
                 **train_preset.PRESET_INPUTS,
+                "regularization": ("LORALAB_DATASET", {"tooltip":
+                                   "Prior preservation (kohya's reg folders): pictures of the class without your "
+                                   "subject (e.g. 1_woman/*.png), trained beside the dataset so the model keeps what "
+                                   "the class looks like. Each epoch shows as many of them as training pictures "
+                                   "(so about twice the steps); their loss counts prior_loss_weight (Noise & Loss). "
+                                   "A picture without a caption takes its folder's class."}),
             },
             # The queued graph names the checkpoint and VAE files the MODEL/VAE came from (model_sources.py).
             "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"},
@@ -107,7 +115,8 @@ class LoraLabTrainLora:
 
     def train_lora(self, model, clip, vae, dataset, output_name, resolution, steps, epochs, batch_size,
                    learning_rate, rank, alpha, seed, trigger_word="", options=None, preset=train_preset.NO_PRESET,
-                   goal=train_preset.GOALS[0], gpu_memory=train_preset.GPU_MEMORY[0], unique_id=None, prompt=None):
+                   goal=train_preset.GOALS[0], gpu_memory=train_preset.GPU_MEMORY[0], regularization=None,
+                   unique_id=None, prompt=None):
         check_inputs(model, dataset, output_name, rank, alpha, options)
         preset, goal, gpu_memory = train_preset.with_defaults(preset, goal, gpu_memory)
         chosen = train_preset.choose(preset, goal, gpu_memory, comfy_bridge.model_family(model), dict(
@@ -130,6 +139,14 @@ class LoraLabTrainLora:
             if masked:
                 run.notes.append(f"masked loss: {masked.description()}.")
             split = hold_out_for_validation(data, options.validation_pictures, seed)
+            prior = None
+            if regularization is not None:      # beside the pictures that train (never held out)
+                reg_data, _ = encode_for_training(model, clip, vae, class_captioned(regularization), resolution,
+                                                  options.latent_disk_cache)
+                training, prior = with_regularization(split.training, reg_data, options.prior_loss_weight)
+                data, _ = with_regularization(data, reg_data, options.prior_loss_weight)    # for the run identity
+                split = dataclasses.replace(split, training=training)
+                run.notes.append(prior.description() + ".")
             epoch_plan = split.training.epochs(batch_size, options.gradient_accumulation)
             steps, rounding = train_preset.steps_in_whole_epochs(chosen, epoch_plan)
             run.notes += [rounding] if rounding else []
@@ -171,6 +188,7 @@ class LoraLabTrainLora:
                 gradient_checkpointing=options.gradient_checkpointing, fp8_base=options.fp8_base,
                 flux_guidance=flux_guidance(model, options),
                 masked_loss=masked.description() if masked else None,
+                regularization=(prior, regularization) if prior else None,
                 max_token_length=None if family in comfy_bridge.FLOW_FAMILIES else kohya_max_token_length(
                     encoding.cross_attn.shape[1] for encoding in data.conds.values()))
             if resume and resume.step >= settings.steps and epochs > 0:
@@ -218,6 +236,11 @@ NOT_IN_RUN_IDENTITY = ("save_every_n_steps", "save_every_n_epochs", "keep_last_s
                        "groups_set")      # which node set an option: the values themselves are in the identity
 
 
+# Options whose whole effect is in the pictures' loss weights, which the data fingerprint holds: left out of the
+# options, so that changing them where they do nothing (no regularization input) keeps a finished run reusable.
+IN_THE_DATA_FINGERPRINT = ("prior_loss_weight",)
+
+
 # Options added after runs were saved, with their defaults: the value that trains as before they existed.
 ADDED_SINCE_FIRST_RUNS = {name: getattr(TrainingOptions(), name) for name in (
     "validation_pictures", "fp8_base", *noise_options_added_later, "flux_guidance", "ema_decay", "ema_weights",
@@ -261,7 +284,8 @@ def identity_of_run(model, data, settings, options, resolution, trigger_word, re
         return None
     return run_reuse.run_identity(
         data=run_reuse.data_fingerprint(data), model=comfy_bridge.model_fingerprint(model),
-        settings={"options": run_reuse.settings_of(options, NOT_IN_RUN_IDENTITY + options_added_since_saved(options)),
+        settings={"options": run_reuse.settings_of(options, NOT_IN_RUN_IDENTITY + IN_THE_DATA_FINGERPRINT
+                                                   + options_added_since_saved(options)),
                   "resolution": resolution,
                   "steps": settings.steps, "batch_size": settings.batch_size, "learning_rate": settings.learning_rate,
                   "rank": settings.network.rank, "alpha": settings.network.alpha, "seed": settings.seed,
@@ -378,6 +402,14 @@ def train_adapters(model, clip, split, settings, options, device, run, describe,
 # bf16/fp16 training: the frozen UNet weights train in that precision too (as ComfyUI's own trainer
 # does), the shared fp32 originals set aside and put back bitwise afterwards (trainer/training/half_precision_base.py).
 HALF_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def class_captioned(regularization):
+    """The regularization pictures, each with a caption (its own, else its folder's class), or our message."""
+    try:
+        return with_class_captions(regularization)
+    except DatasetError as error:
+        raise user_error(NODE, "regularization", error.problem, error.fix) from None
 
 
 def hold_out_for_validation(data, count: int, seed: int):

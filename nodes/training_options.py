@@ -104,6 +104,7 @@ class TrainingOptions:
     lokr_factor: int = -1
     masked_loss: bool = False          # weigh the loss by each picture's mask (trainer/data/loss_masks.py)
     unmasked_weight: float = 0.1       # OneTrainer's: what the loss outside a mask still counts
+    prior_loss_weight: float = 1.0     # kohya's: the regularization pictures' loss (trainer/data/regularization.py)
     # The groups an option node set (GROUPS' keys); the others are Train LoRA's preset's to fill.
     groups_set: frozenset = field(default=frozenset())
 
@@ -168,7 +169,7 @@ GROUPS = {
     # Inputs added after a group's first release come last: saved workflows map widget values by position.
     "noise": ("noise_offset", "min_timestep", "max_timestep", "min_snr_gamma", "scale_v_pred_loss", "loss_type",
               "huber_schedule", "huber_c", "huber_scale", "timestep_sampling", "logit_mean", "logit_std", "flow_shift",
-              "flux_guidance", "masked_loss", "unmasked_weight"),
+              "flux_guidance", "masked_loss", "unmasked_weight", "prior_loss_weight"),
     "captions": ("caption_dropout", "shuffle_tags", "keep_tokens", "tag_dropout"),
     "saves": ("save_every_n_steps", "save_every_n_epochs", "keep_last_saves", "save_precision", "overwrite_existing",
               "resume_from", "ema_decay", "ema_weights"),
@@ -191,6 +192,10 @@ def checked(options: TrainingOptions, node: str) -> TrainingOptions:
         raise user_error(node, "unmasked_weight", f"unmasked_weight is {options.unmasked_weight}; it must be from 0 "
                          "(outside a mask counts nothing) to below 1 (1 would be no mask).",
                          "use 0.1 (OneTrainer's default), or 0 to learn only inside the masks.")
+    if not options.prior_loss_weight > 0.0:
+        raise user_error(node, "prior_loss_weight", f"prior_loss_weight is {options.prior_loss_weight}; the "
+                         "regularization pictures' loss needs a weight above 0.",
+                         "use 1.0 (kohya's default), or disconnect Train LoRA's regularization input instead.")
     if options.ema_weights not in EMA_WEIGHTS:
         raise user_error(node, "ema_weights", f"ema_weights is {options.ema_weights!r}.",
                          f"choose one of {', '.join(EMA_WEIGHTS)}.")

@@ -336,7 +336,8 @@ OPTION_INPUTS = {   # nodes/training_options.py GROUPS; tests/comfy check the sa
     "LoraLabMemoryOptions": ["precision", "gradient_checkpointing", "latent_disk_cache", "fp8_base", "blocks_to_swap"],
     "LoraLabNoiseOptions": ["noise_offset", "min_timestep", "max_timestep", "min_snr_gamma", "scale_v_pred_loss",
                             "loss_type", "huber_schedule", "huber_c", "huber_scale", "timestep_sampling", "logit_mean",
-                            "logit_std", "flow_shift", "flux_guidance", "masked_loss", "unmasked_weight"],
+                            "logit_std", "flow_shift", "flux_guidance", "masked_loss", "unmasked_weight",
+                            "prior_loss_weight"],
     "LoraLabNetworkOptions": ["network_preset", "conv_rank", "conv_alpha", "dropout", "train_text_encoder",
                               "text_encoder_lr", "text_encoder_2_lr", "network_type", "lokr_factor"],
 }

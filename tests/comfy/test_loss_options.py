@@ -42,7 +42,8 @@ def test_the_new_inputs_come_after_the_noise_nodes_first_ones(pack):
     required = list(LoraLabNoiseOptions.INPUT_TYPES()["required"])
     assert required[:5] == ["noise_offset", "min_timestep", "max_timestep", "min_snr_gamma", "scale_v_pred_loss"]
     assert required[5:] == ["loss_type", "huber_schedule", "huber_c", "huber_scale", "timestep_sampling", "logit_mean",
-                            "logit_std", "flow_shift", "flux_guidance", "masked_loss", "unmasked_weight"]
+                            "logit_std", "flow_shift", "flux_guidance", "masked_loss", "unmasked_weight",
+                            "prior_loss_weight"]
 
 
 def test_huber_and_logit_normal_timesteps_train_sd15_and_are_in_the_file(request, make_dataset, loras_dir):

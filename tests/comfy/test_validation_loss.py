@@ -154,7 +154,7 @@ def test_the_previews_node_offers_validation_pictures_last(pack):
     assert optional[optional.index("validation_pictures"):] == [
         "validation_pictures", "fp8_base", "blocks_to_swap", "loss_type", "huber_schedule", "huber_c", "huber_scale",
         "timestep_sampling", "logit_mean", "logit_std", "flow_shift", "flux_guidance", "ema_decay", "ema_weights",
-        "masked_loss", "unmasked_weight", "network_type", "lokr_factor"]
+        "masked_loss", "unmasked_weight", "prior_loss_weight", "network_type", "lokr_factor"]
     assert "validation_pictures" in GROUPS["previews"]
     defaults = TrainingOptions()
     (built,) = LoraLabPreviewOptions().build(**{name: getattr(defaults, name) for name in GROUPS["previews"]}

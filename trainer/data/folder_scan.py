@@ -86,8 +86,9 @@ def scan_folder(root: str, caption_extension: str = ".txt", default_repeats: int
                     f"{_short_list(sorted(rel for rel, _ in masks.values()))}.")
     top_folders = {rel.split("/", 1)[0].lower() for rel, _ in pictures if "/" in rel}
     if top_folders & {"reg", "regularization", "regularisation"}:
-        warn.append("A 'reg' folder is trained like any other pictures here (no prior preservation); "
-                    "choose the folder that holds only your training pictures.")
+        warn.append("A 'reg' folder is trained like any other pictures here; for prior preservation choose the "
+                    "folder that holds only your training pictures, and give the reg folder to a second dataset "
+                    "node connected to Train LoRA's regularization input.")
 
     if not items:
         raise _nothing_usable(root, pictures, others, skipped)

@@ -318,6 +318,7 @@ class Description:
     fp8_base: bool = False
     flux_guidance: float | None = None      # the guidance input Flux.1 dev trained with
     masked_loss: str | None = None           # which pictures had a mask, and the weight outside (loss_masks.py)
+    regularization: tuple | None = None      # (Regularization, its dataset): prior preservation (regularization.py)
     max_token_length: int | None = None      # kohya's: None = 75 tokens; 150, 225 for longer captions
     session_id: int = field(default_factory=lambda: random.randint(0, 2 ** 32))   # kohya: one per run
 
@@ -349,6 +350,7 @@ class Description:
             "loralab_dataset_fingerprint": self.dataset.fingerprint(),
             **self.flow_model_metadata(),
             **({"loralab_masked_loss": self.masked_loss} if self.masked_loss else {}),
+            **self.regularization_metadata(),
             **noise_and_caption_metadata(settings),
             **network_metadata(settings.network),
             **learning_rate_metadata(settings),
@@ -368,6 +370,16 @@ class Description:
             started_at=started_at, finished_at=finished_at, trigger_word=self.trigger_word or None,
             v_parameterization=self.v_parameterization,
             network_module=NETWORK_MODULES[settings.network.network_type], extra=extra)
+
+    def regularization_metadata(self) -> dict[str, str]:
+        """kohya's keys for prior preservation: the regularization pictures (with their own repeats, as kohya
+        counts ss_num_reg_images), their folders and prior_loss_weight."""
+        if not self.regularization:
+            return {}
+        prior, pictures = self.regularization
+        return {"ss_num_reg_images": str(sum(item.repeats for item in pictures.items)),
+                "ss_reg_dataset_dirs": json.dumps(dataset_dirs(pictures)),
+                "ss_prior_loss_weight": str(float(prior.prior_loss_weight))}
 
     def flow_model_metadata(self) -> dict[str, str]:
         """kohya's keys for what Flux trained with, where their meaning is the same: its guidance input
