@@ -9,7 +9,7 @@ import random_models
 
 # Node ids from DESIGN.md that are implemented; workflows and tests depend on them, so they never change.
 EXPECTED_NODES = {
-    "LoraLabDatasetFromFolder", "LoraLabDatasetFromImages", "LoraLabDatasetPreview",
+    "LoraLabDatasetFromFolder", "LoraLabDatasetFromImages", "LoraLabDatasetPreview", "LoraLabClassImages",
     "LoraLabBlipLoader", "LoraLabCaption", "LoraLabWd14Loader", "LoraLabTagImages", "LoraLabTagReport",
     "LoraLabTrainLora", "LoraLabTrainingOptions",
     "LoraLabLoraStack", "LoraLabApplyLoraStack", "LoraLabLoraCompareGrid",
