@@ -49,6 +49,20 @@ function fetchLoraInfo(name) {
   return loraInfo.get(name);
 }
 
+// Named boards (nodes/board_presets.py): the rows saved under a name in ComfyUI's user folder.
+async function answer(response) {
+  const body = await response.json().catch(() => ({ error: `HTTP ${response.status}` }));
+  if (!response.ok || body?.error) throw new Error(body?.error || `HTTP ${response.status}`);
+  return body;
+}
+
+const boardNames = () => api.fetchApi("/loralab/boards", { cache: "no-store" }).then(answer);
+const loadBoard = (name) => api.fetchApi(`/loralab/boards/load?name=${encodeURIComponent(name)}`,
+                                         { cache: "no-store" }).then(answer);
+const saveBoard = (name, rows) => api.fetchApi("/loralab/boards/save", {
+  method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ name, rows }),
+}).then(answer);
+
 // --- the board ----------------------------------------------------------------------------------------
 function strengthInput(value, field, title) {
   return element("input", {
@@ -89,9 +103,17 @@ class Pedalboard {
       element("span", { textContent: "model", style: "width:62px;" }),
       element("span", { textContent: "clip", style: "width:62px;" }),
       element("span", { textContent: "", style: "width:78px;" }));
+    this.boards = element("select", {
+      className: "loralab-board-list", title: "Load a saved board: its rows replace these",
+      style: "min-width:0;max-width:150px;background:#222;color:#ddd;border:1px solid #555;border-radius:3px;",
+    });
+    this.boards.addEventListener("change", () => this.recall(this.boards.value));
     const footer = element("div", { style: "display:flex;gap:4px;" },
       button("+ Add LoRA", "add", "Add a row at the bottom"),
-      button("⟳", "refresh", "Reload the list of LoRA files from the server"));
+      button("⟳", "refresh", "Reload the list of LoRA files from the server"),
+      element("span", { style: "flex:1;" }),
+      this.boards,
+      button("Save board…", "save-board", "Save these rows under a name, to load in any workflow"));
     this.root = element("div", {
       className: "loralab-pedalboard",
       style: "box-sizing:border-box;display:flex;flex-direction:column;gap:3px;width:100%;height:100%;" +
@@ -114,6 +136,48 @@ class Pedalboard {
     });
     this.load();
     this.refreshNames(false);
+    this.listBoards();
+  }
+
+  async listBoards() {
+    let names = [];
+    try {
+      names = await boardNames();
+    } catch (error) {
+      this.boardNote = `could not list saved boards (${error.message})`;
+    }
+    this.boards.replaceChildren(
+      element("option", { value: "", textContent: names.length ? "Saved boards…" : "No saved boards" }),
+      ...names.map((name) => element("option", { value: name, textContent: name })));
+    this.boards.value = "";
+  }
+
+  async recall(name) {
+    if (!name) return;
+    try {
+      const board = await loadBoard(name);
+      this.commit(parseRows(JSON.stringify(board.rows)).rows);
+      this.lastBoard = board.name;
+      this.boardNote = `Loaded the board '${board.name}' (${plural(board.rows.length, "row")}).`;
+    } catch (error) {
+      this.boardNote = `could not load '${name}': ${error.message}`;
+    }
+    this.boards.value = "";
+    this.render();
+  }
+
+  async saveAs() {
+    const name = window.prompt("Save this board as:", this.lastBoard || "")?.trim();
+    if (!name) return;
+    try {
+      const saved = await saveBoard(name, this.rows);
+      this.lastBoard = saved.name;
+      this.boardNote = `${saved.replaced ? "Replaced" : "Saved"} the board '${saved.name}' (${plural(saved.rows, "row")}).`;
+      await this.listBoards();
+    } catch (error) {
+      this.boardNote = `could not save '${name}': ${error.message}`;
+    }
+    this.render();
   }
 
   height() {
@@ -171,7 +235,10 @@ class Pedalboard {
     event.preventDefault();
     const index = Number(event.target.closest("[data-index]")?.dataset.index);
     if (action === "add") this.commit(addRow(this.rows));
-    else if (action === "refresh") this.refreshNames(true);
+    else if (action === "refresh") {
+      this.refreshNames(true);
+      this.listBoards();
+    } else if (action === "save-board") this.saveAs();
     else if (action === "remove") this.commit(removeRow(this.rows, index));
     else if (action === "up") this.commit(moveRow(this.rows, index, -1));
     else if (action === "down") this.commit(moveRow(this.rows, index, +1));
@@ -214,7 +281,8 @@ class Pedalboard {
       this.list.append(element("div", { textContent: "No LoRA yet: press + Add LoRA.", style: "color:#888;padding:8px 20px;" }));
     }
     const problems = [this.error && `${this.error}; the saved value is kept until you edit the rows`, this.namesError];
-    this.status.textContent = problems.filter(Boolean).join("\n") || this.report || "Queue to apply the rows.";
+    this.status.textContent = problems.filter(Boolean).join("\n")
+      || [this.boardNote, this.report].filter(Boolean).join("\n") || "Queue to apply the rows.";
     this.status.title = this.status.textContent;
     this.status.style.color = problems.some(Boolean) ? "#e88" : "#aaa";
     this.resize();
@@ -235,6 +303,10 @@ class Pedalboard {
     this.report = text;
     this.render();
   }
+}
+
+function plural(count, word) {
+  return `${count} ${word}${count === 1 ? "" : "s"}`;
 }
 
 function boardOf(node) {

@@ -8,6 +8,9 @@
 ``GET /loralab/review/thumb?session=T&index=I`` -> a JPEG of picture I of a Review Captions run
 ``POST /loralab/review/save`` {"session": T, "captions": {key: caption}} -> {"written", "replaced", ..., "report"}
   (the review editor, js/caption_review.js; sessions and the rules are in review.py)
+``GET /loralab/boards``                 -> ["portraits", "style mix", ...]   (named pedalboards: board_presets.py)
+``GET /loralab/boards/load?name=N``     -> {"name", "rows"}
+``POST /loralab/boards/save`` {"name": N, "rows": [...]} -> {"name", "replaced", "rows"}
 
 The info route reads the file's safetensors header only (8-byte length + JSON), and the trigger-word files beside
 it (trainer/lora/trigger_words.py): no tensor is loaded,
@@ -26,7 +29,7 @@ from ..trainer.lora import stack as stacks
 from ..trainer.lora import trigger_words as lora_words
 from ..trainer.lora.stack import LoraNotFoundError, LoraStackError
 from . import pedals as pedal_nodes
-from . import review, train_preset
+from . import board_presets, review, train_preset
 
 LORAS_ROUTE = "/loralab/loras"
 INFO_ROUTE = "/loralab/lora_info"
@@ -34,6 +37,9 @@ PRESETS_ROUTE = "/loralab/presets"
 REVIEW_PICTURES_ROUTE = "/loralab/review/pictures"
 REVIEW_THUMB_ROUTE = "/loralab/review/thumb"
 REVIEW_SAVE_ROUTE = "/loralab/review/save"
+BOARDS_ROUTE = "/loralab/boards"
+BOARD_LOAD_ROUTE = "/loralab/boards/load"
+BOARD_SAVE_ROUTE = "/loralab/boards/save"
 log = logging.getLogger("LoRA Lab")
 
 
@@ -152,6 +158,31 @@ def add_routes(routes) -> None:
         except review.ReviewRequestError as error:
             return web.json_response({"error": str(error)}, status=error.status)
         return web.json_response(result)
+
+    @routes.get(BOARDS_ROUTE)
+    async def loralab_boards(request):
+        return web.json_response(board_presets.board_names())
+
+    @routes.get(BOARD_LOAD_ROUTE)
+    async def loralab_board_load(request):
+        return _board_answer(web, board_presets.load_board, request.query.get("name"))
+
+    @routes.post(BOARD_SAVE_ROUTE)
+    async def loralab_board_save(request):
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            return web.json_response({"error": "Send JSON: {\"name\": ..., \"rows\": [...]}."}, status=400)
+        return _board_answer(web, board_presets.save_board, body.get("name"), body.get("rows"))
+
+
+def _board_answer(web, action, *args):
+    try:
+        return web.json_response(action(*args))
+    except board_presets.BoardError as error:
+        return web.json_response({"error": str(error)}, status=error.status)
 
 
 def register_with_server() -> bool:

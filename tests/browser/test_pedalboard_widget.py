@@ -104,3 +104,36 @@ def test_rows_edit_reorder_and_survive_reload_and_export(renderer_page, server, 
              r.querySelector('[data-field=lora]').value, r.querySelector('[data-field=on]').checked,
              Number(r.querySelector('[data-field=strength_model]').value)])""")
     assert shown == [[detail, False, 1.0], [style, True, 0.75]]
+
+
+def test_a_board_saved_under_a_name_loads_back_in_another_board(renderer_page, server, board_loras):
+    """Save board… asks for a name and keeps the rows in ComfyUI's user folder; the board list loads them back
+    (from the server: the save itself is in test_pedalboard.py's server test)."""
+    page = renderer_page
+    style, _ = board_loras
+    name = f"browser board {page.renderer}"
+    node = add_board(page)
+    board = page.page.locator(".loralab-pedalboard")
+    board.locator("[data-action='add']").click()
+    page.page.wait_for_function(
+        "(name) => [...document.querySelectorAll('.loralab-pedal-lora option')].some((o) => o.value === name)",
+        arg=style, timeout=10_000)
+    row(page, 0).locator("[data-field='lora']").select_option(style)
+    row(page, 0).locator("[data-field='strength_model']").fill("0.6")
+    row(page, 0).locator("[data-field='strength_model']").dispatch_event("change")
+    page.page.once("dialog", lambda dialog: dialog.accept(name))
+    board.locator("[data-action='save-board']").click()
+    page.page.wait_for_function(
+        "(name) => document.querySelector('.loralab-pedal-status').textContent.includes(`Saved the board '${name}'`)",
+        arg=name, timeout=10_000)
+    page.screenshot(page_artifact(page, "pedalboard_saved_board"))
+
+    row(page, 0).locator("[data-action='remove']").click()       # an empty board: the rows now come from the save
+    assert pedals_value(page, node) == []
+    page.page.wait_for_function(
+        "(name) => [...document.querySelectorAll('.loralab-board-list option')].some((o) => o.value === name)",
+        arg=name, timeout=10_000)
+    board.locator(".loralab-board-list").select_option(name)
+    page.page.wait_for_function("() => document.querySelectorAll('.loralab-pedal-row').length === 1", timeout=10_000)
+    assert [(r["lora"], r["strength_model"]) for r in pedals_value(page, node)] == [(style, 0.6)]
+    assert f"Loaded the board '{name}' (1 row)." in board.locator(".loralab-pedal-status").text_content()

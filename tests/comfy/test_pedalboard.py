@@ -415,3 +415,57 @@ def test_server_rejects_a_bad_pedalboard_before_running(server, server_board_lor
         with pytest.raises(ComfyExecutionError) as error:
             server.queue(graph(pedals))
         assert "LoRA Pedalboard" in str(error.value) and expected in str(error.value), str(error.value)
+
+
+# --- named boards (nodes/board_presets.py) ------------------------------------------------------------------
+def test_a_board_saved_under_a_name_comes_back_row_for_row(pack):
+    from lora_lab.nodes import board_presets
+    rows = [{"on": True, "lora": "style.safetensors", "strength_model": 0.8, "strength_clip": 1.0},
+            {"on": False, "lora": "detail.safetensors", "strength_model": 0.5, "strength_clip": 0.5}]
+    assert board_presets.save_board("portrait mix", rows) == {"name": "portrait mix", "replaced": False, "rows": 2}
+    assert board_presets.load_board(" portrait mix ") == {"name": "portrait mix", "rows": rows}
+    assert "portrait mix" in board_presets.board_names()
+    assert board_presets.save_board("portrait mix", rows[:1])["replaced"] is True
+    assert board_presets.load_board("portrait mix")["rows"] == rows[:1]
+
+
+@pytest.mark.parametrize("name", ["", "../escape", "a/b", ".hidden", "x" * 65, "trailing.", None])
+def test_a_board_name_that_could_leave_its_folder_or_hide_is_refused(pack, name):
+    from lora_lab.nodes import board_presets
+    with pytest.raises(board_presets.BoardError, match="cannot name a board"):
+        board_presets.save_board(name, [])
+    with pytest.raises(board_presets.BoardError, match="cannot name a board"):
+        board_presets.load_board(name)
+
+
+def test_rows_the_node_would_refuse_are_not_saved(pack):
+    from lora_lab.nodes import board_presets
+    with pytest.raises(board_presets.BoardError, match="Row 1 of pedals has \"strength_model\": 'x'"):
+        board_presets.save_board("bad rows", [{"lora": "a.safetensors", "strength_model": "x"}])
+    with pytest.raises(board_presets.BoardError, match="no saved board named 'bad rows'") as missing:
+        board_presets.load_board("bad rows")
+    assert missing.value.status == 404
+
+
+def http_post(server, path: str, body) -> tuple[int, object]:
+    request = urllib.request.Request(server.url + path, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"null")
+
+
+@pytest.mark.server
+def test_server_saves_lists_and_loads_named_boards(server, server_board_loras):
+    rows = [{"on": True, "lora": server_board_loras["style"], "strength_model": 0.7, "strength_clip": 0.9}]
+    assert http_post(server, "/loralab/boards/save", {"name": "server board", "rows": rows}) == (
+        200, {"name": "server board", "replaced": False, "rows": 1})
+    status, names = http_get(server, "/loralab/boards")
+    assert status == 200 and "server board" in names
+    assert http_get(server, "/loralab/boards/load", name="server board") == (200, {"name": "server board", "rows": rows})
+    status, body = http_get(server, "/loralab/boards/load", name="../../secrets")
+    assert status == 400 and "cannot name a board" in body["error"]
+    status, body = http_post(server, "/loralab/boards/save", ["not", "an", "object"])
+    assert status == 400 and "Send JSON" in body["error"]
