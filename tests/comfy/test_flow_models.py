@@ -171,7 +171,7 @@ def test_presets_pick_the_dit_blocks_linears_by_kohyas_names(flux_unet, sd3_unet
     assert sd3_attention == {n for n in sd3 if n.endswith(("attn_qkv", "attn_proj"))}
 
 
-def loader_equals_adapter(patcher, clip, lora_name, tensors, x, sigma, cond, caplog, rank, before):
+def loader_equals_adapter(patcher, clip, lora_name, tensors, x, sigma, cond, caplog, rank, before, network_type="LoRA"):
     """ComfyUI's LoraLoader output == the adapters fed the same file, and not the plain model's output;
     the adapters leave the model as ComfyUI's unpatching left it (2025-10 hands patched weights back as
     requires_grad=False Parameters, so the flags are taken after it)."""
@@ -189,7 +189,8 @@ def loader_equals_adapter(patcher, clip, lora_name, tensors, x, sigma, cond, cap
         plain = patcher.model.apply_model(x, sigma, **cond).clone()
         flags = [p.requires_grad for p in patcher.model.parameters()]
         with comfy_bridge.trainable_unet(patcher, checkpointing=False) as network:
-            with InjectedLora(network, comfy_bridge.unet_lora_targets(patcher), rank=rank, alpha=float(rank)) as lora:
+            with InjectedLora(network, comfy_bridge.unet_lora_targets(patcher), rank=rank, alpha=float(rank),
+                              network_type=network_type) as lora:
                 lora.load_kohya_state_dict(tensors)
                 via_adapter = patcher.model.apply_model(x, sigma, **cond).clone()
     assert_loader_matches_adapter(via_loader, via_adapter, plain)
@@ -233,6 +234,29 @@ def test_flux_lora_learns_and_loads_in_comfyui_as_trained(flux_unet, flux_clip, 
     cond = {"c_crossattn": torch.randn(2, 16, T5_WIDTH, generator=g), "y": torch.randn(2, 768, generator=g),
             "guidance": torch.tensor([3.5, 3.5])}
     loader_equals_adapter(flux_unet, flux_clip, lora_name, tensors, x, sigma, cond, caplog, rank=8, before=before)
+
+
+@pytest.mark.parametrize("network_type", ["DoRA", "LoHa", "LoKr"])
+def test_flux_network_types_load_in_comfyui_as_trained(network_type, flux_unet, flux_clip, flow_vae, make_dataset,
+                                                       loras_dir, caplog):
+    """DoRA, LoHa and LoKr on the DiT's Linears (Flux's fused single-block linear1/linear2 included): every key
+    loads with ComfyUI's LoraLoader and computes what the adapters computed (SD1.5 and its convs:
+    test_network_types.py)."""
+    before = weights_snapshot(flux_unet)
+    result = run_train(flux_unet, flux_clip, flow_vae, make_dataset(2), f"flux_{network_type}", steps=3,
+                       learning_rate=1e-2, rank=4, alpha=4.0,
+                       options=options(save_precision="fp32", network_type=network_type))
+    tensors, meta = saved(loras_dir, result["result"][2])
+    assert meta["loralab_network_type"] == network_type and meta["ss_network_module"] == "lycoris.kohya"
+    assert {key.split(".", 1)[0] for key in tensors} == (
+        {f"lora_unet_double_blocks_{i}_{m}" for i in range(2) for m in FLUX_DOUBLE}
+        | {f"lora_unet_single_blocks_{i}_{m}" for i in range(2) for m in FLUX_SINGLE})
+    g = torch.Generator().manual_seed(0)
+    x, sigma = torch.randn(2, 16, 8, 8, generator=g), torch.tensor([0.9, 0.3])
+    cond = {"c_crossattn": torch.randn(2, 16, T5_WIDTH, generator=g), "y": torch.randn(2, 768, generator=g),
+            "guidance": torch.tensor([3.5, 3.5])}
+    loader_equals_adapter(flux_unet, flux_clip, result["result"][2], tensors, x, sigma, cond, caplog, rank=4,
+                          before=before, network_type=network_type)
 
 
 def test_sd3_lora_trains_with_joint_block_keys_and_loads_in_comfyui(sd3_unet, sd3_clip, flow_vae, make_dataset,
