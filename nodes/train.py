@@ -142,7 +142,7 @@ class LoraLabTrainLora:
             prior = None
             if regularization is not None:      # beside the pictures that train (never held out)
                 reg_data, _ = encode_for_training(model, clip, vae, class_captioned(regularization), resolution,
-                                                  options.latent_disk_cache)
+                                                  options.latent_disk_cache, input_name="regularization")
                 training, prior = with_regularization(split.training, reg_data, options.prior_loss_weight)
                 data, _ = with_regularization(data, reg_data, options.prior_loss_weight)    # for the run identity
                 split = dataclasses.replace(split, training=training)
@@ -313,12 +313,14 @@ def reuse_finished(model, clip, path, run, describe):
             "result": (model_out, clip_out, lora_name, curve, empty_previews(), describe.trigger_word or "")}
 
 
-def encode_for_training(model, clip, vae, dataset, resolution, use_disk_cache: bool, masked=None):
+def encode_for_training(model, clip, vae, dataset, resolution, use_disk_cache: bool, masked=None,
+                        input_name="dataset"):
     """VAE and text encoder run once per picture/caption, with a progress bar and Cancel.
 
     Latents are looked up in memory (this VAE object, this session), then on disk (any session, keyed
     by picture content, bucket and a fingerprint of the VAE's encoder and the latent format). ``masked``: the
     run's MaskedLoss, which weighs each picture's loss (its masks are read afresh: they cost no VAE).
+    ``input_name``: the input the pictures came in on, for messages.
     """
     progress = comfy.utils.ProgressBar(len(dataset.items))
 
@@ -338,7 +340,7 @@ def encode_for_training(model, clip, vae, dataset, resolution, use_disk_cache: b
                               cache_key=f"{resolution}:{comfy_bridge.latent_space_name(model)}",
                               on_progress=on_progress, loss_weight=masked)
     except DatasetError as error:      # a picture changed, vanished or became a link leading out since the scan
-        raise user_error(NODE, "dataset", error.problem, error.fix) from None
+        raise user_error(NODE, input_name, error.problem, error.fix) from None
     if masked is not None and not masked.masked:
         raise user_error(NODE, "options", f"masked_loss is on, but none of the {len(dataset.items)} pictures has a "
                          "mask.", "put a <name>.mask.png (white = learned) next to each picture, use pictures with "

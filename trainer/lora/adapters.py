@@ -51,11 +51,11 @@ class InjectedLora:
     ``ranks`` / ``alphas`` optionally override ``rank`` / ``alpha`` per target path. ``network_type`` is
     one of network_types.NETWORK_TYPES; ``lokr_factor`` is LoKr's factor (-1: as square as possible).
 
-    Initialisation matches kohya: ``lora_down`` kaiming-uniform (a=sqrt(5)), ``lora_up`` zero, so the model's
-    output is unchanged until the first optimizer step (LoHa and LoKr: one factor zero, as peft has it). Each module's init comes from its own generator
-    seeded by ``(seed, kohya name)``: the same seed gives the same adapters on any device, adding a target
-    does not change the others, and the global RNG is left alone. With ``seed=None`` one seed is drawn
-    from the global torch RNG; it is kept in ``self.seed``.
+    Initialisation matches kohya: ``lora_down`` kaiming-uniform (a=sqrt(5)), ``lora_up`` zero (LoHa and LoKr:
+    one factor zero, as peft has it), so the model's output is unchanged until the first optimizer step. Each
+    module's init comes from its own generator seeded by ``(seed, kohya name)``: the same seed gives the same
+    adapters on any device, adding a target does not change the others, and the global RNG is left alone.
+    With ``seed=None`` one seed is drawn from the global torch RNG; it is kept in ``self.seed``.
 
     While injected, only the adapter parameters require grad. Use as a context manager, or call
     ``remove()`` in a ``finally``.

@@ -35,13 +35,12 @@ NETWORK_TYPES = (LORA, DORA, LOHA, LOKR)
 NETWORK_MODULES = {LORA: "networks.lora", DORA: "lycoris.kohya", LOHA: "lycoris.kohya", LOKR: "lycoris.kohya"}
 LYCORIS_ALGOS = {DORA: "lora", LOHA: "loha", LOKR: "lokr"}
 DORA_SCALE = "dora_scale"
-_PATHS_PATTERN = "(?:{})"
 
 
 def peft_config(network_type: str, rank: int, alpha: float, dropout: float, paths: list[str], lokr_factor: int):
     """peft's config for one (rank, alpha) group of target paths. A string target is matched with
     re.fullmatch against whole module paths (a list would also match any path ending in ``.<target>``)."""
-    targets = _PATHS_PATTERN.format("|".join(re.escape(path) for path in paths))
+    targets = "(?:" + "|".join(re.escape(path) for path in paths) + ")"
     if network_type in (LORA, DORA):
         from peft import LoraConfig
         return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none", target_modules=targets)
@@ -155,5 +154,6 @@ def _magnitude_shape(weight: torch.Tensor) -> tuple[int, ...]:
 
 
 def kaiming_bound(shape: torch.Size) -> float:
-    """kaiming_uniform_(a=sqrt(5))'s bound, as peft and kohya initialise: gain · sqrt(3 / fan_in) = 1 / sqrt(fan_in)."""
+    """kaiming_uniform_(a=sqrt(5))'s bound, as peft and kohya initialise: gain · sqrt(3 / fan_in) =
+    1 / sqrt(fan_in)."""
     return 1.0 / math.sqrt(math.prod(shape[1:]))
