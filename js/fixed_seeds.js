@@ -1,8 +1,9 @@
 // Both front ends give an INT named "seed" a control widget that defaults to "randomize": a re-queued,
-// unchanged graph would then retrain (or re-render the grid) every time. These nodes start "fixed".
+// unchanged graph would then retrain (re-render the grid, sample new class pictures) every time. These nodes
+// start "fixed".
 import { app } from "../../scripts/app.js";
 
-const FIXED_SEED_NODES = new Set(["LoraLabTrainLora", "LoraLabLoraCompareGrid"]);
+const FIXED_SEED_NODES = new Set(["LoraLabTrainLora", "LoraLabLoraCompareGrid", "LoraLabClassImages"]);
 
 function startSeedFixed(nodeType) {
   // onNodeCreated runs before a saved workflow's values are applied, so saved choices still win.

@@ -139,4 +139,4 @@ def first_pictures(dataset, count: int, folder):
 
 
 NODE_CLASS_MAPPINGS = {"LoraLabClassImages": LoraLabClassImages}
-NODE_DISPLAY_NAME_MAPPINGS = {"LoraLabClassImages": "Class Images (prior preservation)"}
+NODE_DISPLAY_NAME_MAPPINGS = {"LoraLabClassImages": f"{NODE} (LoRA Lab)"}

@@ -371,3 +371,37 @@ def test_the_option_nodes_that_grew_show_every_input_readable(renderer_page, ren
             """() => [...document.querySelectorAll('.lg-node .lg-widget-container p')]
                  .filter((label) => label.scrollWidth > label.clientWidth).map((label) => label.textContent)""")
         assert not cut, cut
+
+
+def test_the_class_images_node_and_the_new_inputs_show_readable(renderer_page, renderer):
+    """Class Images (new), Dataset from Images (its masks input) and Train LoRA (its regularization input), placed
+    fresh from the node list: every input and widget there, none drawn over another node, no label cut."""
+    page = renderer_page
+    page.hide_floating_panels()
+    made = page.page.evaluate(
+        """async () => { app.graph.clear(); await new Promise((done) => requestAnimationFrame(done));
+           return [['LoraLabClassImages', [40, 40]], ['LoraLabDatasetFromImages', [40, 640]],
+                   ['LoraLabTrainLora', [620, 40]]].map(([type, pos]) => {
+             const node = LiteGraph.createNode(type);
+             node.pos = pos;
+             app.graph.add(node);
+             return [type, (node.inputs || []).map((i) => i.name), node.widgets.map((w) => w.name)]; }); }""")
+    slots = {node_type: (inputs, widgets) for node_type, inputs, widgets in made}
+    assert {"model", "clip", "vae"} <= set(slots["LoraLabClassImages"][0])
+    # (the front ends add their control_after_generate widget after a seed)
+    assert [name for name in slots["LoraLabClassImages"][1] if name != "control_after_generate"] == [
+        "class_prompt", "count", "resolution", "steps", "cfg", "seed", "negative_prompt"]
+    fixed = page.page.evaluate("""() => app.graph._nodes.find((n) => n.type === 'LoraLabClassImages')
+        .widgets.find((w) => w.name === 'control_after_generate').value""")
+    assert fixed == "fixed", "a randomized seed would sample a new set of class pictures at every queue"
+    assert "masks" in slots["LoraLabDatasetFromImages"][0]
+    assert "regularization" in slots["LoraLabTrainLora"][0]
+    page.show(20, 20)
+    boxes = [b for b in page.node_boxes() if b.get("shown")]
+    page.screenshot(SCREENSHOTS / renderer / "class_images_and_new_inputs.png")
+    assert not overlapping(boxes), [(b["title"], b["x"], b["y"], b["width"], b["height"]) for b in boxes]
+    if renderer == "new-vue":
+        cut = page.page.evaluate(
+            """() => [...document.querySelectorAll('.lg-node .lg-widget-container p')]
+                 .filter((label) => label.scrollWidth > label.clientWidth).map((label) => label.textContent)""")
+        assert not cut, cut
