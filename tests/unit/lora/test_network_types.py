@@ -214,3 +214,40 @@ def test_each_type_trains_beside_an_fp8_base_and_dora_measures_the_fp8_weights(n
             # It learns: LoHa and LoKr start slowly (one factor is 0, the other small), but the fall is far above
             # float32 noise on a loss of order 1 (1e-7).
             assert losses[0] - losses[-1] > 1e-3 and losses == sorted(losses, reverse=True), losses
+
+
+@pytest.mark.parametrize("network_type", ["DoRA", "LoHa", "LoKr"])
+def test_a_resumed_run_equals_an_uninterrupted_one(network_type, one_arithmetic_path):
+    """As Train LoRA resumes: the adapters saved as float32 kohya tensors, injected afresh and loaded, the loop's
+    state restored; masked-loss weights in the data too. One arithmetic path, so bitwise."""
+    from lora_lab.trainer.training.loop import TrainSettings, train
+    from toy_training import TinyEpsDenoiser, toy_data
+    targets = {"net.0": "lora_unet_net_0", "net.2": "lora_unet_net_2"}
+    settings = TrainSettings(steps=4, batch_size=2, learning_rate=3e-3)
+
+    def run(resume=None, tensors=None, stop_at=None):
+        torch.manual_seed(0)
+        model, data = TinyEpsDenoiser(), toy_data()
+        for index, example in enumerate(data.examples):
+            example.loss_weight = torch.full(example.latent.shape[1:], 0.5 + 0.1 * index)
+        with InjectedLora(model, targets, rank=2, alpha=2.0, seed=5, network_type=network_type) as lora:
+            if tensors is not None:
+                lora.load_kohya_state_dict(tensors)
+
+            def on_step(report):
+                if report.step == stop_at:
+                    raise Interrupted(report.snapshot(), lora.kohya_state_dict(torch.float32))
+            train(model, data, lora.parameters(), settings, torch.device("cpu"), resume=resume, on_step=on_step)
+            return lora.kohya_state_dict(torch.float32)
+
+    class Interrupted(Exception):
+        def __init__(self, state, tensors):
+            super().__init__("stopped")
+            self.state, self.tensors = state, tensors
+
+    whole = run()
+    with pytest.raises(Interrupted) as stopped:
+        run(stop_at=2)
+    resumed = run(resume=stopped.value.state, tensors=stopped.value.tensors)
+    assert all(torch.equal(resumed[key], value) for key, value in whole.items())
+    assert any(not torch.equal(stopped.value.tensors[key], value) for key, value in whole.items())
