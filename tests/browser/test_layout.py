@@ -343,65 +343,60 @@ OPTION_INPUTS = {   # nodes/training_options.py GROUPS; tests/comfy check the sa
 }
 
 
-def test_the_option_nodes_that_grew_show_every_input_readable(renderer_page, renderer):
-    """Memory & Speed, Noise & Loss and Network grew inputs (block swap; loss type, timesteps, Flux guidance;
-    network type): placed fresh from the node list, each shows one widget per input, in order, none drawn over
-    another node, no label cut."""
-    page = renderer_page
+def placed_fresh(page, placements: list[tuple[str, list[int]]]) -> dict[str, dict]:
+    """On a cleared graph, each (node type, [x, y]) placed as from the node list; {type: its inputs and widgets}."""
     page.hide_floating_panels()
     # A frame between clearing and adding: the Vue renderer otherwise gives a new node the place and slots of the
     # cleared node that had its id (the default graph's KSampler is #3).
     made = page.page.evaluate(
-        """async (types) => { app.graph.clear(); await new Promise((done) => requestAnimationFrame(done));
-           return types.map((type, i) => {
+        """async (placements) => { app.graph.clear(); await new Promise((done) => requestAnimationFrame(done));
+           return placements.map(([type, pos]) => {
              const node = LiteGraph.createNode(type);
-             // Memory & Speed (short) above Network on the left, Noise & Loss (tall) on the right: apart
-             // enough for the Vue renderer's wider nodes, all within the 1600 x 1000 page at 100 %.
-             node.pos = [[40, 40], [820, 40], [40, 400]][i];
+             node.pos = pos;
              app.graph.add(node);
-             return [node.id, type, node.widgets.map((w) => w.name)]; }); }""", list(OPTION_INPUTS))
-    for node_id, node_type, widgets in made:
-        assert widgets == OPTION_INPUTS[node_type], (node_type, widgets)
+             return [type, (node.inputs || []).map((i) => i.name), node.widgets.map((w) => w.name)]; }); }""",
+        [list(placement) for placement in placements])
+    return {node_type: {"inputs": inputs, "widgets": widgets} for node_type, inputs, widgets in made}
+
+
+def assert_shown_readable(page, renderer, picture: str) -> None:
+    """At 100 %, pictured: no node drawn over another, and (Vue nodes) no widget label cut."""
     page.show(20, 20)
     boxes = [b for b in page.node_boxes() if b.get("shown")]
-    page.screenshot(SCREENSHOTS / renderer / "grown_option_nodes.png")
+    page.screenshot(SCREENSHOTS / renderer / picture)
     assert not overlapping(boxes), [(b["title"], b["x"], b["y"], b["width"], b["height"]) for b in boxes]
     if renderer == "new-vue":
         cut = page.page.evaluate(
             """() => [...document.querySelectorAll('.lg-node .lg-widget-container p')]
                  .filter((label) => label.scrollWidth > label.clientWidth).map((label) => label.textContent)""")
         assert not cut, cut
+
+
+def test_the_option_nodes_that_grew_show_every_input_readable(renderer_page, renderer):
+    """Memory & Speed, Noise & Loss and Network grew inputs (block swap; loss type, timesteps, Flux guidance;
+    network type): placed fresh from the node list, each shows one widget per input, in order, none drawn over
+    another node, no label cut."""
+    # Memory & Speed (short) above Network on the left, Noise & Loss (tall) on the right: apart enough for the Vue
+    # renderer's wider nodes, all within the 1600 x 1000 page at 100 %.
+    made = placed_fresh(renderer_page, list(zip(OPTION_INPUTS, [[40, 40], [820, 40], [40, 400]])))
+    for node_type, expected in OPTION_INPUTS.items():
+        assert made[node_type]["widgets"] == expected, (node_type, made[node_type]["widgets"])
+    assert_shown_readable(renderer_page, renderer, "grown_option_nodes.png")
 
 
 def test_the_class_images_node_and_the_new_inputs_show_readable(renderer_page, renderer):
     """Class Images (new), Dataset from Images (its masks input) and Train LoRA (its regularization input), placed
     fresh from the node list: every input and widget there, none drawn over another node, no label cut."""
     page = renderer_page
-    page.hide_floating_panels()
-    made = page.page.evaluate(
-        """async () => { app.graph.clear(); await new Promise((done) => requestAnimationFrame(done));
-           return [['LoraLabClassImages', [40, 40]], ['LoraLabDatasetFromImages', [40, 640]],
-                   ['LoraLabTrainLora', [620, 40]]].map(([type, pos]) => {
-             const node = LiteGraph.createNode(type);
-             node.pos = pos;
-             app.graph.add(node);
-             return [type, (node.inputs || []).map((i) => i.name), node.widgets.map((w) => w.name)]; }); }""")
-    slots = {node_type: (inputs, widgets) for node_type, inputs, widgets in made}
-    assert {"model", "clip", "vae"} <= set(slots["LoraLabClassImages"][0])
+    slots = placed_fresh(page, [("LoraLabClassImages", [40, 40]), ("LoraLabDatasetFromImages", [40, 640]),
+                                ("LoraLabTrainLora", [620, 40])])
+    assert {"model", "clip", "vae"} <= set(slots["LoraLabClassImages"]["inputs"])
     # (the front ends add their control_after_generate widget after a seed)
-    assert [name for name in slots["LoraLabClassImages"][1] if name != "control_after_generate"] == [
+    assert [name for name in slots["LoraLabClassImages"]["widgets"] if name != "control_after_generate"] == [
         "class_prompt", "count", "resolution", "steps", "cfg", "seed", "negative_prompt"]
     fixed = page.page.evaluate("""() => app.graph._nodes.find((n) => n.type === 'LoraLabClassImages')
         .widgets.find((w) => w.name === 'control_after_generate').value""")
     assert fixed == "fixed", "a randomized seed would sample a new set of class pictures at every queue"
-    assert "masks" in slots["LoraLabDatasetFromImages"][0]
-    assert "regularization" in slots["LoraLabTrainLora"][0]
-    page.show(20, 20)
-    boxes = [b for b in page.node_boxes() if b.get("shown")]
-    page.screenshot(SCREENSHOTS / renderer / "class_images_and_new_inputs.png")
-    assert not overlapping(boxes), [(b["title"], b["x"], b["y"], b["width"], b["height"]) for b in boxes]
-    if renderer == "new-vue":
-        cut = page.page.evaluate(
-            """() => [...document.querySelectorAll('.lg-node .lg-widget-container p')]
-                 .filter((label) => label.scrollWidth > label.clientWidth).map((label) => label.textContent)""")
-        assert not cut, cut
+    assert "masks" in slots["LoraLabDatasetFromImages"]["inputs"]
+    assert "regularization" in slots["LoraLabTrainLora"]["inputs"]
+    assert_shown_readable(page, renderer, "class_images_and_new_inputs.png")

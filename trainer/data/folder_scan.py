@@ -171,8 +171,8 @@ def _discover(root_real: str, caption_extension: str, skipped: list):
                     pending.append((rel, entry.path))
             elif not is_file:
                 skipped.append((rel, "not a regular file"))    # a FIFO or socket would block a read forever
-            elif sidecar_owner(entry.name):        # cat.mask.png: where cat.png's loss counts, not a picture
-                masks[(rel_dir, sidecar_owner(entry.name).lower())] = (rel, entry.path)
+            elif owner := sidecar_owner(entry.name):      # cat.mask.png: where cat.png's loss counts, not a picture
+                masks[(rel_dir, owner.lower())] = (rel, entry.path)
             elif extension.lower() in IMAGE_EXTENSIONS:
                 pictures.append((rel, entry.path))
             elif extension.lower() == caption_extension.lower():
