@@ -1,6 +1,7 @@
 // The pedalboard's rows as data: parse the `pedals` widget's JSON, edit rows, write JSON back.
 // No DOM and no ComfyUI imports, so node's test runner covers it (tests/js/pedal_rows.test.mjs).
-// The server parses the same JSON (nodes/pedalboard.py): a list of {on, lora, strength_model, strength_clip}.
+// The server parses the same JSON (nodes/pedalboard.py): a list of {on, lora, strength_model, strength_clip}
+// plus an optional "blocks" (block weights: a preset name or numbers, checked by the server).
 
 export const STRENGTH_LIMIT = 10;
 export const STRENGTH_STEP = 0.05;
@@ -19,14 +20,18 @@ export function newRow(lora = "") {
 }
 
 export function normalizeRow(row) {
-  // Only the four keys the server reads; missing ones take the server's defaults.
+  // Only the keys the server reads; missing ones take the server's defaults. "blocks" is written only
+  // when set, so boards without block weights keep the JSON they always had.
   const source = row && typeof row === "object" ? row : {};
-  return {
+  const normal = {
     on: source.on === undefined ? true : source.on === true,
     lora: typeof source.lora === "string" ? source.lora : "",
     strength_model: clampStrength(source.strength_model),
     strength_clip: clampStrength(source.strength_clip),
   };
+  const blocks = typeof source.blocks === "string" ? source.blocks.trim() : "";
+  if (blocks) normal.blocks = blocks;
+  return normal;
 }
 
 export function parseRows(text) {
@@ -73,7 +78,11 @@ export function setRowField(rows, index, field, value) {
   if (field === "on") row.on = value === true;
   else if (field === "lora") row.lora = String(value ?? "");
   else if (field === "strength_model" || field === "strength_clip") row[field] = clampStrength(value, row[field]);
-  else throw new Error(`unknown pedal field: ${field}`);
+  else if (field === "blocks") {
+    const blocks = String(value ?? "").trim();
+    if (blocks) row.blocks = blocks;
+    else delete row.blocks;
+  } else throw new Error(`unknown pedal field: ${field}`);
   return rows.map((r, i) => (i === index ? row : r));
 }
 

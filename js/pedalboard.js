@@ -15,6 +15,9 @@ const BOARD_WIDGET = "loralab_pedalboard";
 const ROW_HEIGHT = 46;          // controls line + trigger-words line
 const STATUS_LINES = 4;         // what the last run applied: one line per LoRA + trigger words; more scroll
 const STATUS_HEIGHT = STATUS_LINES * 15 + 6;
+const BLOCKS_TITLE = "Block weights: this LoRA's strength per block. A preset (ALL, NONE, INS, IND, INALL, MIDD, OUTD, " +
+  "OUTS, OUTALL, MOUT; Flux: DBL-ALL, SINGLE-ALL, …) or one number per block, BASE first: SD1.5 17 (LyCORIS 26/27), " +
+  "SDXL 12 (20/21), Flux 20/58. Blocks the LoRA lacks are skipped, never shifting the rest. Empty: the whole LoRA.";
 const CHROME_HEIGHT = 16 + 26 + STATUS_HEIGHT + 3 * 3;     // column labels, buttons, status, gaps
 
 // --- server lookups, shared by every pedalboard on the page -------------------------------------------
@@ -224,7 +227,7 @@ class Pedalboard {
     }
     // Switches and strengths redraw only their row's look, so focus and the spinner stay under the mouse.
     this.commit(rows, false);
-    if (field !== "on") control.value = String(rows[index][field]);     // shows the clamped value
+    if (field !== "on") control.value = String(rows[index][field] ?? "");     // shows the clamped value
     const rowElement = control.closest("[data-index]");
     if (rowElement) rowElement.style.opacity = rowIsActive(rows[index]) ? "1" : "0.55";
   }
@@ -255,7 +258,12 @@ class Pedalboard {
     select.value = row.lora;
     const words = element("div", {
       className: "loralab-pedal-trigger",
-      style: "font:10px monospace;color:#8a8;padding-left:20px;white-space:nowrap;overflow:hidden;text-overflow:ellipsis;",
+      style: "flex:1;min-width:0;font:10px monospace;color:#8a8;white-space:nowrap;overflow:hidden;text-overflow:ellipsis;",
+    });
+    const blocks = element("input", {
+      type: "text", value: row.blocks ?? "", placeholder: "blocks: all", className: "loralab-pedal-blocks",
+      dataset: { field: "blocks" }, spellcheck: false, title: BLOCKS_TITLE,
+      style: "width:136px;font:10px monospace;background:#222;color:#ddd;border:1px solid #444;border-radius:3px;padding:0 3px;",
     });
     if (row.lora) {
       fetchLoraInfo(row.lora).then((info) => {
@@ -272,7 +280,7 @@ class Pedalboard {
     return element("div", {
       className: "loralab-pedal-row", dataset: { index: String(index) },
       style: `display:flex;flex-direction:column;gap:1px;opacity:${rowIsActive(row) ? 1 : 0.55};`,
-    }, controls, words);
+    }, controls, element("div", { style: "display:flex;gap:4px;align-items:center;padding-left:20px;" }, words, blocks));
   }
 
   render() {

@@ -21,6 +21,11 @@ from ..trainer.lora.network import DIT_BLOCKS, Network
 
 log = logging.getLogger("LoRA Lab")
 
+try:      # ComfyUI 2024-08+ converts some foreign formats first, as load_lora_for_models does
+    from comfy.lora_convert import convert_lora as _CONVERT_LORA
+except ImportError:
+    _CONVERT_LORA = None
+
 
 def model_sampling(patcher):
     getter = getattr(patcher, "get_model_object", None)
@@ -445,6 +450,11 @@ class _DropMissingKeyWarnings(logging.Filter):
         return "lora key not loaded" not in record.getMessage()
 
 
+def converted_lora(tensors: dict) -> dict:
+    """The file's tensors as load_lora_for_models hands them to load_lora (2024-08+ converts some formats)."""
+    return _CONVERT_LORA(dict(tensors)) if _CONVERT_LORA else dict(tensors)
+
+
 def quiet_load_lora(tensors: dict, key_map: dict) -> dict:
     """comfy.lora.load_lora without its "lora key not loaded" lines: a check's, not the real application's."""
     if "log_missing" in inspect.signature(comfy.lora.load_lora).parameters:
@@ -484,3 +494,34 @@ def _holds(value, tensor: torch.Tensor, depth: int = 0) -> bool:
 def apply_lora(model, clip, tensors: dict, strength_model: float = 1.0, strength_clip: float = 1.0):
     """The same path as ComfyUI's LoraLoader: patched clones, the shared originals untouched."""
     return comfy.sd.load_lora_for_models(model, clip, tensors, strength_model, strength_clip)
+
+
+def apply_lora_by_blocks(model, clip, tensors: dict, strength_model: float, strength_clip: float, ratio_of):
+    """apply_lora with each patched weight's strengths multiplied by ``ratio_of(weight key)`` (block weights).
+
+    ComfyUI's own steps, as comfy.sd.load_lora_for_models takes them, except that the patches go in by
+    groups of equal ratio: ratio 1 everywhere makes the very patches apply_lora makes, ratio 0 none."""
+    key_map = {}
+    if model is not None:
+        key_map = comfy.lora.model_lora_keys_unet(model.model, key_map)
+    if clip is not None:
+        key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
+    loaded = comfy.lora.load_lora(converted_lora(tensors), key_map)
+    groups: dict[float, dict] = {}
+    for key, patch in loaded.items():
+        groups.setdefault(float(ratio_of(key)), {})[key] = patch
+    new_model = model.clone() if model is not None else None
+    new_clip = clip.clone() if clip is not None else None
+    placed = set()
+    for ratio, patches in groups.items():
+        if ratio == 0:
+            placed.update(patches)         # muted on purpose, not "not loaded"
+            continue
+        if new_model is not None:
+            placed.update(new_model.add_patches(patches, strength_model * ratio))
+        if new_clip is not None:
+            placed.update(new_clip.add_patches(patches, strength_clip * ratio))
+    for key in loaded:
+        if key not in placed:
+            logging.warning("NOT LOADED %s", key)     # as load_lora_for_models says it
+    return new_model, new_clip

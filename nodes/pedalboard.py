@@ -2,7 +2,9 @@
 
 The rows live in one STRING input, ``pedals``, holding JSON::
 
-    [{"on": true, "lora": "style.safetensors", "strength_model": 0.8, "strength_clip": 1.0}, ...]
+    [{"on": true, "lora": "style.safetensors", "strength_model": 0.8, "strength_clip": 1.0, "blocks": "MIDD"}, ...]
+
+(``blocks`` is optional: block weights, as the LoRA Pedal's ``block_weights`` input takes them.)
 
 A plain widget value survives saving, reloading and API-format export without any front-end code on
 the server side; js/pedalboard.js only draws the rows and writes this JSON back. Everything else --
@@ -20,6 +22,8 @@ from dataclasses import dataclass
 
 from ..trainer.lora import stack as stacks
 from ..trainer.lora import trigger_words as lora_words
+from ..trainer.lora.block_weights import BlockWeightsError
+from ..trainer.lora.block_weights import parse as parse_block_weights
 from ..trainer.lora.stack import LoraStackError
 from . import pedals as pedal_nodes
 from .messages import user_error, validation_message
@@ -36,6 +40,7 @@ class Pedal:
     lora: str
     strength_model: float
     strength_clip: float
+    blocks: str = ""     # block weights (block_weights.py); "" = the whole LoRA
 
     @property
     def active(self) -> bool:
@@ -89,7 +94,14 @@ def _pedal(number: int, row) -> Pedal:
             raise LoraStackError(f"Row {number} of pedals has \"{key}\": {value!r}; it must be a number.",
                                  f"set \"{key}\" to a number such as 1.0.")
         strengths.append(float(value))
-    return Pedal(number, on, lora, *strengths)
+    blocks = row.get("blocks", "")
+    if blocks is None:
+        blocks = ""
+    try:
+        parsed = parse_block_weights(blocks)
+    except BlockWeightsError as error:
+        raise LoraStackError(f"Row {number} of pedals has \"blocks\": {error.problem}", error.fix) from None
+    return Pedal(number, on, lora, *strengths, parsed.text if parsed else "")
 
 
 def _board_problem(text) -> tuple[str, str] | None:
@@ -167,8 +179,9 @@ class LoraLabPedalboard:
             "required": {
                 "pedals": ("STRING", {"default": "[]", "multiline": False, "tooltip":
                            "The rows as JSON (the node's row editor writes it): a list of "
-                           '{"on", "lora", "strength_model", "strength_clip"}. Off, empty and both-zero rows '
-                           "are skipped."}),
+                           '{"on", "lora", "strength_model", "strength_clip", "blocks"}. Off, empty and both-zero '
+                           "rows are skipped. blocks (optional): block weights, as the LoRA Pedal's "
+                           "block_weights takes them."}),
             },
             "optional": {
                 "lora_stack": (pedal_nodes.STACK_TYPE, {"tooltip": "Entries from earlier pedals; they stay first."}),
@@ -214,8 +227,8 @@ class LoraLabPedalboard:
         problem = _board_problem(pedals)
         if problem:
             raise user_error(NODE_BOARD, "pedals", *problem)
-        board = [(pedal_nodes.resolve(pedal.lora, NODE_BOARD, "pedals").name, pedal.strength_model, pedal.strength_clip)
-                 for pedal in parse_pedals(pedals) if pedal.active]
+        board = [stacks.stack_entry(pedal_nodes.resolve(pedal.lora, NODE_BOARD, "pedals").name, pedal.strength_model,
+                                    pedal.strength_clip, pedal.blocks) for pedal in parse_pedals(pedals) if pedal.active]
         trained = self._trained_entry(trained_lora, trained_strength_model, trained_strength_clip)
         try:    # refuse a malformed upstream stack here, where it can be named, not halfway through applying
             plain_incoming = stacks.normalize_stack(lora_stack)
@@ -232,18 +245,19 @@ class LoraLabPedalboard:
             words = _words_from_headers(plain_incoming, False, "lora_stack")
             words += _words_from_headers(board, True, "pedals") + _words_from_headers(trained, True, "trained_lora")
             listed = plain_incoming + board + trained
-            lines = [f"{name}  {stacks.strength_text((name, m, c))}" for name, m, c in listed]
+            lines = [f"{entry[0]}  {stacks.strength_text(entry)}" for entry in listed]
             summary = "\n".join((lines or ["no LoRA in the stack"]) + ["(MODEL not connected: nothing applied)"])
             return {"ui": {"text": [summary]},
                     "result": (incoming + board + trained, None, None, lora_words.join_words(words))}
 
-        applied, words = [], []
+        applied, words, notes = [], [], []
         for input_name, entries in segments:     # one chain; each part's errors name its own input
             result = pedal_nodes.apply_stack(model, clip, entries, NODE_BOARD, input_name)
             model, clip = result.model, result.clip
             applied += result.applied
+            notes += result.notes
             words += result.trigger_words.split(", ") if result.trigger_words else []
-        total = pedal_nodes.AppliedStack(model, clip, lora_words.join_words(words), applied)
+        total = pedal_nodes.AppliedStack(model, clip, lora_words.join_words(words), applied, notes)
         return {"ui": {"text": [total.summary()]},
                 "result": (incoming + board + trained, total.model, total.clip, total.trigger_words)}
 

@@ -3,12 +3,13 @@
 LORA_STACK is the plain list of ``(lora_name, strength_model, strength_clip)`` tuples Comfyroll,
 Efficiency and others pass around, names spelled as ComfyUI's LoRA list spells them, incoming entries
 first. Every entry is applied with ``comfy.sd.load_lora_for_models``, so a stack equals the same chain
-of LoraLoader nodes.
+of LoraLoader nodes. An entry with block weights (stack.StackEntry) goes through ComfyUI's same steps,
+its patches grouped by block ratio (comfy_bridge.apply_lora_by_blocks).
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -20,6 +21,8 @@ import comfy.samplers
 import comfy.utils
 import folder_paths
 
+from ..trainer.lora.block_weights import BlockWeightsError, FAMILY_NAMES, FLUX, SD, SDXL, unnamed_blocks
+from ..trainer.lora.block_weights import parse as parse_block_weights
 from ..trainer.lora import stack as stacks
 from ..trainer.lora import trigger_words as lora_words
 from ..trainer.image_grid import compose_grid
@@ -28,11 +31,6 @@ from . import comfy_bridge
 from .messages import user_error, validation_message
 from ..trainer.training.saves import STATE_SUFFIX
 from .training_previews import TRIGGER_PLACEHOLDER
-
-try:      # ComfyUI 2024-08+ converts some foreign formats first, as load_lora_for_models does
-    from comfy.lora_convert import convert_lora as _CONVERT_LORA
-except ImportError:
-    _CONVERT_LORA = None
 
 CATEGORY = "LoRA Lab/Stack"
 STACK_TYPE = "LORA_STACK"
@@ -94,6 +92,37 @@ def file_signature(name) -> str:
         return ""
 
 
+BLOCK_WEIGHTS_TOOLTIP = (
+    "Optional: this LoRA's strength per block of the model, as in LoRA Block Weight (Inspire Pack, hako-mikan). "
+    "A preset (ALL, NONE, INS, IND, INALL, MIDD, OUTD, OUTS, OUTALL, MOUT, ...; Flux: DBL-ALL, SINGLE-ALL, ...) or "
+    "one number per block, BASE first: SD1.5 17 (LyCORIS 26/27), SDXL 12 (20/21), Flux 20/58. A block the LoRA "
+    "lacks is skipped, never shifting the rest. Empty = the whole LoRA. Other packs' stack loaders apply the "
+    "whole LoRA.")
+# kohya's ss_base_model_version families (comfy_bridge.model_family) that have a block layout.
+BLOCK_FAMILIES = {"sd_v1": SD, "sd_v2": SD, "sdxl_base_v1-0": SDXL, "flux1": FLUX}
+
+
+def parsed_blocks(text, node: str, input_name: str):
+    """A block-weight text checked as far as it can be without the model; None when empty."""
+    try:
+        return parse_block_weights(text)
+    except BlockWeightsError as error:
+        raise user_error(node, input_name, error.problem, error.fix) from None
+
+
+def block_ratios(model, text: str, node: str, input_name: str):
+    """The ratio of each block for this model, from an entry's block-weight text."""
+    family = BLOCK_FAMILIES.get(comfy_bridge.model_family(model))
+    if family is None:
+        raise user_error(node, input_name, f"block weights name the blocks of {', '.join(FAMILY_NAMES.values())} "
+                         f"models; this model is {comfy_bridge.model_family(model)}, whose blocks they do not "
+                         "describe.", "clear the block weights (the LoRA then applies whole).")
+    try:
+        return parsed_blocks(text, node, input_name).for_family(family)
+    except BlockWeightsError as error:
+        raise user_error(node, input_name, error.problem, error.fix) from None
+
+
 def strength_out_of_range(value) -> tuple[str, str] | None:
     """(problem, fix) for a strength outside -STRENGTH_LIMIT..STRENGTH_LIMIT, or None when it is inside."""
     if -STRENGTH_LIMIT <= value <= STRENGTH_LIMIT:
@@ -128,18 +157,24 @@ class LoraLabLoraStack:
                 "lora_name_override": ("STRING", {"forceInput": True, "tooltip":
                                        "A LoRA name from another node (Train LoRA's lora_name); "
                                        "when connected it replaces lora_name."}),
+                # Added after the first release: last, so saved workflows keep their widget values.
+                "block_weights": ("STRING", {"default": "", "tooltip": BLOCK_WEIGHTS_TOOLTIP}),
             },
         }
 
     @classmethod
     def VALIDATE_INPUTS(cls, strength_model=None, strength_clip=None, lora_name=None, enabled=None,
-                        lora_name_override=""):
+                        lora_name_override="", block_weights=None):
         # Naming lora_name here turns off ComfyUI's strict list check: a name saved on Windows, or a stale
         # choice while lora_name_override is connected, must not reject the prompt. Linked inputs arrive
         # as None; an unconnected override keeps its default "".
         for input_name, value in (("strength_model", strength_model), ("strength_clip", strength_clip)):
             if isinstance(value, (int, float)) and strength_out_of_range(value):
                 return validation_message(NODE_PEDAL, input_name, *strength_out_of_range(value))
+        try:
+            parse_block_weights(block_weights)
+        except BlockWeightsError as error:
+            return validation_message(NODE_PEDAL, "block_weights", error.problem, error.fix)
         name_decides = enabled is not False and lora_name_override == "" and isinstance(lora_name, str)
         if name_decides and lora_name != stacks.NONE_NAME:
             try:
@@ -152,7 +187,8 @@ class LoraLabLoraStack:
     def IS_CHANGED(cls, lora_name=None, enabled=True, lora_name_override=None, **_):
         return file_signature(lora_name_override or lora_name) if enabled else ""
 
-    def stack(self, lora_name, strength_model, strength_clip, enabled, lora_stack=None, lora_name_override=None):
+    def stack(self, lora_name, strength_model, strength_clip, enabled, lora_stack=None, lora_name_override=None,
+              block_weights=""):
         incoming = [] if lora_stack is None else lora_stack
         overridden = isinstance(lora_name_override, str) and lora_name_override.strip() != ""
         name = lora_name_override.strip() if overridden else lora_name
@@ -161,8 +197,10 @@ class LoraLabLoraStack:
         for input_name, value in (("strength_model", strength_model), ("strength_clip", strength_clip)):
             if strength_out_of_range(value):
                 raise user_error(NODE_PEDAL, input_name, *strength_out_of_range(value))
+        blocks = parsed_blocks(block_weights, NODE_PEDAL, "block_weights")
         resolved = resolve(name, NODE_PEDAL, "lora_name_override" if overridden else "lora_name")
-        return (list(incoming) + [(resolved.name, float(strength_model), float(strength_clip))],)
+        entry = stacks.stack_entry(resolved.name, float(strength_model), float(strength_clip), blocks.text if blocks else "")
+        return (list(incoming) + [entry],)
 
 
 # --- applying a stack -----------------------------------------------------------------------------------
@@ -178,8 +216,7 @@ def lora_key_map(model, clip) -> dict:
 
 def patches_that_map(tensors: dict, key_map: dict) -> dict:
     """What ComfyUI would patch from this file: empty means the LoRA would silently change nothing."""
-    tensors = _CONVERT_LORA(dict(tensors)) if _CONVERT_LORA else dict(tensors)
-    return comfy_bridge.quiet_load_lora(tensors, key_map)
+    return comfy_bridge.quiet_load_lora(comfy_bridge.converted_lora(tensors), key_map)
 
 
 def read_lora(resolved: stacks.ResolvedLora, node: str, input_name: str) -> stacks.LoraFile:
@@ -191,10 +228,12 @@ class AppliedStack:
     model: object
     clip: object
     trigger_words: str
-    applied: list      # the entries that changed something, names as listed
+    applied: list      # the entries that changed something, names as listed (block weights kept)
+    notes: list = field(default_factory=list)
 
     def summary(self) -> str:
-        lines = [f"{name}  {stacks.strength_text((name, m, c))}" for name, m, c in self.applied] or ["no LoRA applied"]
+        lines = [f"{entry[0]}  {stacks.strength_text(entry)}" for entry in self.applied] or ["no LoRA applied"]
+        lines += self.notes
         if self.trigger_words:
             lines.append(f"trigger words: {self.trigger_words}")
         return "\n".join(lines)
@@ -205,23 +244,35 @@ def apply_stack(model, clip, stack, node: str = NODE_APPLY, input_name: str = "l
     entries = _checked(node, input_name, stacks.normalize_stack, stack)
     key_map = None
     words: list[str] = []
-    applied = []
-    for name, strength_model, strength_clip in entries:
+    applied, notes = [], []
+    for entry in entries:
+        name, strength_model, strength_clip = entry
         if clip is None:
             strength_clip = 0.0        # like LoraLoaderModelOnly
         if not stacks.is_active((name, strength_model, strength_clip), clip is not None):
             continue
+        blocks = stacks.entry_blocks(entry)
+        ratios = block_ratios(model, blocks, node, input_name) if blocks else None
         resolved = resolve(name, node, input_name)
         lora = read_lora(resolved, node, input_name)
         if key_map is None:
             key_map = lora_key_map(model, clip)
-        if not patches_that_map(lora.tensors, key_map):
+        patches = patches_that_map(lora.tensors, key_map)
+        if not patches:
             error = stacks.describe_mismatch(resolved.path, lora.tensors)
             raise user_error(node, input_name, error.problem, error.fix)
-        model, clip = comfy_bridge.apply_lora(model, clip, dict(lora.tensors), strength_model, strength_clip)
+        if ratios is None:
+            model, clip = comfy_bridge.apply_lora(model, clip, dict(lora.tensors), strength_model, strength_clip)
+        else:
+            model, clip = comfy_bridge.apply_lora_by_blocks(model, clip, dict(lora.tensors), strength_model,
+                                                            strength_clip, ratios.of_key)
+            unnamed = unnamed_blocks(patches, ratios)
+            if unnamed:
+                notes.append(f"  {stacks.short_name(resolved.name)}: {', '.join(unnamed)} not in the block "
+                             "weights' layout, kept at strength 1 (a LyCORIS layout names them)")
         words += lora_words.sidecar_words(resolved.path) + lora_words.trigger_words(lora.metadata)
-        applied.append((resolved.name, strength_model, strength_clip))
-    return AppliedStack(model, clip, lora_words.join_words(words), applied)
+        applied.append(stacks.stack_entry(resolved.name, strength_model, strength_clip, blocks))
+    return AppliedStack(model, clip, lora_words.join_words(words), applied, notes)
 
 
 class LoraLabApplyLoraStack:

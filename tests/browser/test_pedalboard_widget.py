@@ -65,13 +65,24 @@ def test_rows_edit_reorder_and_survive_reload_and_export(renderer_page, server, 
     row(page, 1).locator("[data-field='strength_clip']").fill("42")       # clamped to 10
     row(page, 1).locator("[data-field='strength_clip']").dispatch_event("change")
     row(page, 1).locator("[data-field='on']").uncheck()
+    row(page, 1).locator("[data-field='blocks']").fill(" MIDD ")        # block weights, trimmed
+    row(page, 1).locator("[data-field='blocks']").dispatch_event("change")
     page.page.wait_for_function(
         "() => document.querySelector(\".loralab-pedal-row[data-index='0'] .loralab-pedal-trigger\")"
         "?.textContent.includes('browserx')", timeout=10_000)
 
     rows = pedals_value(page, node)
-    assert [(r["lora"], r["on"], r["strength_model"], r["strength_clip"]) for r in rows] == [
-        (style, True, 0.75, 1.0), (detail, False, 1.0, 10.0)]
+    assert [(r["lora"], r["on"], r["strength_model"], r["strength_clip"], r.get("blocks")) for r in rows] == [
+        (style, True, 0.75, 1.0, None), (detail, False, 1.0, 10.0, "MIDD")]
+    # the blocks box sits on the trigger-words line, inside its row, beside (not over) the words
+    boxes = page.page.evaluate(
+        """() => { const r = document.querySelector(".loralab-pedal-row[data-index='0']");
+                   const box = (e) => { const b = e.getBoundingClientRect(); return [b.left, b.top, b.right, b.bottom]; };
+                   return {row: box(r), blocks: box(r.querySelector('.loralab-pedal-blocks')),
+                           words: box(r.querySelector('.loralab-pedal-trigger'))}; }""")
+    row_box, blocks_box, words_box = boxes["row"], boxes["blocks"], boxes["words"]
+    assert row_box[0] <= blocks_box[0] and blocks_box[2] <= row_box[2] + 0.5 and blocks_box[3] <= row_box[3] + 0.5, boxes
+    assert words_box[2] <= blocks_box[0] and blocks_box[3] - blocks_box[1] >= 12, boxes
 
     row(page, 1).locator("[data-action='up']").click()          # reorder: detail first
     assert [r["lora"] for r in pedals_value(page, node)] == [detail, style]
@@ -102,8 +113,8 @@ def test_rows_edit_reorder_and_survive_reload_and_export(renderer_page, server, 
     shown = page.page.evaluate(
         """() => [...document.querySelectorAll('.loralab-pedal-row')].map((r) => [
              r.querySelector('[data-field=lora]').value, r.querySelector('[data-field=on]').checked,
-             Number(r.querySelector('[data-field=strength_model]').value)])""")
-    assert shown == [[detail, False, 1.0], [style, True, 0.75]]
+             Number(r.querySelector('[data-field=strength_model]').value), r.querySelector('[data-field=blocks]').value])""")
+    assert shown == [[detail, False, 1.0, "MIDD"], [style, True, 0.75, ""]]
 
 
 def test_a_board_saved_under_a_name_loads_back_in_another_board(renderer_page, server, board_loras):
@@ -121,6 +132,8 @@ def test_a_board_saved_under_a_name_loads_back_in_another_board(renderer_page, s
     row(page, 0).locator("[data-field='lora']").select_option(style)
     row(page, 0).locator("[data-field='strength_model']").fill("0.6")
     row(page, 0).locator("[data-field='strength_model']").dispatch_event("change")
+    row(page, 0).locator("[data-field='blocks']").fill("OUTALL")
+    row(page, 0).locator("[data-field='blocks']").dispatch_event("change")
     page.page.once("dialog", lambda dialog: dialog.accept(name))
     board.locator("[data-action='save-board']").click()
     page.page.wait_for_function(
@@ -135,5 +148,5 @@ def test_a_board_saved_under_a_name_loads_back_in_another_board(renderer_page, s
         arg=name, timeout=10_000)
     board.locator(".loralab-board-list").select_option(name)
     page.page.wait_for_function("() => document.querySelectorAll('.loralab-pedal-row').length === 1", timeout=10_000)
-    assert [(r["lora"], r["strength_model"]) for r in pedals_value(page, node)] == [(style, 0.6)]
+    assert [(r["lora"], r["strength_model"], r["blocks"]) for r in pedals_value(page, node)] == [(style, 0.6, "OUTALL")]
     assert f"Loaded the board '{name}' (1 row)." in board.locator(".loralab-pedal-status").text_content()

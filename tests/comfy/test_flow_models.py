@@ -368,3 +368,57 @@ def test_sd3_trains_batches_whose_captions_encode_to_other_token_lengths(sd3_une
     assert all(math.isfinite(loss) for loss in result["ui"]["loss"]) and len(result["ui"]["loss"]) == 2
     assert "previews stopped" not in result["ui"]["text"][0]
     assert result["result"][4].shape[0] == 1 and result["result"][4].max() > 0
+
+
+# --- block weights on pedals (SD1.5: test_block_weights.py) ------------------------------------------------
+def flux_output(patcher, stack, clip=None):
+    """What the Flux DiT wearing a pedal stack (via Apply LoRA Stack) predicts for fixed inputs."""
+    import comfy.model_management
+    from lora_lab.nodes import pedals
+    pedals.LORA_FILES.clear()
+    g = torch.Generator().manual_seed(0)
+    x, sigma = torch.randn(1, 16, 8, 8, generator=g), torch.tensor([0.7])
+    cond = {"c_crossattn": torch.randn(1, 16, T5_WIDTH, generator=g), "y": torch.randn(1, 768, generator=g),
+            "guidance": torch.tensor([3.5])}
+    with torch.inference_mode():
+        model = pedals.LoraLabApplyLoraStack().apply(patcher, stack, clip)["result"][0]
+        comfy.model_management.load_models_gpu([model])
+        return model.model.apply_model(x, sigma, **cond).clone()
+
+
+def test_flux_block_weights_name_double_and_single_blocks(flux_unet, loras_dir, pack):
+    """SINGLE-ALL (double blocks 0, single blocks 1) equals the file without its double blocks, a 0 for D01 in
+    the 58-entry layout the file without double block 1, ALL the plain pedal: all bitwise."""
+    from lora_files import kohya_tensors, unet_shapes, write_lora
+    tensors = kohya_tensors(unet_shapes(flux_unet), seed=51)
+
+    def lora(name, keep):
+        write_lora(loras_dir, name, {key: value for key, value in tensors.items() if keep(key)})
+        return name
+
+    whole = lora("flux_blocks_whole.safetensors", lambda key: True)
+    singles = lora("flux_blocks_singles.safetensors", lambda key: "double_blocks" not in key)
+    no_d01 = lora("flux_blocks_no_d01.safetensors", lambda key: "double_blocks_1_" not in key)
+    D01 = 2                                                       # BASE, D00, D01, ...
+    without_d01 = ",".join("0" if i == D01 else "1" for i in range(58))
+    plain = flux_output(flux_unet, [(whole, 0.9, 0.9)])
+    assert not torch.equal(plain, flux_output(flux_unet, []))
+    from lora_lab.trainer.lora.stack import StackEntry
+    assert torch.equal(flux_output(flux_unet, [StackEntry(whole, 0.9, 0.9, "ALL")]), plain)
+    assert torch.equal(flux_output(flux_unet, [StackEntry(whole, 0.9, 0.9, "SINGLE-ALL")]),
+                       flux_output(flux_unet, [(singles, 0.9, 0.9)]))
+    assert torch.equal(flux_output(flux_unet, [StackEntry(whole, 0.9, 0.9, without_d01)]),
+                       flux_output(flux_unet, [(no_d01, 0.9, 0.9)]))
+    with pytest.raises(Exception) as raised:                      # an SD1.5 vector on Flux
+        flux_output(flux_unet, [StackEntry(whole, 1.0, 1.0, ",".join(["1"] * 17))])
+    assert "Apply LoRA Stack" in str(raised.value) and "20 or 58" in str(raised.value)
+
+
+def test_block_weights_on_sd3_are_refused_by_name(sd3_unet, loras_dir, pack):
+    from lora_files import kohya_tensors, unet_shapes, write_lora
+    from lora_lab.trainer.lora.stack import StackEntry
+    write_lora(loras_dir, "sd3_blocks.safetensors", kohya_tensors(unet_shapes(sd3_unet, every=5), seed=52))
+    from lora_lab.nodes import pedals
+    with pytest.raises(Exception) as raised, torch.inference_mode():
+        pedals.LoraLabApplyLoraStack().apply(sd3_unet, [StackEntry("sd3_blocks.safetensors", 1.0, 1.0, "ALL")])
+    assert "this model is sd3" in str(raised.value) and "clear the block weights" in str(raised.value)

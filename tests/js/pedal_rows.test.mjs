@@ -124,3 +124,14 @@ test("a pedal's title says (off) exactly while it is off, keeping the user's wor
   assert.equal(pedalTitle("Pedal 2: a style LoRA (off)", false), "Pedal 2: a style LoRA (off)");
   assert.equal(pedalTitle("LoRA Pedal", true), "LoRA Pedal");
 });
+
+test("block weights travel in a row's \"blocks\" only when set, trimmed", () => {
+  const { rows } = parseRows('[{"lora": "a.safetensors", "blocks": " MIDD "}, {"lora": "b.safetensors", "blocks": ""}]');
+  assert.equal(rows[0].blocks, "MIDD");
+  assert.equal("blocks" in rows[1], false, "an empty value writes no key: old boards keep their JSON");
+  const set = setRowField(rows, 1, "blocks", "1,0,0,0,1,1,1,1,1,1,1,1,0,0,0,0,0");
+  assert.equal(JSON.parse(serializeRows(set))[1].blocks, "1,0,0,0,1,1,1,1,1,1,1,1,0,0,0,0,0");
+  const cleared = setRowField(set, 0, "blocks", "   ");
+  assert.deepEqual(Object.keys(JSON.parse(serializeRows(cleared))[0]), ["on", "lora", "strength_model", "strength_clip"]);
+  assert.equal(rows[0].blocks, "MIDD", "editing makes a new row; the old one is unchanged");
+});

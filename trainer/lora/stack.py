@@ -1,6 +1,9 @@
 """LORA_STACK, the interop list of ``(lora_name, strength_model, strength_clip)``: reading stacks other
 packs build, finding their files safely, reading each file once, and the words that trigger a LoRA.
 
+An entry with block weights is a :class:`StackEntry`: still a plain 3-tuple to every other pack (whose
+loaders unpack three values and apply the whole LoRA), with the block-weight text beside it for ours.
+
 No ComfyUI here: the node layer passes in what ``folder_paths`` lists, so all of it is unit-testable.
 """
 from __future__ import annotations
@@ -25,6 +28,38 @@ NONE_NAME = "None"          # what Comfyroll, Efficiency and our pedal put in a 
 Entry = tuple  # (lora_name: str, strength_model: float, strength_clip: float) -- plain, as others expect
 
 
+class StackEntry(tuple):
+    """``(lora_name, strength_model, strength_clip)`` carrying ``blocks``, a block-weight text (see
+    block_weights.py; "" = the whole LoRA). A 4-tuple would break Comfyroll's and Efficiency's loaders,
+    which unpack three values; this one unpacks as three everywhere."""
+
+    def __new__(cls, name, strength_model, strength_clip, blocks: str = ""):
+        entry = super().__new__(cls, (name, strength_model, strength_clip))
+        entry.blocks = blocks
+        return entry
+
+    def __getnewargs__(self):       # copy and pickle rebuild it with its blocks
+        return (*self, self.blocks)
+
+    def __repr__(self) -> str:
+        return f"StackEntry({tuple.__repr__(self)[1:-1]}, blocks={self.blocks!r})"
+
+
+def entry_blocks(entry) -> str:
+    """An entry's block-weight text; "" for a plain entry (ours or another pack's)."""
+    return getattr(entry, "blocks", "") or ""
+
+
+def stack_entry(name: str, strength_model: float, strength_clip: float, blocks: str = "") -> Entry:
+    """A plain tuple, or a StackEntry when there are block weights."""
+    return StackEntry(name, strength_model, strength_clip, blocks) if blocks else (name, strength_model, strength_clip)
+
+
+def with_strengths(entry, strength_model: float, strength_clip: float) -> Entry:
+    """The same LoRA (and block weights) at other strengths."""
+    return stack_entry(entry[0], strength_model, strength_clip, entry_blocks(entry))
+
+
 class LoraStackError(ValueError):
     """A stack or a LoRA file that cannot be used; ``problem`` and ``fix`` are worded for the user."""
 
@@ -40,7 +75,8 @@ class LoraNotFoundError(LoraStackError):
 
 # --- stacks from anywhere ---------------------------------------------------------------------------
 def normalize_stack(stack) -> list[Entry]:
-    """Plain ``(name, float, float)`` tuples from our stack or Comfyroll's/Efficiency's (tuples or lists).
+    """Plain ``(name, float, float)`` tuples from our stack or Comfyroll's/Efficiency's (tuples or lists);
+    our entries with block weights stay StackEntry.
 
     Empty and ``"None"`` slots are dropped; the order is kept. Anything else that is not a
     three-item entry with numeric strengths is refused, naming the entry.
@@ -68,7 +104,7 @@ def normalize_stack(stack) -> list[Entry]:
             raise LoraStackError(f"Entry {number} of the LoRA stack ({name}) has strengths "
                                  f"{strength_model!r}, {strength_clip!r}; they must be numbers.",
                                  "set both strengths to numbers such as 1.0.")
-        entries.append((str(name), *strengths))
+        entries.append(stack_entry(str(name), *strengths, entry_blocks(entry)))
     return entries
 
 
@@ -332,7 +368,14 @@ def short_name(name: str) -> str:
 
 
 def strength_text(entry: Entry) -> str:
-    return f"{entry[1]:g}" if entry[1] == entry[2] else f"{entry[1]:g}/{entry[2]:g}"
+    """``0.8`` or ``0.8/1``, then the block weights when the entry has them: ``0.8 blocks MIDD``."""
+    strengths = f"{entry[1]:g}" if entry[1] == entry[2] else f"{entry[1]:g}/{entry[2]:g}"
+    blocks = entry_blocks(entry)
+    return f"{strengths} blocks {_short_blocks(blocks)}" if blocks else strengths
+
+
+def _short_blocks(text: str, limit: int = 24) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def parse_strengths(text: str, limit: int = 16) -> list[float]:
@@ -372,7 +415,7 @@ def comparison_columns(entries: list[Entry], sweep_index: int = -1, sweep: list[
                                  f"(0 is the first).", f"set sweep_index to 0..{len(entries) - 1}, or -1 for no sweep.")
         swept = entries[sweep_index]
         for value in sweep:
-            changed = (swept[0], value, value if swept[2] != 0 else 0.0)
+            changed = with_strengths(swept, value, value if swept[2] != 0 else 0.0)
             stack = tuple(changed if i == sweep_index else e for i, e in enumerate(entries))
             columns.append(Column(f"{short_name(swept[0])} @ {value:g}", stack))
     return columns
