@@ -150,3 +150,53 @@ def test_a_board_saved_under_a_name_loads_back_in_another_board(renderer_page, s
     page.page.wait_for_function("() => document.querySelectorAll('.loralab-pedal-row').length === 1", timeout=10_000)
     assert [(r["lora"], r["strength_model"], r["blocks"]) for r in pedals_value(page, node)] == [(style, 0.6, "OUTALL")]
     assert f"Loaded the board '{name}' (1 row)." in board.locator(".loralab-pedal-status").text_content()
+
+
+def test_a_run_reports_each_row_with_its_block_weights(renderer_page, server, board_loras):
+    """A real queue: checkpoint -> pedalboard (a row with block weights MIDD) -> 1-step KSampler at 64 px; the
+    board's status then shows what was applied, block weights included, readable in its box."""
+    import random_models
+    page = renderer_page
+    style, _ = board_loras
+    page.watch_events(["execution_start", "executing", "execution_success", "execution_error"])
+    # The Vue renderer needs a frame after clear(), or new nodes take the cleared ones' places (test_layout.py).
+    page.page.evaluate("() => { app.graph.clear(); return new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r))); }")
+    board = page.page.evaluate(
+        """([checkpoint, rows]) => {
+             const add = (type, x, y, values = {}) => {
+               const n = LiteGraph.createNode(type); n.pos = [x, y]; app.graph.add(n);
+               for (const [name, value] of Object.entries(values)) n.widgets.find((w) => w.name === name).value = value;
+               return n; };
+             const loader = add('CheckpointLoaderSimple', 20, 420, {ckpt_name: checkpoint});
+             const board = add('LoraLabPedalboard', 80, 60, {pedals: rows});
+             const positive = add('CLIPTextEncode', 560, 60, {text: 'a lighthouse'});
+             const negative = add('CLIPTextEncode', 560, 260, {text: ''});
+             const latent = add('EmptyLatentImage', 560, 460, {width: 64, height: 64});
+             const sampler = add('KSampler', 900, 60, {steps: 1, seed: 1});
+             const decode = add('VAEDecode', 1240, 60);
+             const preview = add('PreviewImage', 1240, 200);
+             loader.connect(0, board, board.findInputSlot('model'));
+             loader.connect(1, board, board.findInputSlot('clip'));
+             board.connect(board.findOutputSlot('model'), sampler, 0);
+             board.connect(board.findOutputSlot('clip'), positive, 0);
+             board.connect(board.findOutputSlot('clip'), negative, 0);
+             positive.connect(0, sampler, 1); negative.connect(0, sampler, 2); latent.connect(0, sampler, 3);
+             sampler.connect(0, decode, 0); loader.connect(2, decode, 1); decode.connect(0, preview, 0);
+             app.canvas.ds.scale = 1; app.canvas.ds.offset = [0, 0]; app.graph.setDirtyCanvas(true, true);
+             return board.id; }""",
+        [random_models.CHECKPOINT_NAME,
+         json.dumps([{"on": True, "lora": style, "strength_model": 0.8, "strength_clip": 1.0, "blocks": "MIDD"}])])
+    page.page.wait_for_selector(".loralab-pedal-row[data-index='0']", timeout=10_000)
+    assert page.page.locator(".loralab-pedal-blocks").input_value() == "MIDD"
+    page.queue_with_keyboard()
+    page.wait_idle(timeout=300)
+    assert not [e for e in page.events() if e["type"] == "execution_error"], page.events()
+    status = page.page.locator(".loralab-pedal-status")
+    page.page.wait_for_function(
+        "() => document.querySelector('.loralab-pedal-status').textContent.includes('blocks MIDD')", timeout=10_000)
+    assert f"{style}  0.8/1 blocks MIDD" in status.text_content()
+    fits = page.page.evaluate(
+        "() => { const s = document.querySelector('.loralab-pedal-status'); return s.scrollWidth <= s.clientWidth + 1; }")
+    assert fits, "the report's lines are cut at the status box's edge"
+    assert board
+    page.screenshot(page_artifact(page, "pedalboard_after_run_blocks"))

@@ -19,6 +19,7 @@ import torch
 from ..captions.augment import CaptionAugment, TextEncodingMemo, augment_batch, varies
 from ..data.encoded_dataset import EncodedDataset, PictureSize, TextEncoding, as_text_encoding, concat_conds
 from ..lora.network import Network
+from .distributed import DataParallel, RunStopped, SingleProcess
 from .ema import AdapterEma
 from .loss_shapes import elementwise_loss, flow_sigmas, huber_threshold
 from .noise import NoiseSettings, draw, loss_weights, weighted_mean
@@ -195,7 +196,8 @@ def train(denoiser: Denoiser, data: EncodedDataset,
           text_encoder_trains: bool = False,
           held_out: EncodedDataset | None = None,
           adapter_dropout: Callable[[bool], object] | None = None,
-          ema: AdapterEma | None = None) -> LoopState:
+          ema: AdapterEma | None = None,
+          parallel: DataParallel | SingleProcess | None = None) -> LoopState:
     """Run ``settings.steps`` optimizer steps (counting any resumed ones) and return the loop state.
 
     ``on_step`` runs after every optimizer step; raising from it (Cancel) stops within one step —
@@ -209,11 +211,15 @@ def train(denoiser: Denoiser, data: EncodedDataset,
     the caller kept out of ``data`` (validation.hold_out); in every step that ends an epoch their loss is
     measured (``validation_loss``) and reported. ``adapter_dropout(on)`` switches the adapters' dropout,
     which is off while measuring. ``ema``: a moving average of the adapters, updated after every optimizer
-    step and carried in the resume state.
+    step and carried in the resume state. ``parallel``: this process's part of a run on several
+    (distributed.DataParallel: a share of every global batch, DDP over the adapters, one exchange per step);
+    None is one process. Held-out pictures are then measured by rank 0 only.
     """
     optimizer = make_optimizer(settings.optimizer, learning_rate_groups(adapters, settings), settings.learning_rate,
                                **{"weight_decay": settings.weight_decay, **settings.optimizer_args})
     parameters = trainable_parameters(optimizer.param_groups)
+    parallel = parallel or SingleProcess()
+    parallel.attach(parameters)
     scheduler = make_scheduler(optimizer, settings.lr_schedule, settings.steps, settings.warmup_steps,
                                settings.lr_cycles)
     captions_vary = varies(settings.captions)
@@ -241,25 +247,38 @@ def train(denoiser: Denoiser, data: EncodedDataset,
 
     for step in range(start, settings.steps):
         began = time.perf_counter()
-        step_loss = 0.0
+        step_loss, non_finite = 0.0, False
         for micro in range(settings.gradient_accumulation):
-            indices = next(batches)
-            latents, texts, sizes = data.collate(indices, device)
+            indices = next(batches)                 # the global batch: the same on every rank
+            noise, u = draw(generator, (len(indices), *data.examples[indices[0]].latent.shape), settings.noise)
+            mine = parallel.share(len(indices))     # positions in the global batch this process computes
+            # An empty share (more ranks than pictures) runs the first picture at weight 0: every rank must
+            # take part in DDP's gradient exchange.
+            part = list(mine) or [0]
+            weight = parallel.weight(len(mine), len(indices))
+            chosen = [indices[p] for p in part]
+            latents, texts, sizes = data.collate(chosen, device)
             if captions_vary or text_encoder_trains:
                 captions = augment_batch([data.examples[i].caption for i in indices], settings.captions,
                                          settings.seed, step, micro)
                 encode = encode_caption if text_encoder_trains else text_for   # a trained encoder keeps its graph
-                texts = [as_text_encoding(encode(caption)) for caption in captions]
-            noise, u = draw(generator, tuple(latents.shape), settings.noise)
-            loss = batch_loss(denoiser, latents, texts, sizes, noise.to(device), u.to(device), device, settings,
-                              data.loss_weights(indices, device))
-            if not math.isfinite(loss.item()):
-                optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteLoss(step + 1, loss.item())
-            scaled = loss / settings.gradient_accumulation
-            (scaler.scale(scaled) if scaler else scaled).backward()
-            step_loss += loss.item() / settings.gradient_accumulation
+                texts = [as_text_encoding(encode(captions[p])) for p in part]
+            with parallel.accumulating(last=micro == settings.gradient_accumulation - 1):
+                loss = parallel.forward(lambda: batch_loss(
+                    denoiser, latents, texts, sizes, noise[part].to(device), u[part].to(device), device, settings,
+                    data.loss_weights(chosen, device)))
+                value = loss.item()
+                non_finite = non_finite or not math.isfinite(value)
+                scaled = (loss * weight if parallel.world > 1 else loss) / settings.gradient_accumulation
+                (scaler.scale(scaled) if scaler else scaled).backward()
+            step_loss += value * weight / parallel.world / settings.gradient_accumulation
 
+        # One exchange per step decides together: a NaN anywhere stops every rank before the weights change.
+        outcome = parallel.step_outcome(step_loss, non_finite)
+        if outcome.non_finite:
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLoss(step + 1, outcome.loss)
+        step_loss = outcome.loss
         if scaler:
             scaler.unscale_(optimizer)
         max_norm = settings.max_grad_norm if settings.max_grad_norm > 0 else float("inf")
@@ -279,7 +298,7 @@ def train(denoiser: Denoiser, data: EncodedDataset,
             ema.update()
         seconds, done = time.perf_counter() - began, step + 1
         epoch, validation_loss = epochs.completed_at(done), None
-        if validation and epoch > epochs.completed_at(step):     # an epoch ended: measure the held-out pictures
+        if validation and parallel.is_main and epoch > epochs.completed_at(step):     # an epoch ended: measure
             # ...with the weights the saves hold: the moving average, when it replaces them.
             with ema.applied() if ema is not None and ema.saved_instead else contextlib.nullcontext():
                 validation_loss = validation_loss_of(denoiser, validation, device, settings, adapter_dropout,
@@ -288,6 +307,8 @@ def train(denoiser: Denoiser, data: EncodedDataset,
             on_step(StepReport(done, settings.steps, step_loss, lr, seconds,
                                snapshot=lambda: _snapshot(done, optimizer, scheduler, scaler, ema),
                                epoch=epoch, validation_loss=validation_loss))
+        if outcome.cancel:          # a Cancel that reached any rank: all stop after the same step
+            raise RunStopped(done)
     return _snapshot(settings.steps, optimizer, scheduler, scaler, ema)
 
 
