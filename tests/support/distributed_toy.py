@@ -33,9 +33,11 @@ def _pack_importable() -> None:
         sys.modules["lora_lab"] = pack
 
 
-def toy_run(case: dict, parallel=None, on_step=None) -> dict:
+def toy_run(case: dict, parallel=None, on_step=None, resume=None, holder: dict | None = None) -> dict:
     """Train the toy adapter as ``case`` says (batch_size, accumulation, steps, n pictures, buckets) -> the
-    adapter's weights and the step losses. ``parallel``: this rank's DataParallel, or None for one process."""
+    adapter's weights and the step losses. ``parallel``: this rank's DataParallel, or None for one process.
+    ``resume``: (the loop's snapshot, the adapter's weights) of an earlier run, to go on from. ``holder`` gets
+    the adapter's parameters as "adapter" before training (for saves from on_step)."""
     _pack_importable()
     from lora_lab.trainer.training.loop import TrainSettings, train
     from toy_training import TinyEpsDenoiser, toy_data
@@ -43,6 +45,12 @@ def toy_run(case: dict, parallel=None, on_step=None) -> dict:
     torch.manual_seed(0)
     model = TinyEpsDenoiser()
     adapter = list(model.net[2].parameters())
+    if holder is not None:
+        holder["adapter"] = adapter
+    if resume is not None:
+        with torch.no_grad():
+            for parameter, saved in zip(adapter, resume[1]):
+                parameter.copy_(saved)
     for parameter in model.net[0].parameters():
         parameter.requires_grad_(False)          # the frozen base: never handed to DDP
     data = toy_data(case.get("pictures", 6), seed=1, buckets=tuple(case.get("buckets", ((64, 64),))))
@@ -57,7 +65,8 @@ def toy_run(case: dict, parallel=None, on_step=None) -> dict:
         if on_step:
             on_step(report)
 
-    train(model, data, adapter, settings, torch.device("cpu"), on_step=record, parallel=parallel)
+    train(model, data, adapter, settings, torch.device("cpu"), on_step=record, parallel=parallel,
+          resume=resume[0] if resume is not None else None)
     return {"weights": [p.detach().clone() for p in adapter], "losses": losses}
 
 
@@ -80,7 +89,7 @@ def rank_main(rank: int, world: int, port: int, folder: str, case: dict) -> None
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch.distributed as dist
-    from lora_lab.trainer.training.distributed import DataParallel, RunStopped, leave_process_group
+    from lora_lab.trainer.distributed.data_parallel import DataParallel, RunStopped, leave_process_group
     from lora_lab.trainer.training.loop import NonFiniteLoss
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30))
     steps_seen = []

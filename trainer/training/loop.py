@@ -19,7 +19,7 @@ import torch
 from ..captions.augment import CaptionAugment, TextEncodingMemo, augment_batch, varies
 from ..data.encoded_dataset import EncodedDataset, PictureSize, TextEncoding, as_text_encoding, concat_conds
 from ..lora.network import Network
-from .distributed import DataParallel, RunStopped, SingleProcess
+from ..distributed.data_parallel import DataParallel, RunStopped, SingleProcess
 from .ema import AdapterEma
 from .loss_shapes import elementwise_loss, flow_sigmas, huber_threshold
 from .noise import NoiseSettings, draw, loss_weights, weighted_mean
@@ -277,7 +277,8 @@ def train(denoiser: Denoiser, data: EncodedDataset,
         outcome = parallel.step_outcome(step_loss, non_finite)
         if outcome.non_finite:
             optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLoss(step + 1, outcome.loss)
+            where = f" (on rank {', '.join(map(str, outcome.non_finite_ranks))})" if outcome.non_finite_ranks else ""
+            raise NonFiniteLoss(step + 1, outcome.loss, what="loss" + where)
         step_loss = outcome.loss
         if scaler:
             scaler.unscale_(optimizer)

@@ -8,7 +8,7 @@ import torch
 import torch.multiprocessing
 
 import distributed_toy
-from lora_lab.trainer.training.distributed import contiguous_share
+from lora_lab.trainer.distributed.data_parallel import contiguous_share
 
 # Both sides sum the same float32 terms in another order (one batch of b on one process; two shares of it and
 # gloo's sum of the two gradients on two), so roundings differ by about 6e-8 relative per operation. The adapter's

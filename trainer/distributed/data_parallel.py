@@ -12,7 +12,7 @@ A rank whose share is empty still runs one picture at weight 0, so every rank ta
 gradient exchange. ``batch_size`` stays the global batch: any world size trains the same LoRA, with the
 same steps and schedule.
 
-Once per optimizer step one all-reduce carries [loss, non-finite, cancel], so a NaN on one rank or a Cancel
+Once per optimizer step one all-reduce carries [loss, cancel, non-finite per rank], so a NaN on one rank or a Cancel
 reaching one rank stops every rank at the same step; nothing else is exchanged outside DDP. (A rank that
 raised on its own would leave the others waiting in the next exchange until the timeout.)
 
@@ -33,6 +33,7 @@ class StepOutcome:
     loss: float            # the step's loss over the global batch (mean of its micro-batches)
     non_finite: bool       # some rank's loss was NaN or infinite
     cancel: bool           # some rank was asked to stop
+    non_finite_ranks: tuple = ()     # which ranks saw it (several processes only: messages name them)
 
 
 class RunStopped(RuntimeError):
@@ -123,13 +124,17 @@ class DataParallel:
         return self.ddp(loss_of)
 
     def step_outcome(self, loss: float, non_finite: bool) -> StepOutcome:
-        """The one exchange per step: the global loss and whether any rank saw a non-finite loss or a Cancel."""
-        cancel = bool(self.cancel_requested())
-        values = torch.tensor([0.0 if non_finite else loss, float(non_finite), float(cancel)],
-                              dtype=torch.float64, device=self.exchange_device)
+        """The one exchange per step: the global loss, whether any rank was asked to stop, and which ranks saw
+        a non-finite loss (one slot per rank, so the message can name them)."""
+        values = torch.zeros(2 + self.world, dtype=torch.float64)
+        values[0] = 0.0 if non_finite else loss
+        values[1] = float(bool(self.cancel_requested()))
+        values[2 + self.rank] = float(non_finite)
+        values = values.to(self.exchange_device)
         self.dist.all_reduce(values)
-        total, bad, stop = values.tolist()
-        return StepOutcome(total if not bad else float("nan"), bad > 0, stop > 0)
+        total, stop, *bad = values.tolist()
+        ranks = tuple(rank for rank, flag in enumerate(bad) if flag > 0)
+        return StepOutcome(float("nan") if ranks else total, bool(ranks), stop > 0, ranks)
 
 
 def leave_process_group() -> None:
