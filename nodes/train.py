@@ -39,6 +39,7 @@ from . import comfy_bridge, folders, model_sources, train_preset
 from .messages import user_error
 from .train_adapters import inject_adapters
 from .train_checks import NODE, check_inputs, check_noise_settings, check_optimizer
+from .train_distributed import DISTRIBUTED_TYPE, Relay, train_elsewhere
 from .train_host import ComfyHost
 from .training_options import OPTIONS_TYPE, TrainingOptions
 from .training_previews import TrainingPreviews, empty_previews
@@ -102,6 +103,9 @@ class LoraLabTrainLora:
                                    "the class looks like. Each epoch shows as many of them as training pictures "
                                    "(so about twice the steps); their loss counts prior_loss_weight (Noise & Loss). "
                                    "A picture without a caption takes its folder's class."}),
+                "distributed": (DISTRIBUTED_TYPE, {"tooltip":
+                                "From a Distributed Training node: train on several GPUs (and machines) at once. "
+                                "The same settings give the same LoRA; only the speed changes."}),
             },
             # The queued graph names the checkpoint and VAE files the MODEL/VAE came from (model_sources.py).
             "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT"},
@@ -116,7 +120,7 @@ class LoraLabTrainLora:
     def train_lora(self, model, clip, vae, dataset, output_name, resolution, steps, epochs, batch_size,
                    learning_rate, rank, alpha, seed, trigger_word="", options=None, preset=train_preset.NO_PRESET,
                    goal=train_preset.GOALS[0], gpu_memory=train_preset.GPU_MEMORY[0], regularization=None,
-                   unique_id=None, prompt=None):
+                   distributed=None, unique_id=None, prompt=None):
         check_inputs(model, dataset, output_name, rank, alpha, options)
         preset, goal, gpu_memory = train_preset.with_defaults(preset, goal, gpu_memory)
         chosen = train_preset.choose(preset, goal, gpu_memory, comfy_bridge.model_family(model), dict(
@@ -207,23 +211,30 @@ class LoraLabTrainLora:
                 return reuse_finished(model, clip, finished, run, describe)
             if resume is None:      # this run was interrupted before (ComfyUI killed): it goes on from its last save
                 resume, describe = run.continue_interrupted(saves.base_name(output_name), describe)
-            if options.previews.every_n_steps:      # prompts encoded now: CLIP is not loaded mid-run
-                run.previews = TrainingPreviews(model, clip, options.previews, trigger_word, (resolution, resolution),
-                                                unique_id, settings.mixed_precision)
-            saved = train_adapters(model, clip, split, settings, options, device, run, describe, resume)
+            if distributed is not None:     # the workers train, render the previews and save (train_distributed.py)
+                relay = Relay(run, host)
+                saved = train_elsewhere(distributed, prompt, unique_id, model, dict(
+                    split=split, settings=settings, options=options, describe=describe, resume=resume), run, relay)
+                shown, previews = relay.previews_shown, relay.previews
+            else:
+                if options.previews.every_n_steps:      # prompts encoded now: CLIP is not loaded mid-run
+                    run.previews = TrainingPreviews(model, clip, options.previews, trigger_word,
+                                                    (resolution, resolution), unique_id, settings.mixed_precision)
+                saved = train_adapters(model, clip, split, settings, options, device, run, describe, resume)
             del data, split
         comfy.model_management.soft_empty_cache()
-        previews = run.previews.decoded(vae) if run.previews else None
+        if distributed is None:
+            shown, previews = (run.previews.shown, run.previews.decoded(vae)) if run.previews else (None, None)
 
         tensors, _ = load_lora_file(saved)
         model_out, clip_out = comfy_bridge.apply_lora(model, clip, tensors)
         lora_name = os.path.relpath(saved, host.save_folders.loras)
         curve = torch.from_numpy(run.loss_curve(title=f"{lora_name} loss")).unsqueeze(0)
         ui = {"text": [run.report(lora_name, describe)], **run.chart()}
-        if run.previews and run.previews.shown:
+        if shown:
             # For the node's own preview strip (js/preview_strip.js), not "images": ComfyUI would show them
             # a second time as node images, squeezed and without their steps.
-            ui["previews"] = run.previews.shown
+            ui["previews"] = shown
         return {"ui": ui, "result": (model_out, clip_out, lora_name, curve,
                                      previews if previews is not None else empty_previews(), describe.trigger_word or "")}
 
@@ -350,9 +361,9 @@ def encode_for_training(model, clip, vae, dataset, resolution, use_disk_cache: b
     return data, (describe_cache(disk.stats) if disk else "latent disk cache: off")
 
 
-def train_adapters(model, clip, split, settings, options, device, run, describe, resume):
+def train_adapters(model, clip, split, settings, options, device, run, describe, resume, parallel=None):
     """Inject, train (``split.training``; ``split.pictures`` held out for validation), save; whatever happens
-    the shared model comes back as it was."""
+    the shared model comes back as it was. ``parallel``: this worker's share of a distributed run."""
     text_encoder_trains = settings.train_text_encoder
     # Captions that change per step (dropout, shuffle) or a training text encoder mean CLIP runs inside
     # the loop: it is loaded beside the UNet up front, and never through ComfyUI's loader mid-run.
@@ -391,7 +402,8 @@ def train_adapters(model, clip, split, settings, options, device, run, describe,
                                    settings, device, on_step=run.step_callback(lora, describe, options),
                                    resume=resume.loop_state if resume else None,
                                    encode_caption=encode_caption, text_encoder_trains=text_encoder_trains,
-                                   held_out=split.pictures, adapter_dropout=lora.train, ema=run.ema)
+                                   held_out=split.pictures, adapter_dropout=lora.train, ema=run.ema,
+                                   parallel=parallel)
                 return run.save_final(lora, describe, loop_state, settings.steps, options.overwrite_existing)
     except comfy_bridge.PartiallyLoaded as too_big:
         clip_advice = (" turn off train_text_encoder / caption dropout and tag shuffle (they keep the text encoder "

@@ -23,6 +23,9 @@ def to_plain(value):
                 "fields": {field.name: to_plain(getattr(value, field.name)) for field in dataclasses.fields(value)}}
     if isinstance(value, tuple):
         return {_KIND: "tuple", "items": [to_plain(item) for item in value]}
+    if isinstance(value, (set, frozenset)):
+        return {_KIND: "frozenset" if isinstance(value, frozenset) else "set",
+                "items": [to_plain(item) for item in sorted(value, key=repr)]}
     if isinstance(value, list):
         return [to_plain(item) for item in value]
     if isinstance(value, dict):
@@ -48,6 +51,9 @@ def _rebuild(value, by_name: dict):
     kind = value[_KIND]
     if kind == "tuple":
         return tuple(_rebuild(item, by_name) for item in value["items"])
+    if kind in ("set", "frozenset"):
+        items = (_hashable(_rebuild(item, by_name)) for item in value["items"])
+        return frozenset(items) if kind == "frozenset" else set(items)
     if kind == "dict":
         return {_hashable(_rebuild(key, by_name)): _rebuild(item, by_name) for key, item in value["pairs"]}
     if kind == "dtype":
