@@ -145,7 +145,8 @@ def train_elsewhere(topology: Topology, prompt: dict, unique_id, model, prepared
                          "queue the workflow from ComfyUI's front end or its /prompt API.")
     graph, wanted = sub_graph(prompt, unique_id)
     job = JobFolder(folders.user_folder("distributed") / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
-    job.write_job({"comfyui": comfyui_setup(), "graph": graph, "wanted": wanted, "node": str(unique_id),
+    job.write_job({"created": time.time(), "comfyui": comfyui_setup(), "graph": graph, "wanted": wanted,
+                   "node": str(unique_id),
                    "fingerprint": comfy_bridge.model_fingerprint(model), "timeout": topology.timeout,
                    "world": topology.world})
     plain.save({**prepared, "run": {name: getattr(run, name) for name in RUN_FIELDS}}, job.path / "run.pt")
@@ -311,7 +312,7 @@ def worker_main(job_path: Path) -> None:
             run.previews = TrainingPreviews(model, clip, options.previews, describe.trigger_word,
                                             (describe.resolution, describe.resolution), state["unique_id"],
                                             settings.mixed_precision)
-        parallel = DataParallel(worker.device(), worker.cancel_requested)
+        parallel = worker.parallel = DataParallel(worker.device(), worker.cancel_requested)
         try:
             saved = train_adapters(model, clip, prepared["split"], settings, options, worker.device(), run, describe,
                                    prepared["resume"], parallel=parallel)

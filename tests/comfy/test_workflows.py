@@ -61,6 +61,8 @@ def test_notes_say_what_to_set():
             assert "ready_to_train" in text and "save caption files" in text
         if "LoraLabWd14Loader" in kinds:
             assert "onnxruntime" in text and "models/wd14_tagger/" in text
+        if "LoraLabDistributedTraining" in kinds:    # shipped unconnected: say what to connect
+            assert "distributed" in text and "gpus" in text and "batch_size" in text
         if "LoraLabLoraStack" in kinds:       # pedals shipped switched off: say how to use them
             assert "switched off" in text and "pick" in text and "enabled" in text
 

@@ -91,13 +91,18 @@ WORKFLOWS = {
              "recipes): 512 px, batch 2, rank 32, alpha 16, lr 5e-4, about 2000 steps in whole epochs. "
              "Pick your base model, goal and GPU memory at the bottom of Train LoRA to change it; every value "
              "stays yours to change. Cancel keeps what was trained as "
-             f"{TRAINED}_stepN. Re-queueing an unchanged graph does not retrain."),
+             f"{TRAINED}_stepN. Re-queueing an unchanged graph does not retrain.\n\n"
+             "Several GPUs? Connect the Distributed Training node to Train LoRA's 'distributed' input and set "
+             "its gpus: batch_size stays the whole batch, split across them, so the LoRA is the same, sooner."),
         node("checkpoint", "CheckpointLoaderSimple", 1, {"ckpt_name": CHECKPOINT}),
         *dataset_and_captions(),
         node("options", "LoraLabPreviewOptions", 2,
              {"preview_every_n_steps": 250,
               "preview_prompts": f"{PLACEHOLDER}, a portrait\n{PLACEHOLDER}, full body, outdoors"},
              title="Previews (every 250 steps)", width=380),
+        node("distributed", "LoraLabDistributedTraining", 2,
+             {"where": "this machine", "gpus": 2, "machines": 2, "address": "", "port": 29500, "timeout_seconds": 600},
+             title="Distributed Training (connect for several GPUs)", width=380),
         node("train", "LoraLabTrainLora", 3, TRAIN_WIDGETS,
              {"model": ("checkpoint", 0), "clip": ("checkpoint", 1), "vae": ("checkpoint", 2),
               "dataset": ("caption", 0), "options": ("options", 0)}, width=420),

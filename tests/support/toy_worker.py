@@ -67,7 +67,8 @@ def main(job_dir: str) -> None:
             worker.report("progress", step=report.step, total=report.total, loss=report.loss, saved=saved)
 
         try:
-            result = distributed_toy.toy_run(case, DataParallel(worker.device(), cancel_requested),
+            worker.parallel = DataParallel(worker.device(), cancel_requested)
+            result = distributed_toy.toy_run(case, worker.parallel,
                                              on_step=on_step, resume=resume, holder=holder)
         except RunStopped as stopped:
             worker.report("stopped", step=stopped.step)

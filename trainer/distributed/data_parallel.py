@@ -22,6 +22,7 @@ computes exactly what it computed before this module existed.
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -101,6 +102,8 @@ class DataParallel:
         # nccl exchanges tensors on the GPU, gloo on the CPU.
         self.exchange_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
         self.ddp = None
+        self.exchange_seconds = 0.0     # time the gradient all-reduces took, summed (overlapped with backward)
+        self.steps = 0
 
     def attach(self, parameters: Iterable[torch.nn.Parameter]) -> None:
         """Wrap the trainable parameters (the loop's optimizer's) in DDP. Rank 0's values are broadcast here:
@@ -108,6 +111,20 @@ class DataParallel:
         from torch.nn.parallel import DistributedDataParallel
         self.ddp = DistributedDataParallel(_Adapters(parameters),
                                            device_ids=[self.device] if self.device.type == "cuda" else None)
+        self.ddp.register_comm_hook(None, self._timed_allreduce)
+
+    def _timed_allreduce(self, state, bucket):
+        """DDP's own average (all-reduce, divided by the world), timed from the call to the result, for the report
+        and tools/bench_distributed.py."""
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+        started = time.perf_counter()
+        future = allreduce_hook(None, bucket)
+
+        def done(result):
+            self.exchange_seconds += time.perf_counter() - started
+            return result.value()
+
+        return future.then(done)
 
     def share(self, count: int) -> range:
         return contiguous_share(count, self.rank, self.world)
@@ -133,6 +150,7 @@ class DataParallel:
         values = values.to(self.exchange_device)
         self.dist.all_reduce(values)
         total, stop, *bad = values.tolist()
+        self.steps += 1
         ranks = tuple(rank for rank, flag in enumerate(bad) if flag > 0)
         return StepOutcome(float("nan") if ranks else total, bool(ranks), stop > 0, ranks)
 

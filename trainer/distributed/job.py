@@ -6,6 +6,7 @@
   cancel            present = Cancel was pressed: every rank reads it at each step's exchange, so all stop
                     after the same step
   error-rank<r>.json  what stopped rank r, written by that rank as it fails (the controller names the rank)
+  stats-rank<r>.json  rank r's peak memory and exchange time, written as it leaves (tools/bench_distributed.py)
   torchrun.log      torchrun's and the workers' output (the controller reads the root cause of a crash here)
 
 Only plain JSON crosses this folder; tensors travel as safetensors files next to it.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +44,7 @@ class JobFolder:
 
     # --- events: rank 0 appends, the controller reads ------------------------------------------------
     def append_event(self, kind: str, **data) -> None:
-        line = json.dumps({"event": kind, **data}) + "\n"
+        line = json.dumps({"event": kind, "time": time.time(), **data}) + "\n"
         # One write of one line in append mode: a reader sees whole lines or none of a line's end.
         with open(self.path / EVENTS_FILE, "a", encoding="utf-8") as events:
             events.write(line)
@@ -79,6 +81,14 @@ class JobFolder:
             except (OSError, ValueError):
                 continue
         return sorted(found, key=lambda error: error.get("rank", 0))
+
+    # --- each rank's figures ---------------------------------------------------------------------------
+    def write_stats(self, rank: int, stats: dict) -> None:
+        (self.path / f"stats-rank{rank}.json").write_text(json.dumps({"rank": rank, **stats}))
+
+    def stats(self) -> list[dict]:
+        return sorted((json.loads(path.read_text()) for path in self.path.glob("stats-rank*.json")),
+                      key=lambda found: found["rank"])
 
     @property
     def log_path(self) -> Path:

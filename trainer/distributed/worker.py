@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 
 import torch
 
@@ -31,7 +32,8 @@ class WorkerProcess:
         self.world = int(os.environ["WORLD_SIZE"])
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.is_main = self.rank == 0
-        self.step = 0
+        self.started = time.time()
+        self.parallel = None        # the run's DataParallel, for the figures written on leaving
 
     def device(self) -> torch.device:
         """This rank's GPU (LOCAL_RANK-th of the machine), or the CPU."""
@@ -54,8 +56,23 @@ class WorkerProcess:
     def cancel_requested(self) -> bool:
         return self.job.cancel_requested()
 
+    def figures(self) -> dict:
+        """Peak memory (the GPU's allocations, or the process's resident size on a CPU) and exchange time."""
+        if torch.cuda.is_available():
+            peak, kind = torch.cuda.max_memory_allocated(self.device()), "cuda max_memory_allocated"
+        else:
+            peak, kind = _peak_resident_bytes(), "process peak RSS"
+        parallel = self.parallel
+        return {"peak_memory_bytes": peak, "memory": kind, "seconds": time.time() - self.started,
+                "steps": parallel.steps if parallel else 0,
+                "exchange_seconds": parallel.exchange_seconds if parallel else 0.0}
+
     def __exit__(self, kind, error, traceback) -> bool:
         import torch.distributed as dist
+        try:
+            self.job.write_stats(self.rank, self.figures())
+        except OSError:
+            pass
         if error is not None:
             self.job.write_error(self.rank, type(error).__name__, str(error), getattr(error, "step", None))
         if error is None or isinstance(error, STOPPED_TOGETHER):
@@ -66,3 +83,12 @@ class WorkerProcess:
             except Exception:      # the group may be broken already (that is why we are here)
                 pass
         return False
+
+
+def _peak_resident_bytes() -> int:
+    try:
+        import resource         # POSIX; Linux counts kilobytes
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    except ImportError:         # Windows
+        import psutil
+        return psutil.Process().memory_info().peak_wset

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from safetensors import safe_open
 
 import distributed_toy
 from lora_lab.trainer.distributed.job import JobFolder
@@ -73,15 +74,16 @@ def test_two_ranks_train_what_one_process_trains_and_only_rank_0_writes(tmp_path
     assert outcome.ok, job.log_path.read_text()
     assert not launched.running()
     assert clock.steps() == [1, 2, 3] and clock.steps("finished") == [3]      # one rank reports
+    figures = job.stats()                     # each rank's own, as it left
+    assert [f["rank"] for f in figures] == [0, 1] and all(f["steps"] == 3 and f["peak_memory_bytes"] > 0
+                                                          and f["exchange_seconds"] > 0 for f in figures)
     result = torch.load(job.path / "result.pt", weights_only=False)
     assert largest_difference(result["weights"], one_process(case)["weights"]) <= TOLERANCE
     written = sorted(str(p.relative_to(job.path)) for p in job.path.rglob("*") if p.is_file())
-    assert written == sorted(["job.json", "events.jsonl", "torchrun.log", "result.pt"]
+    assert written == sorted(["job.json", "events.jsonl", "torchrun.log", "result.pt", "stats-rank0.json",
+                              "stats-rank1.json"]
                              + [f"saves/step{s}.{kind}" for s in (1, 2, 3) for kind in ("safetensors", "state.pt")])
     for step in (1, 2, 3):
-        with open(job.path / "saves" / f"step{step}.safetensors", "rb"):
-            pass
-        from safetensors import safe_open
         with safe_open(str(job.path / "saves" / f"step{step}.safetensors"), "pt") as saved:
             assert saved.metadata()["writer_rank"] == "0"
 
