@@ -9,6 +9,7 @@ before the pack exists in this process), so only the standard library and torch 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import inspect
 import json
 import os
@@ -27,7 +28,7 @@ def boot_comfyui(setup: dict):
     if (Path(setup["root"]) / "utils" / "__init__.py").exists():
         # ComfyUI's utils package, now: importing nodes.py puts comfy/ first on the path, and comfy/utils.py would
         # then stand for it (main.py imports utils.extra_config at its top for the same reason).
-        import utils  # noqa: F401
+        importlib.import_module("utils")
     import torch
     if torch.cuda.is_available():       # before comfy is imported: it reads the current device at import
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

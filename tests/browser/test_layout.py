@@ -400,3 +400,16 @@ def test_the_class_images_node_and_the_new_inputs_show_readable(renderer_page, r
     assert "masks" in slots["LoraLabDatasetFromImages"]["inputs"]
     assert "regularization" in slots["LoraLabTrainLora"]["inputs"]
     assert_shown_readable(page, renderer, "class_images_and_new_inputs.png")
+
+
+def test_the_distributed_training_node_and_the_block_weights_show_readable(renderer_page, renderer):
+    """Distributed Training (new), Train LoRA (its distributed input) and the LoRA Pedal (its block_weights),
+    placed fresh from the node list: every input and widget there, none drawn over another node, no label cut."""
+    page = renderer_page
+    slots = placed_fresh(page, [("LoraLabDistributedTraining", [40, 40]), ("LoraLabLoraStack", [40, 420]),
+                                ("LoraLabTrainLora", [620, 40])])
+    assert slots["LoraLabDistributedTraining"]["widgets"] == ["where", "gpus", "machines", "address", "port",
+                                                              "timeout_seconds"]
+    assert "distributed" in slots["LoraLabTrainLora"]["inputs"]
+    assert slots["LoraLabLoraStack"]["widgets"][-1] == "block_weights"
+    assert_shown_readable(page, renderer, "distributed_and_block_weights.png")
