@@ -143,13 +143,7 @@ def train_elsewhere(topology: Topology, prompt: dict, unique_id, model, prepared
     if not isinstance(prompt, dict) or str(unique_id) not in prompt:
         raise user_error(NODE, "distributed", "the queued graph is not available to send to the workers.",
                          "queue the workflow from ComfyUI's front end or its /prompt API.")
-    graph, wanted = sub_graph(prompt, unique_id)
-    job = JobFolder(folders.user_folder("distributed") / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
-    job.write_job({"created": time.time(), "comfyui": comfyui_setup(), "graph": graph, "wanted": wanted,
-                   "node": str(unique_id),
-                   "fingerprint": comfy_bridge.model_fingerprint(model), "timeout": topology.timeout,
-                   "world": topology.world})
-    plain.save({**prepared, "run": {name: getattr(run, name) for name in RUN_FIELDS}}, job.path / "run.pt")
+    job = write_job(topology, prompt, unique_id, model, prepared, run)
     worker = [str(WORKER_SCRIPT), str(job.path)]
     for command in commands_for_other_machines(topology, worker):
         log.warning("[LoRA Lab] distributed training: run this on the other machines (with this job folder at the "
@@ -159,11 +153,17 @@ def train_elsewhere(topology: Topology, prompt: dict, unique_id, model, prepared
     threads = max(1, (os.cpu_count() or 1) // topology.gpus) if not torch.cuda.is_available() else 0
     launched = Launched(torchrun_command(topology, worker), job, threads_per_rank=threads)
     log.info("[LoRA Lab] distributed training on %d process(es); job folder %s", topology.world, job.path)
-    outcome = launched.follow(relay, cancel_requested=comfy.model_management.processing_interrupted,
-                              cancel_grace=topology.timeout + 30)
-    if outcome.ok and relay.finished:
-        relay.take_over(job)
-        return relay.finished["saved"]
+    try:
+        outcome = launched.follow(relay, cancel_requested=comfy.model_management.processing_interrupted,
+                                  cancel_grace=topology.timeout + 30)
+        if outcome.ok and relay.finished:
+            relay.take_over(job)
+            return relay.finished["saved"]
+    finally:
+        # The prepared run holds the encoded dataset (gigabytes with Flux's T5 encodings): the saves hold what a
+        # run goes on from, so only the job's log and events stay, to read what happened.
+        for done_with in ("run.pt", "finished.pt"):
+            (job.path / done_with).unlink(missing_ok=True)
     if outcome.cancelled:
         log.warning("[LoRA Lab] distributed training cancelled; %s", relay.stopped_text())
         raise comfy.model_management.InterruptProcessingException()
@@ -173,6 +173,17 @@ def train_elsewhere(topology: Topology, prompt: dict, unique_id, model, prepared
     raise user_error(NODE, "distributed", f"the distributed run stopped: {outcome.failure(topology.world, topology.timeout)}. "
                      f"{relay.last_save_text()} torchrun's log: {job.log_path}.",
                      "see the log for the rank's own error; then queue again (resume_from the last save to go on).")
+
+
+def write_job(topology: Topology, prompt: dict, unique_id, model, prepared: dict, run: TrainingRun) -> JobFolder:
+    """The job folder: what builds the model, the model's fingerprint, and the prepared run (trainer/distributed/job.py)."""
+    graph, wanted = sub_graph(prompt, unique_id)
+    job = JobFolder(folders.user_folder("distributed") / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
+    job.write_job({"created": time.time(), "comfyui": comfyui_setup(), "graph": graph, "wanted": wanted,
+                   "node": str(unique_id), "fingerprint": comfy_bridge.model_fingerprint(model),
+                   "timeout": topology.timeout, "world": topology.world})
+    plain.save({**prepared, "run": {name: getattr(run, name) for name in RUN_FIELDS}}, job.path / "run.pt")
+    return job
 
 
 class Relay:

@@ -49,8 +49,7 @@ def prepared(args):
         name = Path(args.checkpoint).name
         (overlay / "models" / "checkpoints" / name).symlink_to(Path(args.checkpoint).resolve())
     else:
-        name = random_models.link_checkpoint(random_models.full_sd15_checkpoint_built_aside(slim=True), overlay,
-                                             name=random_models.SLIM_CHECKPOINT_NAME)
+        name = random_models.link_slim_checkpoint(overlay)
     return overlay, name
 
 

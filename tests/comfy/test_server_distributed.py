@@ -2,8 +2,6 @@
 worker processes and gives the LoRA the same graph gives without it; its progress reaches the front end's socket."""
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 from safetensors import safe_open
@@ -18,16 +16,12 @@ LEARNING_RATE = 1e-3
 @pytest.fixture(scope="module")
 def slim(server):
     """The slim-UNet SD1.5 checkpoint beside the server's full one: two workers and the server each load it."""
-    return random_models.link_checkpoint(random_models.full_sd15_checkpoint_built_aside(slim=True), server.overlay,
-                                         name=random_models.SLIM_CHECKPOINT_NAME)
+    return random_models.link_slim_checkpoint(server.overlay)
 
 
 @pytest.fixture(scope="module")
 def folder(server):
-    root = server.overlay / "input" / "distributed_dataset"
-    if root.exists():
-        shutil.rmtree(root)
-    demo_data.write_demo_dataset(root, count=3, repeats=1, size=64)
+    demo_data.fresh_demo_dataset(server.overlay / "input" / "distributed_dataset", count=3, repeats=1, size=64)
     return "distributed_dataset"
 
 

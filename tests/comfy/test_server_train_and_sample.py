@@ -40,10 +40,7 @@ def train_and_sample_prompt(folder: str, name: str, steps: int = 2) -> dict:
 
 @pytest.fixture(scope="module")
 def dataset_folder(server):
-    root = server.overlay / "input" / "e2e_dataset"
-    if root.exists():
-        shutil.rmtree(root)
-    demo_data.write_demo_dataset(root, count=3, repeats=2, size=64)
+    demo_data.fresh_demo_dataset(server.overlay / "input" / "e2e_dataset", count=3, repeats=2, size=64)
     return "e2e_dataset"
 
 

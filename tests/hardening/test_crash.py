@@ -38,8 +38,7 @@ def campaign():
 def test_kill_9_while_a_state_is_written_then_the_same_workflow_continues(tmp_path, comfyui_root, campaign,
                                                                           hardening):
     overlay = comfyui_home.build_overlay(tmp_path / "root", comfyui_root)
-    checkpoint = random_models.link_checkpoint(random_models.full_sd15_checkpoint_built_aside(slim=True), overlay,
-                                               random_models.SLIM_CHECKPOINT_NAME)
+    checkpoint = random_models.link_slim_checkpoint(overlay)
     demo_data.write_demo_dataset(overlay / "input" / "crash_dataset", count=2, repeats=1, size=64)
     folders = campaign.Folders(overlay, "killed")
 

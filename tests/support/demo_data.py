@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import random
+import shutil
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -35,6 +36,13 @@ def draw_picture(shape: str, colour: tuple[int, int, int], size: tuple[int, int]
         x, y = rng.randrange(width), rng.randrange(height)
         draw.point((x, y), fill=tuple(min(255, c + rng.randint(-30, 30)) for c in image.getpixel((x, y))))
     return image
+
+
+def fresh_demo_dataset(folder: Path, **options) -> Path:
+    """write_demo_dataset into ``folder`` emptied first (what an earlier run left is gone)."""
+    if Path(folder).exists():
+        shutil.rmtree(folder)
+    return write_demo_dataset(folder, **options)
 
 
 def write_demo_dataset(folder: Path, count: int = 8, repeats: int = 10, size: int = 128,

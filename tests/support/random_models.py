@@ -160,6 +160,11 @@ SD15_SLIM_UNET = dict(SD15_FULL_UNET, num_res_blocks=[1, 1], channel_mult=[1, 2]
 SLIM_CHECKPOINT_NAME = "loralab_slim_sd15.safetensors"
 
 
+def link_slim_checkpoint(overlay: Path) -> str:
+    """The slim-UNet SD1.5 checkpoint (built aside once) in ``overlay``'s checkpoints folder: its name there."""
+    return link_checkpoint(full_sd15_checkpoint_built_aside(slim=True), overlay, SLIM_CHECKPOINT_NAME)
+
+
 def ensure_full_sd15_checkpoint(cache: Path, seed: int = 0, slim: bool = False) -> Path:
     """Write (once) a full-shape SD1.5 checkpoint with random weights and return its path.
 
