@@ -227,8 +227,9 @@ class LoraLabPedalboard:
         problem = _board_problem(pedals)
         if problem:
             raise user_error(NODE_BOARD, "pedals", *problem)
-        board = [stacks.stack_entry(pedal_nodes.resolve(pedal.lora, NODE_BOARD, "pedals").name, pedal.strength_model,
-                                    pedal.strength_clip, pedal.blocks) for pedal in parse_pedals(pedals) if pedal.active]
+        board = [stacks.stack_entry(pedal_nodes.resolve(pedal.lora, NODE_BOARD, "pedals").name,
+                                    pedal.strength_model, pedal.strength_clip, pedal.blocks)
+                 for pedal in parse_pedals(pedals) if pedal.active]
         trained = self._trained_entry(trained_lora, trained_strength_model, trained_strength_clip)
         try:    # refuse a malformed upstream stack here, where it can be named, not halfway through applying
             plain_incoming = stacks.normalize_stack(lora_stack)

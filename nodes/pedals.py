@@ -199,7 +199,8 @@ class LoraLabLoraStack:
                 raise user_error(NODE_PEDAL, input_name, *strength_out_of_range(value))
         blocks = parsed_blocks(block_weights, NODE_PEDAL, "block_weights")
         resolved = resolve(name, NODE_PEDAL, "lora_name_override" if overridden else "lora_name")
-        entry = stacks.stack_entry(resolved.name, float(strength_model), float(strength_clip), blocks.text if blocks else "")
+        entry = stacks.stack_entry(resolved.name, float(strength_model), float(strength_clip),
+                                   blocks.text if blocks else "")
         return (list(incoming) + [entry],)
 
 

@@ -221,10 +221,11 @@ class LoraLabTrainLora:
                     run.previews = TrainingPreviews(model, clip, options.previews, trigger_word,
                                                     (resolution, resolution), unique_id, settings.mixed_precision)
                 saved = train_adapters(model, clip, split, settings, options, device, run, describe, resume)
+                shown = previews = None
             del data, split
         comfy.model_management.soft_empty_cache()
-        if distributed is None:
-            shown, previews = (run.previews.shown, run.previews.decoded(vae)) if run.previews else (None, None)
+        if run.previews:        # rendered in this process: decoded now that training has left the GPU
+            shown, previews = run.previews.shown, run.previews.decoded(vae)
 
         tensors, _ = load_lora_file(saved)
         model_out, clip_out = comfy_bridge.apply_lora(model, clip, tensors)

@@ -78,7 +78,8 @@ class LoraLabDistributedTraining:
             "where": (list(WHERE), {"tooltip": "this machine: its GPUs. several machines: this one and others that "
                                     "run the command the node prints (the job folder must be reachable there)."}),
             "gpus": ("INT", {"default": 2, "min": 1, "max": 64, "tooltip":
-                             "Training processes per machine, one per GPU (on a machine without a GPU: CPU processes)."}),
+                             "Training processes per machine, one per GPU (on a machine without a GPU: CPU "
+                             "processes)."}),
             "machines": ("INT", {"default": 2, "min": 1, "max": 256, "tooltip": "Used with 'several machines'."}),
             "address": ("STRING", {"default": "", "tooltip": "With 'several machines': this machine's address as the "
                                    "others reach it. Keep the port private: torch.distributed does not authenticate."}),
@@ -112,7 +113,8 @@ def sub_graph(prompt: dict, node_id, inputs=("model", "clip", "vae")) -> tuple[d
         if current in keep:
             continue
         keep.add(current)
-        todo += [value[0] for value in prompt[current]["inputs"].values() if isinstance(value, list) and len(value) == 2]
+        links = [value for value in prompt[current]["inputs"].values() if isinstance(value, list) and len(value) == 2]
+        todo += [link[0] for link in links]
     return {key: prompt[key] for key in keep}, {name: [str(link[0]), link[1]] for name, link in wanted.items()}
 
 
@@ -170,13 +172,14 @@ def train_elsewhere(topology: Topology, prompt: dict, unique_id, model, prepared
     for error in outcome.errors:             # a rank's own message for the user (a NaN, a different model)
         if error.get("kind") in ("LoraLabError", "SaveFailed"):
             raise LoraLabError(error["message"])
-    raise user_error(NODE, "distributed", f"the distributed run stopped: {outcome.failure(topology.world, topology.timeout)}. "
-                     f"{relay.last_save_text()} torchrun's log: {job.log_path}.",
+    failure = outcome.failure(topology.world, topology.timeout)
+    raise user_error(NODE, "distributed", f"the distributed run stopped: {failure}. {relay.last_save_text()} "
+                     f"torchrun's log: {job.log_path}.",
                      "see the log for the rank's own error; then queue again (resume_from the last save to go on).")
 
 
 def write_job(topology: Topology, prompt: dict, unique_id, model, prepared: dict, run: TrainingRun) -> JobFolder:
-    """The job folder: what builds the model, the model's fingerprint, and the prepared run (trainer/distributed/job.py)."""
+    """The job folder (trainer/distributed/job.py): what builds the model, its fingerprint, the prepared run."""
     graph, wanted = sub_graph(prompt, unique_id)
     job = JobFolder(folders.user_folder("distributed") / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
     job.write_job({"created": time.time(), "comfyui": comfyui_setup(), "graph": graph, "wanted": wanted,
