@@ -169,14 +169,15 @@ def test_a_run_reports_each_row_with_its_block_weights(renderer_page, server, bo
                const n = LiteGraph.createNode(type); n.pos = [x, y]; app.graph.add(n);
                for (const [name, value] of Object.entries(values)) n.widgets.find((w) => w.name === name).value = value;
                return n; };
-             const loader = add('CheckpointLoaderSimple', 20, 420, {ckpt_name: checkpoint});
+             // Apart enough for the Vue renderer's wider nodes: the board is pictured whole after the run.
+             const loader = add('CheckpointLoaderSimple', 80, 640, {ckpt_name: checkpoint});
              const board = add('LoraLabPedalboard', 80, 60, {pedals: rows});
-             const positive = add('CLIPTextEncode', 560, 60, {text: 'a lighthouse'});
-             const negative = add('CLIPTextEncode', 560, 260, {text: ''});
-             const latent = add('EmptyLatentImage', 560, 460, {width: 64, height: 64});
-             const sampler = add('KSampler', 900, 60, {steps: 1, seed: 1});
-             const decode = add('VAEDecode', 1240, 60);
-             const preview = add('PreviewImage', 1240, 200);
+             const positive = add('CLIPTextEncode', 760, 60, {text: 'a lighthouse'});
+             const negative = add('CLIPTextEncode', 760, 320, {text: ''});
+             const latent = add('EmptyLatentImage', 760, 580, {width: 64, height: 64});
+             const sampler = add('KSampler', 1160, 60, {steps: 1, seed: 1});
+             const decode = add('VAEDecode', 1560, 60);
+             const preview = add('PreviewImage', 1560, 220);
              loader.connect(0, board, board.findInputSlot('model'));
              loader.connect(1, board, board.findInputSlot('clip'));
              board.connect(board.findOutputSlot('model'), sampler, 0);
