@@ -3,3 +3,4 @@
 export const TRAIN_PROGRESS = "loralab.train.progress";
 export const TRAIN_STOPPED = "loralab.train.stopped";
 export const TRAIN_PREVIEW = "loralab.train.preview";
+export const TRAIN_STATUS = "loralab.train.status";

@@ -3,7 +3,7 @@
 // The server's events are named in events.js (the same names as nodes/events.py).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-import { TRAIN_PREVIEW, TRAIN_PROGRESS, TRAIN_STOPPED } from "./events.js";
+import { TRAIN_PREVIEW, TRAIN_PROGRESS, TRAIN_STATUS, TRAIN_STOPPED } from "./events.js";
 import { appendPoint, appendValidation, curveSteps, drawLossChart, resolveNode, statusLine } from "./loss_chart.js";
 import { darkBox, domArea, fitNodeToWidgets } from "./dom_widgets.js";
 import { addPreview, previewStrip, setPreviews } from "./preview_strip.js";
@@ -126,6 +126,10 @@ app.registerExtension({
     api.addEventListener(TRAIN_PREVIEW, ({ detail }) => {
       const node = trainNodeOf(detail);
       if (node) addPreview(node, detail);
+    });
+    api.addEventListener(TRAIN_STATUS, ({ detail }) => {      // e.g. the command for the other machines
+      const node = trainNodeOf(detail);
+      if (node) showReport(node, detail.text);
     });
     api.addEventListener(TRAIN_STOPPED, ({ detail }) => {
       const node = trainNodeOf(detail);

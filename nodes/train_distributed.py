@@ -43,7 +43,7 @@ from ..trainer.training.noise import NoiseSettings
 from ..trainer.training.run import TrainingRun
 from ..trainer.training.saves import ResumePoint, WrittenSave
 from ..trainer.training.validation import HeldOut, ValidationHistory
-from . import comfy_bridge, folders
+from . import comfy_bridge, events, folders
 from .training_options import TrainingOptions
 from .training_previews import PreviewSettings
 
@@ -76,7 +76,8 @@ class LoraLabDistributedTraining:
     def INPUT_TYPES(cls):
         return {"required": {
             "where": (list(WHERE), {"tooltip": "this machine: its GPUs. several machines: this one and others that "
-                                    "run the command the node prints (the job folder must be reachable there)."}),
+                                    "each run the command Train LoRA's report shows when you queue (with the job "
+                                    "folder at the same path there)."}),
             "gpus": ("INT", {"default": 2, "min": 1, "max": 64, "tooltip":
                              "Training processes per machine, one per GPU (on a machine without a GPU: CPU "
                              "processes)."}),
@@ -147,9 +148,9 @@ def train_elsewhere(topology: Topology, prompt: dict, unique_id, model, prepared
                          "queue the workflow from ComfyUI's front end or its /prompt API.")
     job = write_job(topology, prompt, unique_id, model, prepared, run)
     worker = [str(WORKER_SCRIPT), str(job.path)]
-    for command in commands_for_other_machines(topology, worker):
-        log.warning("[LoRA Lab] distributed training: run this on the other machines (with this job folder at the "
-                    "same path):\n  %s", command)
+    status = starting_text(topology, worker, job)
+    log.warning("[LoRA Lab] %s", status)
+    comfy_bridge.send_to_front_end(events.TRAIN_STATUS, {"node": unique_id, "text": status})
     comfy.model_management.unload_all_models()       # the GPUs are the workers' now
     comfy.model_management.soft_empty_cache()
     threads = max(1, (os.cpu_count() or 1) // topology.gpus) if not torch.cuda.is_available() else 0
@@ -176,6 +177,18 @@ def train_elsewhere(topology: Topology, prompt: dict, unique_id, model, prepared
     raise user_error(NODE, "distributed", f"the distributed run stopped: {failure}. {relay.last_save_text()} "
                      f"torchrun's log: {job.log_path}.",
                      "see the log for the rank's own error; then queue again (resume_from the last save to go on).")
+
+
+def starting_text(topology: Topology, worker: list[str], job: JobFolder) -> str:
+    """What the node's report says until the first step: where the job is and, for several machines, the exact
+    command each other machine runs (rank 0 waits for them at the rendezvous)."""
+    lines = [f"Distributed training: {topology.gpus} process(es) on this machine, job folder {job.path}."]
+    commands = commands_for_other_machines(topology, worker)
+    if commands:
+        lines.append(f"Waiting for {len(commands)} other machine(s). On each, with the same ComfyUI, custom nodes "
+                     "and model files, and this job folder at the same path, run:")
+        lines += [f"  machine {number}: {command}" for number, command in enumerate(commands, start=1)]
+    return "\n".join(lines)
 
 
 def write_job(topology: Topology, prompt: dict, unique_id, model, prepared: dict, run: TrainingRun) -> JobFolder:

@@ -125,3 +125,20 @@ def test_a_worker_whose_model_differs_refuses(pack, loaded, slim_checkpoint, mak
                   prompt=graph(slim_checkpoint), distributed=two_processes())
     assert "built a different model" in str(refused.value) and "rank" in str(refused.value)
     assert not list(loras_dir.glob("dist_other*"))
+
+
+def test_the_node_says_what_each_other_machine_runs(pack, tmp_path):
+    """With several machines, rank 0 waits for the others: the report shows each one's exact torchrun command
+    (the same worker and job, its own --node-rank) before the first step."""
+    from lora_lab.nodes import train_distributed
+    from lora_lab.trainer.distributed.job import JobFolder
+    from lora_lab.trainer.distributed.launcher import Topology, torchrun_command
+    topology = Topology(gpus=4, machines=3, address="10.0.0.5", port=29511)
+    worker = [str(train_distributed.WORKER_SCRIPT), str(tmp_path)]
+    text = train_distributed.starting_text(topology, worker, JobFolder(tmp_path))
+    assert f"job folder {tmp_path}" in text and "Waiting for 2 other machine(s)" in text
+    for machine in (1, 2):
+        command = " ".join(torchrun_command(Topology(4, 3, machine, "10.0.0.5", 29511), worker, python="python"))
+        assert f"machine {machine}: {command}" in text
+        assert f"--node-rank={machine}" in command and "--master-addr=10.0.0.5" in command
+    assert "Waiting" not in train_distributed.starting_text(Topology(gpus=2), worker, JobFolder(tmp_path))
