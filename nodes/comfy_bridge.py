@@ -496,17 +496,22 @@ def apply_lora(model, clip, tensors: dict, strength_model: float = 1.0, strength
     return comfy.sd.load_lora_for_models(model, clip, tensors, strength_model, strength_clip)
 
 
-def apply_lora_by_blocks(model, clip, tensors: dict, strength_model: float, strength_clip: float, ratio_of):
-    """apply_lora with each patched weight's strengths multiplied by ``ratio_of(weight key)`` (block weights).
-
-    ComfyUI's own steps, as comfy.sd.load_lora_for_models takes them, except that the patches go in by
-    groups of equal ratio: ratio 1 everywhere makes the very patches apply_lora makes, ratio 0 none."""
+def lora_key_map(model, clip) -> dict:
+    """ComfyUI's map from LoRA key names to weights, as comfy.sd.load_lora_for_models builds it."""
     key_map = {}
     if model is not None:
         key_map = comfy.lora.model_lora_keys_unet(model.model, key_map)
     if clip is not None:
         key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
-    loaded = comfy.lora.load_lora(converted_lora(tensors), key_map)
+    return key_map
+
+
+def apply_lora_by_blocks(model, clip, tensors: dict, strength_model: float, strength_clip: float, ratio_of):
+    """apply_lora with each patched weight's strengths multiplied by ``ratio_of(weight key)`` (block weights).
+
+    ComfyUI's own steps, as comfy.sd.load_lora_for_models takes them, except that the patches go in by
+    groups of equal ratio: ratio 1 everywhere makes the very patches apply_lora makes, ratio 0 none."""
+    loaded = comfy.lora.load_lora(converted_lora(tensors), lora_key_map(model, clip))
     groups: dict[float, dict] = {}
     for key, patch in loaded.items():
         groups.setdefault(float(ratio_of(key)), {})[key] = patch

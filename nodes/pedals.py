@@ -205,16 +205,6 @@ class LoraLabLoraStack:
 
 
 # --- applying a stack -----------------------------------------------------------------------------------
-def lora_key_map(model, clip) -> dict:
-    """ComfyUI's map from LoRA key names to weights, as comfy.sd.load_lora_for_models builds it."""
-    key_map = {}
-    if model is not None:
-        key_map = comfy.lora.model_lora_keys_unet(model.model, key_map)
-    if clip is not None:
-        key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
-    return key_map
-
-
 def patches_that_map(tensors: dict, key_map: dict) -> dict:
     """What ComfyUI would patch from this file: empty means the LoRA would silently change nothing."""
     return comfy_bridge.quiet_load_lora(comfy_bridge.converted_lora(tensors), key_map)
@@ -257,7 +247,7 @@ def apply_stack(model, clip, stack, node: str = NODE_APPLY, input_name: str = "l
         resolved = resolve(name, node, input_name)
         lora = read_lora(resolved, node, input_name)
         if key_map is None:
-            key_map = lora_key_map(model, clip)
+            key_map = comfy_bridge.lora_key_map(model, clip)
         patches = patches_that_map(lora.tensors, key_map)
         if not patches:
             error = stacks.describe_mismatch(resolved.path, lora.tensors)

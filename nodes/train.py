@@ -214,7 +214,7 @@ class LoraLabTrainLora:
             if distributed is not None:     # the workers train, render the previews and save (train_distributed.py)
                 relay = Relay(run, host)
                 saved = train_elsewhere(distributed, prompt, unique_id, model, dict(
-                    split=split, settings=settings, options=options, describe=describe, resume=resume), run, relay)
+                    split=split, settings=settings, options=options, describe=describe, resume=resume), relay)
                 shown, previews = relay.previews_shown, relay.previews
             else:
                 if options.previews.every_n_steps:      # prompts encoded now: CLIP is not loaded mid-run

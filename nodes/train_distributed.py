@@ -138,15 +138,14 @@ def comfyui_setup() -> dict:
     }
 
 
-def train_elsewhere(topology: Topology, prompt: dict, unique_id, model, prepared: dict, run: TrainingRun,
-                    relay: "Relay"):
+def train_elsewhere(topology: Topology, prompt: dict, unique_id, model, prepared: dict, relay: "Relay"):
     """Train the prepared run on ``topology``'s workers -> the final save's path, as train_adapters returns it.
-    ``relay`` (made with the run and its host) takes the workers' progress, losses and saves as they come,
-    and the finished run's previews."""
+    ``relay`` (made with the run and its host) takes the workers' progress, losses and saves into the run as they
+    come, and the finished run's previews."""
     if not isinstance(prompt, dict) or str(unique_id) not in prompt:
         raise user_error(NODE, "distributed", "the queued graph is not available to send to the workers.",
                          "queue the workflow from ComfyUI's front end or its /prompt API.")
-    job = write_job(topology, prompt, unique_id, model, prepared, run)
+    job = write_job(topology, prompt, unique_id, model, prepared, relay.run)
     worker = [str(WORKER_SCRIPT), str(job.path)]
     status = starting_text(topology, worker, job)
     log.warning("[LoRA Lab] %s", status)

@@ -269,7 +269,7 @@ def train(denoiser: Denoiser, data: EncodedDataset,
                     data.loss_weights(chosen, device)))
                 value = loss.item()
                 non_finite = non_finite or not math.isfinite(value)
-                scaled = (loss * weight if parallel.world > 1 else loss) / settings.gradient_accumulation
+                scaled = loss * weight / settings.gradient_accumulation     # weight 1.0 in one process: exact
                 (scaler.scale(scaled) if scaler else scaled).backward()
             step_loss += value * weight / parallel.world / settings.gradient_accumulation
 
