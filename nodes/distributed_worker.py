@@ -79,7 +79,9 @@ def main(job_folder: str) -> None:
              "message": f"ComfyUI could not start in the worker: {type(error).__name__}: {error}"}))
         raise
     import importlib
-    importlib.import_module(f"{pack.__name__}.nodes.train_distributed").worker_main(Path(job_folder))
+    worker = importlib.import_module(f"{pack.__name__}.trainer.distributed.worker")
+    worker.run_to_the_end(importlib.import_module(f"{pack.__name__}.nodes.train_distributed").worker_main,
+                          Path(job_folder))
 
 
 if __name__ == "__main__":

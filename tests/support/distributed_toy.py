@@ -90,6 +90,7 @@ def rank_main(rank: int, world: int, port: int, folder: str, case: dict) -> None
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch.distributed as dist
     from lora_lab.trainer.distributed.data_parallel import DataParallel, RunStopped, leave_process_group
+    from lora_lab.trainer.distributed.worker import end_process
     from lora_lab.trainer.training.loop import NonFiniteLoss
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30))
     steps_seen = []
@@ -109,3 +110,4 @@ def rank_main(rank: int, world: int, port: int, folder: str, case: dict) -> None
         outcome["steps_seen"] = steps_seen
         torch.save(outcome, Path(folder) / f"rank{rank}.pt")
         leave_process_group()
+    end_process(0)       # as the launcher's workers end (trainer/distributed/worker.py says why)

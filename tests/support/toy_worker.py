@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from lora_lab.trainer.distributed.data_parallel import DataParallel, RunStopped  # noqa: E402
 from lora_lab.trainer.distributed.job import JobFolder  # noqa: E402
-from lora_lab.trainer.distributed.worker import WorkerProcess  # noqa: E402
+from lora_lab.trainer.distributed.worker import WorkerProcess, run_to_the_end  # noqa: E402
 
 
 def fault(rank: int, step: int, case: dict) -> None:
@@ -79,4 +79,4 @@ def main(job_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    run_to_the_end(main, sys.argv[1])

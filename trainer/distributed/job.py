@@ -87,8 +87,13 @@ class JobFolder:
         (self.path / f"stats-rank{rank}.json").write_text(json.dumps({"rank": rank, **stats}))
 
     def stats(self) -> list[dict]:
-        return sorted((json.loads(path.read_text()) for path in self.path.glob("stats-rank*.json")),
-                      key=lambda found: found["rank"])
+        found = []
+        for path in self.path.glob("stats-rank*.json"):
+            try:
+                found.append(json.loads(path.read_text()))
+            except (OSError, ValueError):      # a rank that ended while writing it
+                continue
+        return sorted(found, key=lambda figures: figures.get("rank", 0))
 
     @property
     def log_path(self) -> Path:

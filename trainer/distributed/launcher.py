@@ -73,6 +73,8 @@ class Outcome:
     events: list = field(default_factory=list)
     errors: list = field(default_factory=list)        # the ranks' own error files
     root_cause: dict | None = None                    # torchrun's "first observed failure": rank, exitcode
+    exit_codes: dict = field(default_factory=dict)    # every rank torchrun saw fail: rank -> exit code
+    stats: list = field(default_factory=list)         # the figures each rank wrote on leaving
     cancelled: bool = False
     unresponsive: bool = False                        # stopped by the controller: no word from the workers
 
@@ -87,8 +89,9 @@ class Outcome:
                 return f"rank {error['rank']}: {error['message']}"
         timed_out = [e for e in self.errors if "timeout" in e.get("message", "").lower()
                      or "timed out" in e.get("message", "").lower()]
-        if self.root_cause and self.root_cause.get("exitcode", 0) < 0 and not timed_out:
-            return (f"rank {self.root_cause['rank']} ended abruptly ({_signal_name(self.root_cause['exitcode'])}: "
+        abrupt = self.ended_abruptly(world)
+        if abrupt is not None and not timed_out:
+            return (f"rank {abrupt} ended abruptly ({_signal_name(self.exit_codes.get(abrupt, -9))}: "
                     "killed, or out of memory on its machine)")
         if timed_out:
             waiting = {e["rank"] for e in timed_out}
@@ -106,6 +109,28 @@ class Outcome:
         return f"torchrun ended with exit code {self.returncode} before any rank started (see its log)"
 
 
+    def ended_abruptly(self, world: int) -> int | None:
+        """The rank a signal ended before it could say why. torchrun's "first observed failure" is that rank
+        unless it left an error file or its figures (a rank leaving through WorkerProcess writes them): torchrun
+        times failures to the second and breaks ties by rank, so it may name a peer that lost the rank and ended
+        after it. Then the one that said nothing is named, one ended by SIGKILL or SIGABRT before one torchrun
+        stopped with SIGTERM."""
+        codes = dict(self.exit_codes)
+        if self.root_cause:
+            codes.setdefault(self.root_cause["rank"], self.root_cause["exitcode"])
+        if not any(code < 0 for code in codes.values()):
+            return None
+        said = {entry.get("rank") for entry in (*self.errors, *self.stats)}
+        if self.root_cause and self.root_cause["exitcode"] < 0 and self.root_cause["rank"] not in said:
+            return self.root_cause["rank"]
+        silent = [rank for rank in range(world) if rank not in said]
+        for chosen in ([r for r in silent if codes.get(r, 0) < 0 and codes[r] != -signal.SIGTERM],
+                       [r for r in silent if codes.get(r, 0) < 0], silent):
+            if chosen:
+                return chosen[0]
+        return self.root_cause["rank"] if self.root_cause and self.root_cause["exitcode"] < 0 else None
+
+
 def _signal_name(exitcode: int) -> str:
     try:
         return signal.Signals(-exitcode).name
@@ -120,6 +145,15 @@ def root_cause(log_text: str) -> dict | None:
     """torchrun's "Root Cause (first observed failure)" block -> {"rank", "exitcode"}."""
     match = _ROOT_CAUSE.search(log_text)
     return {"rank": int(match.group(1)), "exitcode": int(match.group(2))} if match else None
+
+
+_FAILED_RANK = re.compile(r"^\s*rank\s*:\s*(\d+).*?^\s*exitcode\s*:\s*(-?\d+)", re.S | re.M)
+
+
+def exit_codes(log_text: str) -> dict[int, int]:
+    """Every rank in torchrun's failure report ("Failures:" and "Root Cause") -> its exit code."""
+    start = log_text.rfind("Failures:")
+    return {int(rank): int(code) for rank, code in _FAILED_RANK.findall(log_text[start:])} if start >= 0 else {}
 
 
 class Launched:
@@ -169,7 +203,8 @@ class Launched:
             self.stop()
         log_text = self.job.log_path.read_text(errors="replace") if self.job.log_path.exists() else ""
         return Outcome(self.process.returncode, events, self.job.errors(), root_cause(log_text),
-                       cancelled_at is not None, unresponsive)
+                       cancelled=cancelled_at is not None, unresponsive=unresponsive, exit_codes=exit_codes(log_text),
+                       stats=self.job.stats())
 
     def stop(self) -> None:
         """End torchrun and every worker it started (its whole process group): SIGTERM, then SIGKILL."""

@@ -15,8 +15,8 @@ from safetensors import safe_open
 
 import distributed_toy
 from lora_lab.trainer.distributed.job import JobFolder
-from lora_lab.trainer.distributed.launcher import (Launched, Topology, commands_for_other_machines, root_cause,
-                                                   torchrun_command)
+from lora_lab.trainer.distributed.launcher import (Launched, Outcome, Topology, commands_for_other_machines,
+                                                   exit_codes, root_cause, torchrun_command)
 
 REPO = Path(__file__).resolve().parents[3]
 WORKER = [str(REPO / "tests" / "support" / "toy_worker.py")]
@@ -199,3 +199,26 @@ def test_torchrun_s_root_cause_is_read_from_its_log():
            "  rank      : 1 (local_rank: 1)\n  exitcode  : -9 (pid: 2)  (SIGKILL)\n")
     assert root_cause(log) == {"rank": 1, "exitcode": -9}
     assert root_cause("all fine") is None
+
+
+def test_the_rank_that_ended_without_a_word_is_named_not_torchruns_first_to_the_second():
+    """Seen here: rank 1 SIGKILLed; rank 0 lost it, wrote its error and figures, and ended by SIGABRT in the same
+    second; torchrun, whose times are whole seconds and whose ties go to the lower rank, named rank 0."""
+    log = ("Failures:\n[1]:\n  time      : now\n  host      : localhost\n  rank      : 1 (local_rank: 1)\n"
+           "  exitcode  : -9 (pid: 2)\n  error_file: <N/A>\n------\nRoot Cause (first observed failure):\n[0]:\n"
+           "  time      : now\n  host      : localhost\n  rank      : 0 (local_rank: 0)\n  exitcode  : -6 (pid: 1)\n")
+    assert exit_codes(log) == {1: -9, 0: -6}
+    peer_lost = [{"rank": 0, "kind": "DistBackendError", "message": "Connection closed by peer", "step": None}]
+    outcome = Outcome(1, errors=peer_lost, root_cause=root_cause(log), exit_codes=exit_codes(log),
+                      stats=[{"rank": 0}])
+    assert outcome.failure(world=2, timeout=30).startswith("rank 1 ended abruptly (SIGKILL")
+    # Not in torchrun's list at all (its agent had not seen it yet): still the one that said nothing.
+    alone = Outcome(1, errors=peer_lost, root_cause={"rank": 0, "exitcode": -6}, exit_codes={0: -6},
+                    stats=[{"rank": 0}])
+    assert alone.failure(world=2, timeout=30).startswith("rank 1 ended abruptly")
+    # Neither said anything (torchrun stopped rank 0 once rank 1 was gone): torchrun's root cause.
+    assert Outcome(1, root_cause={"rank": 1, "exitcode": -9}, exit_codes={0: -15, 1: -9}).failure(
+        world=2, timeout=30).startswith("rank 1 ended abruptly (SIGKILL")
+    # Every rank said why: the signal is the root cause's.
+    assert Outcome(1, root_cause={"rank": 1, "exitcode": -9}, exit_codes={1: -9},
+                   stats=[{"rank": 0}, {"rank": 1}]).failure(world=2, timeout=30).startswith("rank 1 ended abruptly")
