@@ -221,12 +221,35 @@ def unet_lora_layers(patcher, shape: Network) -> dict[str, tuple[str, str]]:
 
 # --- getting a shared model ready to train, and handing it back unchanged --------------------------
 class PartiallyLoaded(RuntimeError):
-    """ComfyUI kept part of the model off the GPU (lowvram); adapters cannot train across devices."""
+    """ComfyUI kept part of a model off the GPU (its low-VRAM mode) where training cannot stream it."""
 
 
-def load_fully(patcher, companions=()) -> None:
-    """Put the model (with any upstream LoRA patches applied) wholly on its device, with ``companions``
-    (the text encoder's patcher when it trains too) in the same call.
+class StreamingNeedsCheckpointing(PartiallyLoaded):
+    """ComfyUI kept layers in CPU memory that training streams only with gradient checkpointing."""
+
+
+def load_models(patchers: list) -> None:
+    """ComfyUI's own loader: it puts on the GPU what fits and leaves the rest of a model in CPU memory
+    (low-VRAM mode). The one place training loads a model; tests call ComfyUI's low-VRAM load here to stand
+    for a small card, which a CPU never is."""
+    comfy.model_management.load_models_gpu(patchers)
+
+
+def streamed_layers(network: torch.nn.Module) -> list[torch.nn.Module]:
+    """The layers ComfyUI left in CPU memory when the model did not fit: its op copies each one's weight to
+    the GPU (with any LoRA the graph put on the model) as the layer computes. ComfyUI marks them
+    ``prev_comfy_cast_weights`` (2024-03 and 2025-10); 2025-10 also marks a layer it did load
+    ``comfy_patched_weights``, which a compute-dtype override leaves with the first mark too."""
+    return [m for m in network.modules() if hasattr(m, "prev_comfy_cast_weights")
+            and not getattr(m, "comfy_patched_weights", False) and next(m.parameters(recurse=False), None) is not None]
+
+
+def load_for_training(patcher, companions=(), streaming: bool = False) -> list[torch.nn.Module]:
+    """Put the model (with the graph's LoRA patches applied) on its device, with ``companions`` (the text
+    encoder's patcher when it trains too) in the same call. Returns the layers ComfyUI left in CPU memory
+    (streamed_layers): none when the model fits. ``streaming``: whether training may go on with some (it keeps
+    nothing of them between forward and backward only when the blocks are checkpointed); when not, or when
+    weights stay off the device outside those layers, or a companion did not fit, raises PartiallyLoaded.
 
     Everything else ComfyUI holds on the device (VAE, other models) is unloaded first: their work is
     done once the dataset is encoded, and training needs the room. Loading UNet and text encoder in
@@ -234,16 +257,47 @@ def load_fully(patcher, companions=()) -> None:
     other; training then never calls ComfyUI's loader again (see loaded_caption_encoder).
     """
     comfy.model_management.unload_all_models()
-    kwargs = {}
-    if "force_full_load" in inspect.signature(comfy.model_management.load_models_gpu).parameters:
-        kwargs["force_full_load"] = True
-    comfy.model_management.load_models_gpu([patcher, *companions], **kwargs)
-    for loaded, weights in [(patcher, patcher.model.diffusion_model), *((c, c.model) for c in companions)]:
-        device = torch.device(loaded.load_device)
-        stray = [name for name, p in weights.named_parameters() if p.device.type != device.type]
+    load_models([patcher, *companions])
+    for companion in companions:
+        stray = _off_device(companion.model, torch.device(companion.load_device))
         if stray:
-            raise PartiallyLoaded(f"{len(stray)} of {type(weights).__name__}'s weights stayed off {device} "
-                                  f"(e.g. {stray[0]}) because ComfyUI could not fit the whole model on {device}")
+            raise PartiallyLoaded(f"{len(stray)} of the text encoder's weights stayed off its device "
+                                  f"(e.g. {stray[0]}): ComfyUI could not fit it beside the model")
+    network, device = patcher.model.diffusion_model, torch.device(patcher.load_device)
+    streamed = streamed_layers(network)
+    inside = {id(p) for layer in streamed for p in layer.parameters(recurse=False)}
+    stray = [name for name, p in _off_device(network, device, with_parameters=True) if id(p) not in inside]
+    if stray:
+        raise PartiallyLoaded(f"{len(stray)} of {type(network).__name__}'s weights stayed off {device} (e.g. "
+                              f"{stray[0]}) because ComfyUI could not fit the whole model on {device}")
+    if streamed and not streaming:
+        raise StreamingNeedsCheckpointing(f"ComfyUI could fit only part of {type(network).__name__} on {device} "
+                              f"({len(streamed)} layers, {_bytes(streamed) / 2**30:.2f} GiB, stayed in CPU memory)")
+    return streamed
+
+
+def load_fully(patcher) -> bool:
+    """Load the model as training would (its weights with the graph's patches, not a LoRA a sampler left in):
+    whether it is all on its device, so that its weights can be read as a whole (fingerprints)."""
+    try:
+        return not load_for_training(patcher, streaming=True)
+    except PartiallyLoaded:
+        return False
+
+
+def _off_device(module: torch.nn.Module, device: torch.device, with_parameters: bool = False) -> list:
+    found = [(name, p) for name, p in module.named_parameters() if p.device.type != device.type]
+    return found if with_parameters else [name for name, _ in found]
+
+
+def _bytes(layers) -> int:
+    return sum(p.numel() * p.element_size() for layer in layers for p in layer.parameters(recurse=False))
+
+
+def describe_streamed(layers) -> str:
+    return (f"ComfyUI's partial load: {len(layers)} layers ({_bytes(layers) / 2**30:.2f} GiB) did not fit on the GPU "
+            "and stay in CPU memory; ComfyUI copies each over as it computes (slower: blocks_to_swap overlaps "
+            "the copies for the blocks it swaps)")
 
 
 def detach_from_inference_mode(module: torch.nn.Module) -> int:
@@ -270,15 +324,18 @@ def detach_from_inference_mode(module: torch.nn.Module) -> int:
 
 @contextlib.contextmanager
 def trainable_unet(patcher, checkpointing: bool, clip=None):
-    """The UNet (or SD3 / Flux DiT) ready for adapters: fully loaded, autograd-safe weights, in-place
-    traps defused, optional gradient checkpointing. Everything but the weight copies is undone on exit.
-    ``clip``: a text encoder that trains too, loaded alongside (see load_fully).
+    """The UNet (or SD3 / Flux DiT) ready for adapters: loaded (with checkpointing, the layers that do not fit
+    may stay in CPU memory: streamed_layers), autograd-safe weights, in-place traps defused, optional gradient
+    checkpointing. Everything but the weight copies is undone on exit.
+    ``clip``: a text encoder that trains too, loaded alongside (see load_for_training).
 
     In-place traps: a block that adds into a tensor a LayerNorm saved for backward (2024-03's
     BasicTransformerBlock ``x += n``; Flux's DoubleStreamBlock ``txt += ...`` and SingleStreamBlock
     ``x += ...``). Every LayerNorm in those blocks sees a private copy of its input.
     """
-    load_fully(patcher, [clip.patcher] if clip is not None else [])
+    # Checkpointed blocks keep nothing of a streamed layer between forward and backward; without it autograd
+    # would keep every streamed weight's GPU copy for the backward pass, the whole model at once.
+    load_for_training(patcher, [clip.patcher] if clip is not None else [], streaming=checkpointing)
     network = patcher.model.diffusion_model
     detach_from_inference_mode(network)
     norms = [m for block in network.modules() if type(block).__name__ in ("BasicTransformerBlock", *DIT_BLOCKS)

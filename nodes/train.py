@@ -288,12 +288,10 @@ def validation_measured_with(model, options) -> dict:
 
 
 def identity_of_run(model, data, settings, options, resolution, trigger_word, resume) -> str | None:
-    """The run's identity (finished_runs), or None when the base model cannot be loaded to look at
-    (too big for the device: training will say so)."""
-    try:
-        comfy_bridge.load_fully(model)    # the base weights, not a LoRA a sampler left patched in
-    except comfy_bridge.PartiallyLoaded:
-        return None
+    """The run's identity (finished_runs), or None when the base model cannot be loaded whole to look at
+    (too big for the device: training streams part of it, or says why it cannot)."""
+    if not comfy_bridge.load_fully(model):    # the base weights, not a LoRA a sampler left patched in
+        return None       # part of it in CPU memory: weights read there are without the graph's LoRA patches
     return run_reuse.run_identity(
         data=run_reuse.data_fingerprint(data), model=comfy_bridge.model_fingerprint(model),
         settings={"options": run_reuse.settings_of(options, NOT_IN_RUN_IDENTITY + IN_THE_DATA_FINGERPRINT
@@ -372,7 +370,8 @@ def train_adapters(model, clip, split, settings, options, device, run, describe,
     try:
         with comfy_bridge.trainable_unet(model, options.gradient_checkpointing,
                                          clip=clip if clip_in_loop else None) as network, \
-                (frozen_base_in_fp8(network, folders.parking_folder(), convert=options.fp8_base)
+                streamed_layers_checked(network, settings, run) as streamed, \
+                (frozen_base_in_fp8(network, folders.parking_folder(), convert=options.fp8_base, leave=streamed)
                  if options.fp8_base or has_fp8_weights(network) else contextlib.nullcontext()) as fp8, \
                 frozen_weights_in(network, HALF_PRECISION.get(settings.mixed_precision),
                                   folders.parking_folder()), \
@@ -385,7 +384,8 @@ def train_adapters(model, clip, split, settings, options, device, run, describe,
             lora = inject_adapters(model, network, clip, text_model, settings.network, settings.seed, device)
             # After the adapters: a swapped block's weights are away, and injecting reads their shapes.
             with run.kept_if_stopped(lora, describe), \
-                    blocks_swapped(comfy_bridge.blocks_of(network), options.blocks_to_swap, device) as swap:
+                    blocks_swapped(comfy_bridge.blocks_of(network), options.blocks_to_swap, device,
+                                   leave=streamed) as swap:
                 if options.blocks_to_swap:
                     run.notes.append(swap.describe())
                 lora.train(True)
@@ -407,11 +407,28 @@ def train_adapters(model, clip, split, settings, options, device, run, describe,
                                    parallel=parallel)
                 return run.save_final(lora, describe, loop_state, settings.steps, options.overwrite_existing)
     except comfy_bridge.PartiallyLoaded as too_big:
+        if isinstance(too_big, comfy_bridge.StreamingNeedsCheckpointing):
+            raise user_error(NODE, "model", f"{too_big}.", "turn on gradient_checkpointing (Memory & Speed): "
+                             "training then streams the layers that do not fit, as ComfyUI does when it samples; "
+                             "or free VRAM (close other models).") from None
         clip_advice = (" turn off train_text_encoder / caption dropout and tag shuffle (they keep the text encoder "
                        "on the GPU too)," if clip_in_loop else "")
         raise user_error(NODE, "model", f"{too_big}.", f"free VRAM (close other models),{clip_advice} lower the "
-                         "resolution or batch size, turn on gradient checkpointing, or start ComfyUI with "
-                         "--normalvram.") from None
+                         "resolution or batch size, or start ComfyUI with --normalvram.") from None
+
+
+@contextlib.contextmanager
+def streamed_layers_checked(network, settings, run):
+    """The layers ComfyUI left in CPU memory (comfy_bridge.streamed_layers), said in the report; refused for DoRA,
+    whose layers read their whole weight where it is."""
+    streamed = comfy_bridge.streamed_layers(network)
+    if streamed and settings.network.network_type == "DoRA":
+        raise user_error(NODE, "options", "network_type is DoRA, which reads each layer's whole weight, but ComfyUI "
+                         f"could fit only part of the model on the GPU ({len(streamed)} layers stayed in CPU memory).",
+                         "use network_type LoRA, LoHa or LoKr, or free VRAM (close other models).")
+    if streamed:
+        run.notes.append(comfy_bridge.describe_streamed(streamed))
+    yield streamed
 
 
 # bf16/fp16 training: the frozen UNet weights train in that precision too (as ComfyUI's own trainer

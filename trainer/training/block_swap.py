@@ -98,8 +98,10 @@ class _Block:
 
 
 class BlockSwapper:
-    def __init__(self, blocks: Sequence[nn.Module], count: int, device: torch.device, rehearsal: bool = False):
+    def __init__(self, blocks: Sequence[nn.Module], count: int, device: torch.device, rehearsal: bool = False,
+                 leave: Sequence[nn.Module] = ()):
         self.device = torch.device(device)
+        self.left = {id(module) for module in leave}     # layers whose weights someone else moves (ComfyUI)
         if self.device.type == "cuda" and self.device.index is None:     # "cuda" is cuda:N, which weights name
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.rehearsal = rehearsal
@@ -118,6 +120,8 @@ class BlockSwapper:
             for block in self.swapped.values():
                 found, seen, size = [], set(), 0
                 for module in self.modules[block.index].modules():
+                    if id(module) in self.left:
+                        continue
                     for kind, tensors in ((True, module._parameters), (False, module._buffers)):
                         for name, tensor in tensors.items():
                             if self._swappable(tensor, kind) and id(tensor) not in seen:
@@ -280,10 +284,12 @@ def _in_backward() -> bool:
 
 
 @contextlib.contextmanager
-def blocks_swapped(blocks: Sequence[nn.Module], count: int, device: torch.device, rehearsal: bool = False):
+def blocks_swapped(blocks: Sequence[nn.Module], count: int, device: torch.device, rehearsal: bool = False,
+                   leave: Sequence[nn.Module] = ()):
     """Inside: ``count`` of ``blocks`` (in forward order) keep their frozen weights in CPU memory except while
     they compute. Yields a SwapReport. On a CPU device (without ``rehearsal``) nothing moves: the report says
-    why. On exit: each block's forward and every weight back as they were."""
+    why. On exit: each block's forward and every weight back as they were. ``leave``: layers inside the blocks
+    whose weights stay where they are (those ComfyUI keeps in CPU memory and copies over itself)."""
     device = torch.device(device)
     if count <= 0:
         yield SwapReport(requested=count, skipped_reason="none requested")
@@ -292,7 +298,7 @@ def blocks_swapped(blocks: Sequence[nn.Module], count: int, device: torch.device
         yield SwapReport(requested=count, blocks=len(blocks),
                          skipped_reason=f"training runs on the {device.type.upper()}, where the weights already are")
         return
-    swapper = BlockSwapper(blocks, count, device, rehearsal)
+    swapper = BlockSwapper(blocks, count, device, rehearsal, leave)
     wrapped = {}
     try:
         swapper.send_home()

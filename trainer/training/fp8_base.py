@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -138,19 +139,23 @@ def has_fp8_weights(network: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def frozen_base_in_fp8(network: nn.Module, parking_folder: str | None = None, convert: bool = True):
+def frozen_base_in_fp8(network: nn.Module, parking_folder: str | None = None, convert: bool = True,
+                       leave: Sequence[nn.Module] = ()):
     """Inside: every Linear weight of ``network`` is fp8 with a per-row scale, and its layer computes through
     _Fp8Linear; adapters injected afterwards keep their own dtype (InjectedLora casts them). On exit: the
     original weights, bitwise, and each layer's own forward. Yields an Fp8Report.
 
     ``convert`` False: only the weights that already are fp8 compute through _Fp8Linear (so a model loaded in
-    fp8 trains without autograd keeping an upcast copy of each); the others stay as they are."""
+    fp8 trains without autograd keeping an upcast copy of each); the others stay as they are.
+    ``leave``: layers that keep their own forward and precision (those ComfyUI left in CPU memory: its op copies
+    the weight to the GPU as the layer computes)."""
     report = Fp8Report()
     to_convert, already = [], []
+    left = {id(module) for module in leave}
     for module in network.modules():
         if not isinstance(module, nn.Linear):
             continue
-        if _keeps_its_own_forward(module):
+        if _keeps_its_own_forward(module) or id(module) in left:
             report.kept += 1
         elif module.weight.dtype in FP8_TYPES:
             already.append(module)

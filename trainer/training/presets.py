@@ -84,21 +84,21 @@ SD3_24GB = ("ai-toolkit trains SD3.5 Large 8-bit quantized even at 24 GB, as thi
 SD3_16GB = ("SD3.5 Large in fp8 is 8 GB of weights: tight at 16 GB; if it runs out of memory, set blocks_to_swap "
             "(Memory & Speed; kohya's SD3 example swaps 32 blocks). SD3 Medium and SD3.5 Medium fit.")
 SD3_LOW = ("512 px, as SimpleTuner's lowest-memory SD3 setup (10-12 GB) trains; that setup holds the base in "
-           "4 bits (nf4), LoRA Lab in fp8: use SD3 Medium / SD3.5 Medium. SD3.5 Large (8 GB in fp8) must load whole "
-           "before block swap can move part of it off the card, which it does not at this size.")
+           "4 bits (nf4), LoRA Lab in fp8: use SD3 Medium / SD3.5 Medium. SD3.5 Large (8 GB in fp8) trains too, "
+           "slowly: ComfyUI keeps what does not fit on the card in CPU memory and copies it over as it computes.")
 FLUX_FP8 = ("Flux.1 in bf16 needs more than 30 GB to train (SimpleTuner: 'a bit more than 30G VRAM when not "
             "quantising the base model'); every recipe here holds it 8-bit, as this preset does (fp8_base: "
             "its 12B weights take 12 GB). On a card under 24 GB load it in fp8 (Load Diffusion Model, "
-            "weight_dtype fp8_e4m3fn, or an fp8 checkpoint): a model loaded in bf16 must fit on the card "
-            "before it is converted.")
+            "weight_dtype fp8_e4m3fn, or an fp8 checkpoint): of a model loaded in bf16, only the part that fits on "
+            "the card is converted; ComfyUI keeps the rest in CPU memory in bf16 and copies it over at every step.")
 
 
 def _swap_note(blocks: int) -> str:
     return (f"{blocks} of Flux's 57 blocks wait in CPU memory and come to the GPU as they compute (blocks_to_swap, "
-            "as kohya's recipe for this memory swaps blocks): slower, about 2 copies of each a step. Block swap "
-            "starts once the model is loaded, so the model must load whole first: Flux in fp8 is 11 GB, more than "
-            "a card this size loads whole today (Train LoRA then says the model did not fit). Moving blocks away "
-            "while loading is not built yet (issue #19).")
+            "as kohya's recipe for this memory swaps blocks): slower, about 2 copies of each a step. Flux in fp8 is "
+            "11 GB, more than this card holds whole: ComfyUI loads what fits and keeps the rest in CPU memory, "
+            "copying each of those layers over as it computes (as it does to sample Flux on this card); then the "
+            "swap moves its blocks away.")
 
 
 FLUX_16GB = ("Predicted peak 14.7 GB at 1024 px (docs/memory.md), without block swap; kohya's recipe for 16 GB "

@@ -55,13 +55,13 @@ def trainable(net):
     return [p for p in net.parameters() if p.requires_grad]
 
 
-def train(net, steps=3, swap=0, checkpointing=False):
+def train(net, steps=3, swap=0, checkpointing=False, leave=()):
     """``steps`` of SGD on a fixed batch; the trained parameters and the swap's report."""
     optimizer = torch.optim.SGD(trainable(net), lr=0.1)
     torch.manual_seed(1)
     batch, target = torch.randn(5, 7, WIDTH), torch.randn(5, 7, WIDTH)
     with gradient_checkpointing(net.blocks, enabled=checkpointing), \
-            blocks_swapped(net.blocks, swap, "cpu", rehearsal=True) as report:
+            blocks_swapped(net.blocks, swap, "cpu", rehearsal=True, leave=leave) as report:
         for _ in range(steps):
             optimizer.zero_grad()
             loss = (net(batch) - target).pow(2).mean()
@@ -212,3 +212,24 @@ def test_a_weight_that_cannot_come_back_is_named(monkeypatch):
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     with pytest.raises(RuntimeError, match="reload the model"):
         swapper.put_back()
+
+
+def test_layers_left_to_comfyui_stay_where_they_are_and_the_lora_is_the_same():
+    """Layers ComfyUI keeps in CPU memory (its partial load) are moved by ComfyUI's op as they compute: the swap
+    leaves their weights alone, moves the rest of their blocks, and trains the same LoRA (tolerance as above)."""
+    net = Net()
+    left = [net.blocks[i].linear for i in range(6)]
+    kept_weights = [layer.weight for layer in left]
+    frozen_bytes = sum(t.numel() * t.element_size() for t in frozen_state(net).values())
+    left_bytes = sum(p.numel() * p.element_size() for layer in left for p in layer.parameters())
+    with blocks_swapped(net.blocks, 6, "cpu", rehearsal=True, leave=left) as report:
+        assert all(layer.weight is weight and weight.numel() == WIDTH * WIDTH
+                   for layer, weight in zip(left, kept_weights))
+        assert net.blocks[0].norm.weight.numel() == 0                  # the rest of the block did leave
+    assert report.bytes_swapped == frozen_bytes - left_bytes
+    expected, _ = train(Net())
+    net = Net()
+    got, report = train(net, swap=6, leave=[net.blocks[i].linear for i in range(6)])
+    assert report.bytes_swapped == frozen_bytes - left_bytes
+    for a, b in zip(expected, got):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)

@@ -102,7 +102,7 @@ def test_family_rules(preset):
     # Block swap where kohya's recipe for the card swaps and the predicted peak (docs/memory.md) needs it.
     swapped = {("Flux", "12 GB"): 20, ("Flux", "8 GB"): 40}.get((preset.family, preset.gpu_memory), 0)
     assert options.get("blocks_to_swap", 0) == swapped
-    assert (swapped > 0) == any("blocks_to_swap" in note and "load whole" in note for note in preset.notes)
+    assert (swapped > 0) == any("blocks_to_swap" in note and "ComfyUI loads what fits" in note for note in preset.notes)
     if options.get("optimizer") == "AdamW8bit":
         assert any("bitsandbytes" in note for note in preset.notes)
     if not options.get("train_text_encoder"):
