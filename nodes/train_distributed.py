@@ -346,7 +346,9 @@ def worker_main(job_path: Path) -> None:
             worker.report("stopped", step=stopped.step, saved=run.saves[-1] if run.saves else None)
             return
         if worker.is_main:
-            plain.save({"run": {name: getattr(run, name) for name in (*RUN_FIELDS, "ema_path", "ema_beside")},
+            run.previews_said = run.previews_report() if run.previews else []
+            plain.save({"run": {name: getattr(run, name)
+                                for name in (*RUN_FIELDS, "ema_path", "ema_beside", "previews_said")},
                         "previews": run.previews.decoded(vae) if run.previews else None,
                         "previews_shown": run.previews.shown if run.previews else None}, job.path / "finished.pt")
         worker.report("finished", saved=str(saved))

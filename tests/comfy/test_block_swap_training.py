@@ -13,8 +13,8 @@ import functools
 import pytest
 import torch
 
-import random_models
 from training import assert_base_untouched, options, run_train, saved_tensors, weights_snapshot
+from training import small_family_models as family_models
 
 pytestmark = pytest.mark.usefixtures("leave_models_unpatched", "one_thread")
 
@@ -26,19 +26,6 @@ def rehearsed_swap(monkeypatch, pack):
     from lora_lab.nodes import train
     from lora_lab.trainer.training.block_swap import blocks_swapped
     monkeypatch.setattr(train, "blocks_swapped", functools.partial(blocks_swapped, rehearsal=True))
-
-
-def family_models(family, request):
-    if family == "sd15":
-        return (random_models.sd15_model_patcher(model_channels=32, seed=41), request.getfixturevalue("sd15_clip"),
-                request.getfixturevalue("small_vae"))
-    import comfy.supported_models
-    if not hasattr(comfy.supported_models, "Flux"):
-        pytest.skip("this ComfyUI has no Flux (2024-03)")
-    import random_flow_models
-    return (random_flow_models.flux_model_patcher(seed=42, hidden_size=64, num_heads=2, depth=2, depth_single_blocks=3,
-                                                  context_dim=32, pooled_dim=768),
-            random_flow_models.flux_clip(seed=43), random_flow_models.small_flow_vae(seed=44))
 
 
 def test_blocks_to_swap_is_the_memory_nodes_last_input_off_by_default(pack):

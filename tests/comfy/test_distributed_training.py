@@ -71,7 +71,9 @@ class Progress:
 def test_two_workers_train_the_lora_one_process_trains(pack, loaded, slim_checkpoint, make_dataset, loras_dir):
     model, clip, vae = loaded
     dataset = make_dataset(4)
-    settings = dict(steps=3, batch_size=3, learning_rate=LEARNING_RATE, options=options(save_precision="fp32"))
+    one_preview = dict(preview_every_n_steps=3, preview_prompts="a cat", preview_steps=2)   # rank 0's, after step 3
+    settings = dict(steps=3, batch_size=3, learning_rate=LEARNING_RATE,
+                    options=options(save_precision="fp32", **one_preview))
     alone = run_train(model, clip, vae, dataset, "dist_alone", **settings)
     with Progress() as progress:
         spread = run_train(model, clip, vae, dataset, "dist_two", **settings, prompt=graph(slim_checkpoint),
@@ -84,6 +86,9 @@ def test_two_workers_train_the_lora_one_process_trains(pack, loaded, slim_checkp
     assert metadata["ss_steps"] == "3"
     assert_within_half_an_adamw_step(one, two, LEARNING_RATE)      # the weights moved by up to 3 lr (below)
     assert max(float(one[key].abs().max()) for key in one if "lora_up" in key) >= 2 * LEARNING_RATE
+    for result in (alone, spread):         # the preview, its report line and its picture, wherever it was rendered
+        assert "previews: 1 picture(s) at step(s) 3" in result["ui"]["text"][0], result["ui"]["text"][0]
+        assert result["result"][4].shape[0] == 1
 
 
 def test_cancel_stops_the_workers_and_keeps_what_they_trained(pack, loaded, slim_checkpoint, make_dataset, loras_dir):

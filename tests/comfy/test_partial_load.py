@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import random_models
 from training import options, run_train, saved_tensors, weights_snapshot
+from training import small_family_models as family_models
 
 pytestmark = pytest.mark.usefixtures("leave_models_unpatched", "one_thread")
 
@@ -33,19 +33,6 @@ def small_card(monkeypatch, pack, comfy):
             comfy.model_management.load_models_gpu(others)
 
     monkeypatch.setattr(comfy_bridge, "load_models", load_in_part)
-
-
-def family_models(family, request):
-    if family == "sd15":
-        return (random_models.sd15_model_patcher(model_channels=32, seed=41), request.getfixturevalue("sd15_clip"),
-                request.getfixturevalue("small_vae"))
-    import comfy.supported_models
-    if not hasattr(comfy.supported_models, "Flux"):
-        pytest.skip("this ComfyUI has no Flux (2024-03)")
-    import random_flow_models
-    return (random_flow_models.flux_model_patcher(seed=42, hidden_size=64, num_heads=2, depth=2, depth_single_blocks=3,
-                                                  context_dim=32, pooled_dim=768),
-            random_flow_models.flux_clip(seed=43), random_flow_models.small_flow_vae(seed=44))
 
 
 def graph_lora_streams(comfy) -> bool:

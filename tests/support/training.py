@@ -105,3 +105,20 @@ def assert_loader_matches_adapter(via_loader, via_adapter, plain) -> None:
     assert effect > 1e-4, f"the LoRA changes nothing (largest change {effect:.2e})"
     allowed = 1e-4 + 1e-4 * via_adapter.abs().max().item() + 0.01 * effect
     assert mismatch < allowed, (mismatch, allowed, effect)
+
+
+def small_family_models(family, request):
+    """(model, clip, vae) of a small random SD1.5 ("sd15") or Flux ("flux"; skips on 2024-03, which has none),
+    for tests that train each family the same way."""
+    import pytest
+    import random_models
+    if family == "sd15":
+        return (random_models.sd15_model_patcher(model_channels=32, seed=41), request.getfixturevalue("sd15_clip"),
+                request.getfixturevalue("small_vae"))
+    import comfy.supported_models
+    if not hasattr(comfy.supported_models, "Flux"):
+        pytest.skip("this ComfyUI has no Flux (2024-03)")
+    import random_flow_models
+    return (random_flow_models.flux_model_patcher(seed=42, hidden_size=64, num_heads=2, depth=2, depth_single_blocks=3,
+                                                  context_dim=32, pooled_dim=768),
+            random_flow_models.flux_clip(seed=43), random_flow_models.small_flow_vae(seed=44))

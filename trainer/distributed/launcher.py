@@ -91,7 +91,8 @@ class Outcome:
                      or "timed out" in e.get("message", "").lower()]
         abrupt = self.ended_abruptly(world)
         if abrupt is not None and not timed_out:
-            return (f"rank {abrupt} ended abruptly ({_signal_name(self.exit_codes.get(abrupt, -9))}: "
+            rank, code = abrupt
+            return (f"rank {rank} ended abruptly ({_signal_name(code) if code < 0 else 'without a word'}: "
                     "killed, or out of memory on its machine)")
         if timed_out:
             waiting = {e["rank"] for e in timed_out}
@@ -108,27 +109,27 @@ class Outcome:
             return f"rank {self.root_cause['rank']} failed (exit code {self.root_cause['exitcode']})"
         return f"torchrun ended with exit code {self.returncode} before any rank started (see its log)"
 
-
-    def ended_abruptly(self, world: int) -> int | None:
+    def ended_abruptly(self, world: int) -> tuple[int, int] | None:
         """The rank a signal ended before it could say why. torchrun's "first observed failure" is that rank
         unless it left an error file or its figures (a rank leaving through WorkerProcess writes them): torchrun
         times failures to the second and breaks ties by rank, so it may name a peer that lost the rank and ended
         after it. Then the one that said nothing is named, one ended by SIGKILL or SIGABRT before one torchrun
-        stopped with SIGTERM."""
+        stopped with SIGTERM. -> (rank, its exit code, 0 where torchrun had not seen it end)."""
         codes = dict(self.exit_codes)
         if self.root_cause:
             codes.setdefault(self.root_cause["rank"], self.root_cause["exitcode"])
         if not any(code < 0 for code in codes.values()):
             return None
         said = {entry.get("rank") for entry in (*self.errors, *self.stats)}
-        if self.root_cause and self.root_cause["exitcode"] < 0 and self.root_cause["rank"] not in said:
-            return self.root_cause["rank"]
+        root = self.root_cause if self.root_cause and self.root_cause["exitcode"] < 0 else None
+        if root and root["rank"] not in said:
+            return root["rank"], root["exitcode"]
         silent = [rank for rank in range(world) if rank not in said]
         for chosen in ([r for r in silent if codes.get(r, 0) < 0 and codes[r] != -signal.SIGTERM],
                        [r for r in silent if codes.get(r, 0) < 0], silent):
             if chosen:
-                return chosen[0]
-        return self.root_cause["rank"] if self.root_cause and self.root_cause["exitcode"] < 0 else None
+                return chosen[0], codes.get(chosen[0], 0)
+        return (root["rank"], root["exitcode"]) if root else None
 
 
 def _signal_name(exitcode: int) -> str:

@@ -68,6 +68,7 @@ class TrainingRun:
         self.saved_step = 0
         self.cache_report = ""
         self.previews = None                  # the host's sample previews (due, render, rendered...), if asked for
+        self.previews_said: list[str] = []    # their report lines, where they were rendered in another process
         self.identity: str | None = None      # run_reuse: written into the final save
         self.notes: list[str] = []            # settings that do nothing here, for the report
         self.carried_steps = 0                # losses of an interrupted run this one continues (not timed here)
@@ -381,10 +382,12 @@ class TrainingRun:
                  if finite else "no steps", describe.arithmetic(), self.cache_report]
         lines += self.validation.report_lines(lambda step: self.file_of_step(step, lora_name))
         lines += [f"note: {note}" for note in self.notes]
-        if self.previews:
-            steps = [step for step, _ in self.previews.rendered]
-            lines.append(f"previews: {len(self.previews.labels())} picture(s) at step(s) {', '.join(map(str, steps))}"
-                         if steps else "previews: none (fewer steps than preview_every_n_steps)")
-            if self.previews.failed:
-                lines.append(f"previews stopped: {self.previews.failed}")
-        return "\n".join(lines)
+        return "\n".join(lines + (self.previews_report() if self.previews else self.previews_said))
+
+    def previews_report(self) -> list[str]:
+        steps = [step for step, _ in self.previews.rendered]
+        lines = [f"previews: {len(self.previews.labels())} picture(s) at step(s) {', '.join(map(str, steps))}"
+                 if steps else "previews: none (fewer steps than preview_every_n_steps)"]
+        if self.previews.failed:
+            lines.append(f"previews stopped: {self.previews.failed}")
+        return lines
