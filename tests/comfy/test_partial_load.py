@@ -64,8 +64,7 @@ def train(unet, clip, vae, dataset, name, **values):
 
 
 @pytest.mark.parametrize("family", ["sd15", "flux"])
-def test_a_model_loaded_in_part_trains_the_lora_a_whole_one_does(family, request, make_dataset, loras_dir,
-                                                                   monkeypatch, comfy):
+def test_a_model_loaded_in_part_trains_the_lora_a_whole_one_does(family, request, make_dataset, loras_dir, comfy):
     unet, clip, vae = family_models(family, request)
     patched = with_graph_lora(unet, comfy)
     before = weights_snapshot(unet)
@@ -138,4 +137,3 @@ def test_dora_on_a_model_loaded_in_part_is_refused_with_the_fix(request, make_da
         train(unet, clip, vae, make_dataset(2), "part_dora", network_type="DoRA")
     text = str(refused.value)
     assert "DoRA" in text and "layers stayed in CPU memory" in text and "use network_type LoRA" in text
-
