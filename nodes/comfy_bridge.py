@@ -262,11 +262,11 @@ def load_for_training(patcher, companions=(), streaming: bool = False) -> list[t
         stray = _off_device(companion.model, torch.device(companion.load_device))
         if stray:
             raise PartiallyLoaded(f"{len(stray)} of the text encoder's weights stayed off its device "
-                                  f"(e.g. {stray[0]}): ComfyUI could not fit it beside the model")
+                                  f"(e.g. {stray[0][0]}): ComfyUI could not fit it beside the model")
     network, device = patcher.model.diffusion_model, torch.device(patcher.load_device)
     streamed = streamed_layers(network)
     inside = {id(p) for layer in streamed for p in layer.parameters(recurse=False)}
-    stray = [name for name, p in _off_device(network, device, with_parameters=True) if id(p) not in inside]
+    stray = [name for name, p in _off_device(network, device) if id(p) not in inside]
     if stray:
         raise PartiallyLoaded(f"{len(stray)} of {type(network).__name__}'s weights stayed off {device} (e.g. "
                               f"{stray[0]}) because ComfyUI could not fit the whole model on {device}")
@@ -285,9 +285,8 @@ def load_fully(patcher) -> bool:
         return False
 
 
-def _off_device(module: torch.nn.Module, device: torch.device, with_parameters: bool = False) -> list:
-    found = [(name, p) for name, p in module.named_parameters() if p.device.type != device.type]
-    return found if with_parameters else [name for name, _ in found]
+def _off_device(module: torch.nn.Module, device: torch.device) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(name, p) for name, p in module.named_parameters() if p.device.type != device.type]
 
 
 def _bytes(layers) -> int:
@@ -296,8 +295,7 @@ def _bytes(layers) -> int:
 
 def describe_streamed(layers) -> str:
     return (f"ComfyUI's partial load: {len(layers)} layers ({_bytes(layers) / 2**30:.2f} GiB) did not fit on the GPU "
-            "and stay in CPU memory; ComfyUI copies each over as it computes (slower: blocks_to_swap overlaps "
-            "the copies for the blocks it swaps)")
+            "and stay in CPU memory; ComfyUI copies each over as it computes, which is slower than a model that fits")
 
 
 def detach_from_inference_mode(module: torch.nn.Module) -> int:

@@ -125,10 +125,9 @@ class Outcome:
         if root and root["rank"] not in said:
             return root["rank"], root["exitcode"]
         silent = [rank for rank in range(world) if rank not in said]
-        for chosen in ([r for r in silent if codes.get(r, 0) < 0 and codes[r] != -signal.SIGTERM],
-                       [r for r in silent if codes.get(r, 0) < 0], silent):
-            if chosen:
-                return chosen[0], codes.get(chosen[0], 0)
+        if silent:      # first one a signal ended, not torchrun's SIGTERM; then SIGTERM; then one not seen to end
+            rank = min(silent, key=lambda r: (codes.get(r, 0) >= 0, codes.get(r, 0) == -signal.SIGTERM, r))
+            return rank, codes.get(rank, 0)
         return (root["rank"], root["exitcode"]) if root else None
 
 
