@@ -8,6 +8,7 @@ its patches grouped by block ratio (comfy_bridge.apply_lora_by_blocks).
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -261,6 +262,13 @@ def apply_stack(model, clip, stack, node: str = NODE_APPLY, input_name: str = "l
             if unnamed:
                 notes.append(f"  {stacks.short_name(resolved.name)}: {', '.join(unnamed)} not in the block "
                              "weights' layout, kept at strength 1 (a LyCORIS layout names them)")
+        if any(key.endswith(".dora_scale") for key in lora.tensors) and not comfy_bridge.loader_applies_dora():
+            # ComfyUI's own Load LoRA skips the key too; the user should know the picture is not the DoRA's.
+            note = (f"{stacks.short_name(resolved.name)}: a DoRA, whose magnitudes (dora_scale) this ComfyUI "
+                    "cannot apply: it samples as the plain LoRA part, not as trained. Update ComfyUI (May 2024 "
+                    "or newer) to apply it whole.")
+            notes.append(f"  {note}")
+            logging.warning("[LoRA Lab] %s › %s: %s", node, input_name, note)
         words += lora_words.sidecar_words(resolved.path) + lora_words.trigger_words(lora.metadata)
         applied.append(stacks.stack_entry(resolved.name, strength_model, strength_clip, blocks))
     return AppliedStack(model, clip, lora_words.join_words(words), applied, notes)

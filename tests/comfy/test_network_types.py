@@ -138,3 +138,23 @@ def test_bad_network_type_settings_are_refused_by_the_options_node(pack, values,
     with pytest.raises(ValueError, match=words) as refused:
         make().build(**dict(defaults, **values))
     assert make.TITLE in str(refused.value)
+
+
+def test_a_pedal_says_when_this_comfyui_cannot_apply_a_dora_s_magnitudes(tiny_unet, sd15_clip, loras_dir, pack):
+    """ComfyUI 2024-03 skips dora_scale (its own Load LoRA too): the pedal's report says the picture is the
+    plain LoRA part; a ComfyUI that applies it says nothing of the kind."""
+    from lora_files import kohya_tensors, unet_shapes, write_lora
+    from lora_lab.nodes import comfy_bridge, pedals
+    tensors = kohya_tensors(unet_shapes(tiny_unet, every=7), seed=71)
+    for key in [key for key in tensors if key.endswith(".lora_down.weight")]:
+        down = tensors[key]
+        magnitude = torch.rand(1, down.shape[1], *[1] * (down.dim() - 2)) + 0.5     # per input channel
+        tensors[key.replace(".lora_down.weight", ".dora_scale")] = magnitude
+    write_lora(loras_dir, "a_dora.safetensors", tensors)
+    pedals.LORA_FILES.clear()
+    with torch.inference_mode():
+        report = pedals.LoraLabApplyLoraStack().apply(tiny_unet, [("a_dora.safetensors", 1.0, 1.0)],
+                                                      sd15_clip)["ui"]["text"][0]
+    said = "a DoRA, whose magnitudes (dora_scale) this ComfyUI cannot apply" in report
+    assert said == (not comfy_bridge.loader_applies_dora()), report
+    assert report.startswith("a_dora.safetensors  1")

@@ -202,3 +202,53 @@ def test_sdxl_resume_equals_an_uninterrupted_run(sdxl_unet, sdxl_clip, small_vae
         assert set(a.keys()) == set(b.keys())
         worst = max((a.get_tensor(k) - b.get_tensor(k)).abs().max().item() for k in a.keys())
     assert worst == 0, worst
+
+
+# --- block weights on pedals (SD1.5: test_block_weights.py, Flux: test_flow_models.py) ---------------------
+def sdxl_denoised(patcher, stack, clip=None):
+    """What the SDXL UNet wearing a pedal stack (via Apply LoRA Stack) predicts for fixed inputs."""
+    import comfy.model_management
+    from lora_lab.nodes import pedals
+    pedals.LORA_FILES.clear()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    context = torch.randn(1, 77, 768 + 256, generator=g)
+    y = torch.randn(1, 256 + 6 * 256, generator=g)
+    with torch.inference_mode():
+        model = pedals.LoraLabApplyLoraStack().apply(patcher, stack, clip)["result"][0]
+        comfy.model_management.load_models_gpu([model])
+        return model.model.apply_model(x, torch.tensor([3.0]), c_crossattn=context, y=y).clone()
+
+
+def test_sdxl_block_weights_name_their_blocks_in_both_layouts(sdxl_unet, loras_dir, pack):
+    """The 12-entry layout (BASE IN04 IN05 IN07 IN08 M OUT00-OUT05) and the 20-entry LyCORIS one (BASE
+    IN00-IN08 M OUT00-OUT08): a 0 for IN07 equals the file without input_blocks.7's keys, ALL the plain
+    pedal, all bitwise; an SD1.5 vector is refused, naming SDXL's lengths."""
+    import comfy.lora
+    from lora_files import kohya_tensors, unet_shapes, write_lora
+    from lora_lab.trainer.lora.block_weights import position
+    from lora_lab.trainer.lora.stack import StackEntry
+    key_map = comfy.lora.model_lora_keys_unet(sdxl_unet.model, {})
+    block_of = {name: position(key) for name, key in key_map.items() if name.startswith("lora_unet_")}
+    tensors = kohya_tensors(unet_shapes(sdxl_unet), seed=61)
+    assert {block_of[key.split(".", 1)[0]] for key in tensors} >= {"IN04", "IN07", "M01", "OUT00", "OUT05"}
+
+    def lora(name, keep):
+        write_lora(loras_dir, name, {k: v for k, v in tensors.items() if keep(block_of[k.split(".", 1)[0]])})
+        return name
+
+    whole = lora("sdxl_blocks_whole.safetensors", lambda block: True)
+    no_in07 = lora("sdxl_blocks_no_in07.safetensors", lambda block: block != "IN07")
+    plain = sdxl_denoised(sdxl_unet, [(whole, 0.8, 0.8)])
+    assert not torch.equal(plain, sdxl_denoised(sdxl_unet, []))
+    assert torch.equal(sdxl_denoised(sdxl_unet, [StackEntry(whole, 0.8, 0.8, "ALL")]), plain)
+    assert torch.equal(sdxl_denoised(sdxl_unet, [StackEntry(whole, 0.8, 0.8, "SDXL-ALL")]), plain)
+    twelve = ["BASE", "IN04", "IN05", "IN07", "IN08", "M", *(f"OUT{n:02d}" for n in range(6))]
+    twenty = ["BASE", *(f"IN{n:02d}" for n in range(9)), "M", *(f"OUT{n:02d}" for n in range(9))]
+    for layout in (twelve, twenty):
+        without_in07 = ",".join("0" if label == "IN07" else "1" for label in layout)
+        assert torch.equal(sdxl_denoised(sdxl_unet, [StackEntry(whole, 0.8, 0.8, without_in07)]),
+                           sdxl_denoised(sdxl_unet, [(no_in07, 0.8, 0.8)])), len(layout)
+    with pytest.raises(Exception) as raised:                      # an SD1.5 vector on SDXL
+        sdxl_denoised(sdxl_unet, [StackEntry(whole, 1.0, 1.0, ",".join(["1"] * 17))])
+    assert "Apply LoRA Stack" in str(raised.value) and "12, 20 or 21" in str(raised.value)

@@ -146,7 +146,8 @@ class BlockWeights:
         values = self.values or preset_vector(self.preset, family)
         layouts = [layout for layout in LAYOUTS if layout.family == family and len(layout) == len(values)]
         if not layouts:
-            fitting = " or ".join(str(len(layout)) for layout in LAYOUTS if layout.family == family)
+            lengths = [str(len(layout)) for layout in LAYOUTS if layout.family == family]
+            fitting = " or ".join(lengths) if len(lengths) < 3 else f"{', '.join(lengths[:-1])} or {lengths[-1]}"
             raise BlockWeightsError(
                 f"the block weights have {len(values)} entries, which is no {FAMILY_NAMES[family]} layout "
                 f"({fitting} entries), and the model is {FAMILY_NAMES[family]}.",
