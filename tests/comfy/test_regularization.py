@@ -5,6 +5,7 @@ kohya's keys, another weight trains anew, and uncaptioned pictures without a cla
 from __future__ import annotations
 
 import pytest
+import torch
 
 from training import options, pattern_pixels, run_train
 
@@ -47,3 +48,24 @@ def test_uncaptioned_regularization_pictures_without_a_class_folder_are_refused(
     assert message.startswith("[LoRA Lab · Train LoRA › regularization] 2 regularization picture(s) have no "
                               "caption and no class folder"), message
     assert not list(loras_dir.glob("reg_nocaption*"))
+
+
+def test_a_resumed_run_with_regularization_equals_the_uninterrupted_one(
+        fresh_unet, sd15_clip, small_vae, make_dataset, loras_dir, one_arithmetic_path):
+    """Cancelled after step 2 of 5 and resumed: the same losses and, bitwise, the same file (one arithmetic path,
+    tests/conftest.py). Two epochs and a half: the resumed run must rebuild each epoch's mix of both sets."""
+    import comfy.model_management
+    from training import cancel_at_step, saved_tensors
+    regularization = make_dataset(3, captions=["a photo of stripes"], pixels=pattern_pixels(3, seed=7))
+    exact = dict(prior_loss_weight=0.5, save_precision="fp32")
+    straight = run_train(fresh_unet, sd15_clip, small_vae, make_dataset(2), "reg_straight", steps=5,
+                         regularization=regularization, options=options(**exact))
+    with cancel_at_step(2, 5), pytest.raises(comfy.model_management.InterruptProcessingException):
+        run_train(fresh_unet, sd15_clip, small_vae, make_dataset(2), "reg_split", steps=5,
+                  regularization=regularization, options=options(**exact))
+    resumed = run_train(fresh_unet, sd15_clip, small_vae, make_dataset(2), "reg_split", steps=5,
+                        regularization=regularization,
+                        options=options(resume_from="reg_split_step2.safetensors", **exact))
+    assert resumed["ui"]["loss"] == straight["ui"]["loss"][2:]
+    one, two = saved_tensors(loras_dir, straight["result"][2]), saved_tensors(loras_dir, resumed["result"][2])
+    assert one.keys() == two.keys() and all(torch.equal(one[key], two[key]) for key in one)

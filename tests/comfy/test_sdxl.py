@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 import random_models
 
-from training import assert_loader_matches_adapter, SIZE, assert_base_untouched, encoded_training_set, pattern_pixels, run_train, training_loss, weights_snapshot, options
+from training import assert_loader_matches_adapter, cancel_at_step, SIZE, assert_base_untouched, encoded_training_set, pattern_pixels, run_train, training_loss, weights_snapshot, options
 
 # Module-scoped models: whatever a test loads with a LoRA patched in is unpatched before the next one.
 pytestmark = pytest.mark.usefixtures("leave_models_unpatched")
@@ -169,7 +169,6 @@ def test_sdxl_resume_equals_an_uninterrupted_run(sdxl_unet, sdxl_clip, small_vae
     """Mixed buckets and sizes, then a save at step 2 resumed to 5 == 5 steps straight (bitwise: one
     arithmetic path, tests/conftest.py)."""
     import comfy.model_management
-    import comfy.utils
     from lora_lab.trainer.data.dataset import dataset_from_pixels
     with torch.inference_mode():
         wide = dataset_from_pixels(pattern_pixels(2, height=48, width=96), ["sks, wide"])
@@ -184,16 +183,8 @@ def test_sdxl_resume_equals_an_uninterrupted_run(sdxl_unet, sdxl_clip, small_vae
     exact = options(save_precision="fp32")
     straight = run_train(sdxl_unet, sdxl_clip, small_vae, mixed, "sdxl_straight", steps=5, options=exact)
 
-    def press_cancel_after_step_2(value, total, *_, **__):
-        if total == 5 and value == 2:           # the training bar (encoding counts 4 pictures)
-            comfy.model_management.interrupt_current_processing(True)
-    comfy.utils.set_progress_bar_global_hook(press_cancel_after_step_2)
-    try:
-        with pytest.raises(comfy.model_management.InterruptProcessingException):
-            run_train(sdxl_unet, sdxl_clip, small_vae, mixed, "sdxl_split", steps=5, options=exact)
-    finally:
-        comfy.utils.set_progress_bar_global_hook(None)
-        comfy.model_management.interrupt_current_processing(False)
+    with cancel_at_step(2, 5), pytest.raises(comfy.model_management.InterruptProcessingException):
+        run_train(sdxl_unet, sdxl_clip, small_vae, mixed, "sdxl_split", steps=5, options=exact)
     resumed = run_train(sdxl_unet, sdxl_clip, small_vae, mixed, "sdxl_split", steps=5,
                         options=options(resume_from="sdxl_split_step2.safetensors", save_precision="fp32"))
     assert resumed["ui"]["loss"] == straight["ui"]["loss"][2:]

@@ -9,7 +9,7 @@ from safetensors import safe_open
 
 import random_models
 
-from training import assert_base_untouched, run_train, weights_snapshot, options
+from training import assert_base_untouched, cancel_at_step, run_train, weights_snapshot, options
 
 TE_MODULES = ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1", "mlp_fc2")
 
@@ -111,7 +111,6 @@ def test_the_text_encoder_learns_at_its_own_rate(fresh_unet, fresh_clip, small_v
 def test_error_and_cancel_leave_the_shared_clip_bitwise_unchanged(fresh_unet, fresh_clip, small_vae, make_dataset,
                                                                   loras_dir, loss_fails_at_call):
     import comfy.model_management
-    import comfy.utils
     untouched = Untouched(fresh_unet, fresh_clip.patcher)
     te = options(train_text_encoder=True)
 
@@ -121,17 +120,7 @@ def test_error_and_cancel_leave_the_shared_clip_bitwise_unchanged(fresh_unet, fr
     untouched.check()
     with safe_open(str(loras_dir / "te_crash_step2.safetensors"), "pt") as f:
         assert any(key.startswith("lora_te_") for key in f.keys()), "the partial save lost the text encoder"
-
-    def press_cancel_after_the_first_step(value, total, *_, **__):
-        if total == 50 and value == 1:
-            comfy.model_management.interrupt_current_processing(True)
-
-    comfy.utils.set_progress_bar_global_hook(press_cancel_after_the_first_step)
-    try:
-        with pytest.raises(comfy.model_management.InterruptProcessingException):
-            run_train(fresh_unet, fresh_clip, small_vae, make_dataset(2), "te_cancel", steps=50, options=te)
-    finally:
-        comfy.utils.set_progress_bar_global_hook(None)
-        comfy.model_management.interrupt_current_processing(False)
+    with cancel_at_step(1, 50), pytest.raises(comfy.model_management.InterruptProcessingException):
+        run_train(fresh_unet, fresh_clip, small_vae, make_dataset(2), "te_cancel", steps=50, options=te)
     untouched.check()
     assert (loras_dir / "te_cancel_step1.safetensors").is_file()

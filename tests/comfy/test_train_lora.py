@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 import random_models
-from training import assert_loader_matches_adapter, SIZE, pattern_pixels, run_train, options, weights_snapshot, assert_base_untouched, encoded_training_set, training_loss, saved_tensors
+from training import assert_loader_matches_adapter, cancel_at_step, SIZE, pattern_pixels, run_train, options, weights_snapshot, assert_base_untouched, encoded_training_set, training_loss, saved_tensors
 
 
 def test_training_learns_saves_and_leaves_the_base_model_alone(fresh_unet, sd15_clip, small_vae,
@@ -96,22 +96,11 @@ def test_saved_file_through_comfyuis_lora_loader_equals_the_trained_adapter(fres
 def test_cancel_saves_the_partial_lora_and_restores_the_model(fresh_unet, sd15_clip, small_vae, make_dataset,
                                                                loras_dir):
     import comfy.model_management
-    import comfy.utils
     dataset = make_dataset(2)
     before = weights_snapshot(fresh_unet)
     flags = [p.requires_grad for p in fresh_unet.model.parameters()]
-
-    def press_cancel_after_the_first_step(value, total, *_, **__):
-        if total == 50 and value == 1:          # the training bar (the encoding bar counts 2 pictures)
-            comfy.model_management.interrupt_current_processing(True)
-
-    comfy.utils.set_progress_bar_global_hook(press_cancel_after_the_first_step)   # how ComfyUI's server listens
-    try:
-        with pytest.raises(comfy.model_management.InterruptProcessingException):
-            run_train(fresh_unet, sd15_clip, small_vae, dataset, "cancelled", steps=50)
-    finally:
-        comfy.utils.set_progress_bar_global_hook(None)
-        comfy.model_management.interrupt_current_processing(False)
+    with cancel_at_step(1, 50), pytest.raises(comfy.model_management.InterruptProcessingException):
+        run_train(fresh_unet, sd15_clip, small_vae, dataset, "cancelled", steps=50)
     assert (loras_dir / "cancelled_step1.safetensors").is_file(), "Cancel must stop within one step and save"
     assert not (loras_dir / "cancelled.safetensors").exists()
     assert not (loras_dir / "cancelled_step2.safetensors").exists()
@@ -292,22 +281,11 @@ def test_resumed_run_equals_an_uninterrupted_one(fresh_unet, sd15_clip, small_va
     """Cancel a 5-step run after step 3, resume its save to 5 == 5 steps straight (same seed): weights,
     optimizer, LR schedule, loss scaler and RNG all continue where they stopped."""
     import comfy.model_management
-    import comfy.utils
     dataset = make_dataset(3)
     exact = dict(save_precision="fp32", lr_schedule="cosine", warmup_steps=1, noise_offset=0.05)
     straight = run_train(fresh_unet, sd15_clip, small_vae, dataset, "straight", steps=5, options=options(**exact))
-
-    def cancel_after_step_3(value, total, *_, **__):
-        if total == 5 and value == 3:
-            comfy.model_management.interrupt_current_processing(True)
-
-    comfy.utils.set_progress_bar_global_hook(cancel_after_step_3)
-    try:
-        with pytest.raises(comfy.model_management.InterruptProcessingException):
-            run_train(fresh_unet, sd15_clip, small_vae, dataset, "halfway", steps=5, options=options(**exact))
-    finally:
-        comfy.utils.set_progress_bar_global_hook(None)
-        comfy.model_management.interrupt_current_processing(False)
+    with cancel_at_step(3, 5), pytest.raises(comfy.model_management.InterruptProcessingException):
+        run_train(fresh_unet, sd15_clip, small_vae, dataset, "halfway", steps=5, options=options(**exact))
     resumed = run_train(fresh_unet, sd15_clip, small_vae, dataset, "continued", steps=5,
                         options=options(resume_from="halfway_step3.safetensors", **exact))
     assert resumed["ui"]["loss"] == pytest.approx(straight["ui"]["loss"][3:], rel=1e-6)

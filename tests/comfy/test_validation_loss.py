@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from training import options, pattern_pixels, run_train, saved_tensors
+from training import cancel_at_step, options, pattern_pixels, run_train, saved_tensors
 
 CAPTIONS = ["sks, red stripes", "sks, blue blocks", "sks, green waves"]
 
@@ -98,22 +98,13 @@ def test_holding_out_every_picture_is_refused_naming_the_previews_node(fresh_une
 def test_a_resumed_run_carries_on_the_validation_history_and_equals_an_uninterrupted_one(
         fresh_unet, sd15_clip, small_vae, make_dataset, loras_dir, one_arithmetic_path):
     import comfy.model_management
-    import comfy.utils
     exact = dict(validation_pictures=1, save_precision="fp32")
     straight = run_train(fresh_unet, sd15_clip, small_vae, three_pictures(make_dataset), "val_straight", steps=1,
                          epochs=3, options=options(**exact))
-
-    def cancel_after_step_3(value, total, *_, **__):       # inside the second epoch
-        if total == 6 and value == 3:
-            comfy.model_management.interrupt_current_processing(True)
-    comfy.utils.set_progress_bar_global_hook(cancel_after_step_3)
-    try:
-        with pytest.raises(comfy.model_management.InterruptProcessingException):
-            run_train(fresh_unet, sd15_clip, small_vae, three_pictures(make_dataset), "val_halfway", steps=1,
-                      epochs=3, options=options(**exact))
-    finally:
-        comfy.utils.set_progress_bar_global_hook(None)
-        comfy.model_management.interrupt_current_processing(False)
+    # after step 3 of 6: inside the second epoch
+    with cancel_at_step(3, 6), pytest.raises(comfy.model_management.InterruptProcessingException):
+        run_train(fresh_unet, sd15_clip, small_vae, three_pictures(make_dataset), "val_halfway", steps=1,
+                  epochs=3, options=options(**exact))
     assert history_in(loras_dir / "val_halfway_step3.safetensors") == straight["ui"]["validation_loss"][:1]
 
     resumed = run_train(fresh_unet, sd15_clip, small_vae, three_pictures(make_dataset), "val_resumed", steps=1,

@@ -2,6 +2,7 @@
 shared base model came back untouched. Shared by every test that trains."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -43,6 +44,25 @@ def assert_within_half_an_adamw_step(one: dict, two: dict, learning_rate: float)
     differences = torch.cat([(one[key].float() - two[key].float()).abs().flatten() for key in one])
     assert float(differences.max()) <= 0.5 * learning_rate
     assert float(differences.mean()) <= 0.01 * learning_rate
+
+
+@contextlib.contextmanager
+def cancel_at_step(step: int, steps: int):
+    """Cancel pressed once a run of ``steps`` steps has finished ``step`` (as the front end's button: ComfyUI's
+    interrupt flag); the run saves there and raises InterruptProcessingException. Encoding's bars count
+    pictures, so only the training bar's total is matched."""
+    import comfy.model_management
+    import comfy.utils
+
+    def press(value, total, *_, **__):
+        if total == steps and value == step:
+            comfy.model_management.interrupt_current_processing(True)
+    comfy.utils.set_progress_bar_global_hook(press)
+    try:
+        yield
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        comfy.model_management.interrupt_current_processing(False)
 
 
 def options(**values):
