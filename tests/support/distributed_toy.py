@@ -33,6 +33,15 @@ def _pack_importable() -> None:
         sys.modules["lora_lab"] = pack
 
 
+RUN_SEED = 3        # the toy run's batch order, noise and timesteps
+
+
+def toy_dataset(case: dict):
+    """The pictures ``case`` trains on (``pictures``, ``buckets``), before any fault is put in."""
+    from toy_training import toy_data
+    return toy_data(case.get("pictures", 6), seed=1, buckets=tuple(case.get("buckets", ((64, 64),))))
+
+
 def toy_run(case: dict, parallel=None, on_step=None, resume=None, holder: dict | None = None) -> dict:
     """Train the toy adapter as ``case`` says (batch_size, accumulation, steps, n pictures, buckets) -> the
     adapter's weights and the step losses. ``parallel``: this rank's DataParallel, or None for one process.
@@ -40,7 +49,7 @@ def toy_run(case: dict, parallel=None, on_step=None, resume=None, holder: dict |
     the adapter's parameters as "adapter" before training (for saves from on_step)."""
     _pack_importable()
     from lora_lab.trainer.training.loop import TrainSettings, train
-    from toy_training import TinyEpsDenoiser, toy_data
+    from toy_training import TinyEpsDenoiser
 
     torch.manual_seed(0)
     model = TinyEpsDenoiser()
@@ -53,11 +62,11 @@ def toy_run(case: dict, parallel=None, on_step=None, resume=None, holder: dict |
                 parameter.copy_(saved)
     for parameter in model.net[0].parameters():
         parameter.requires_grad_(False)          # the frozen base: never handed to DDP
-    data = toy_data(case.get("pictures", 6), seed=1, buckets=tuple(case.get("buckets", ((64, 64),))))
+    data = toy_dataset(case)
     if case.get("nan_picture") is not None:
         data.examples[case["nan_picture"]].latent[0, 0, 0] = float("nan")
     settings = TrainSettings(steps=case.get("steps", 4), batch_size=case["batch_size"], learning_rate=1e-2,
-                             gradient_accumulation=case.get("accumulation", 1), seed=3, max_grad_norm=0)
+                             gradient_accumulation=case.get("accumulation", 1), seed=RUN_SEED, max_grad_norm=0)
     losses = []
 
     def record(report):
@@ -99,9 +108,12 @@ def rank_main(rank: int, world: int, port: int, folder: str, case: dict) -> None
                             cancel_requested=lambda: rank == cancel_rank and len(steps_seen) + 1 >= cancel_at)
     if case.get("per_rank_mean"):
         parallel = PerRankMean(parallel)
-    outcome = {"rank": rank}
+    outcome, holder = {"rank": rank}, {}
     try:
-        outcome.update(toy_run(case, parallel, on_step=lambda report: steps_seen.append(report.step)))
+        outcome.update(toy_run(case, parallel, on_step=lambda report: steps_seen.append(report.step), holder=holder))
+        wrapped = list(parallel.ddp.module.parameters())        # what DDP exchanges: the adapter's own Parameters
+        outcome["ddp_holds_the_adapter_only"] = (len(wrapped) == len(holder["adapter"])
+                                                 and all(a is b for a, b in zip(wrapped, holder["adapter"])))
     except NonFiniteLoss as error:
         outcome["non_finite_at"] = error.step
     except RunStopped as error:

@@ -85,8 +85,8 @@ class Outcome:
     def failure(self, world: int, timeout: float) -> str:
         """What went wrong, naming the rank, in a sentence for the user."""
         for error in self.errors:
-            if error.get("kind") == "NonFiniteLoss":
-                return f"rank {error['rank']}: {error['message']}"
+            if error.get("kind") == "NonFiniteLoss":    # every rank says so; the words name the rank at fault
+                return error["message"]
         timed_out = [e for e in self.errors if "timeout" in e.get("message", "").lower()
                      or "timed out" in e.get("message", "").lower()]
         abrupt = self.ended_abruptly(world)

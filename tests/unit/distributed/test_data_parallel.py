@@ -54,6 +54,7 @@ def test_a_global_batch_splits_into_contiguous_shares(count, expected):
 def test_two_ranks_train_the_adapter_one_process_trains(tmp_path, case):
     ranks = two_ranks(tmp_path, case)
     alone = one_process(case)
+    assert all(rank["ddp_holds_the_adapter_only"] for rank in ranks)               # the frozen base never crosses
     assert largest_difference(ranks[0]["weights"], ranks[1]["weights"]) == 0      # DDP keeps the ranks equal
     assert largest_difference(ranks[0]["weights"], alone["weights"]) <= TOLERANCE
     assert largest_difference(alone["weights"], distributed_toy.toy_run({**case, "steps": 0})["weights"]) > 1e-3

@@ -105,18 +105,31 @@ def test_a_killed_or_hung_rank_ends_the_run_naming_it(tmp_path, fault, expected)
 
 
 def test_a_nan_on_one_rank_stops_all_naming_the_rank_and_step(tmp_path):
-    job, launched = launch(tmp_path / "job", {"batch_size": 2, "steps": 6, "nan_picture": 5})
+    case = {"batch_size": 2, "steps": 6, "nan_picture": 3}        # step 3, rank 1's share: rank 0 saved step 2
+    job, launched = launch(tmp_path / "job", case)
     clock = Clock()
     outcome = launched.follow(clock)
     assert not outcome.ok and not launched.running()
-    message = outcome.failure(world=2, timeout=30)
     [bad] = {e["message"] for e in outcome.errors}             # every rank stopped with the same words
-    assert message.startswith("rank ") and "became nan at step" in message and "(on rank " in bad
     step = outcome.errors[0]["step"]
+    assert rank_with(case, 3, step) == 1         # the message names the rank that met it, not the one reporting
+    assert outcome.failure(world=2, timeout=30) == bad == f"the loss (on rank 1) became nan at step {step}"
     assert clock.steps() == list(range(1, step)) and time.monotonic() - clock.times[-1] < ENDS_WITHIN
+    saved_at, tensors = last_save(job)              # the weights before the bad step, whole, all finite
+    assert saved_at == step - 1 and all(bool(torch.isfinite(t).all()) for t in tensors.values())
     with pytest.raises(Exception) as alone:             # one process meets the NaN at the same step
-        one_process({"batch_size": 2, "steps": 6, "nan_picture": 5})
+        one_process(case)
     assert alone.value.step == step
+
+
+def rank_with(case: dict, picture: int, step: int, world: int = 2) -> int:
+    """The rank whose share of step ``step``'s global batch holds ``picture`` (the loop's plan, torch.tensor_split's
+    shares), found independently of the run under test."""
+    from lora_lab.trainer.distributed.data_parallel import contiguous_share
+    plan = distributed_toy.toy_dataset(case).batch_plan(case["batch_size"], distributed_toy.RUN_SEED)
+    batch = [next(plan) for _ in range(step)][-1]
+    [rank] = [rank for rank in range(world) if picture in [batch[p] for p in contiguous_share(len(batch), rank, world)]]
+    return rank
 
 
 def test_cancel_stops_every_rank_after_the_same_step(tmp_path):
