@@ -6,7 +6,6 @@ set to ComfyUI 2025-10, the front end it installs from PyPI.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest

@@ -18,7 +18,9 @@ from safetensors import safe_open
 
 import random_models
 
-from training import assert_loader_matches_adapter, cancel_at_step, SIZE, assert_base_untouched, encoded_training_set, pattern_pixels, run_train, training_loss, weights_snapshot, options
+from training import (
+    SIZE, assert_base_untouched, assert_loader_matches_adapter, cancel_at_step, encoded_training_set, options,
+    pattern_pixels, run_train, training_loss, weights_snapshot)
 
 # Module-scoped models: whatever a test loads with a LoRA patched in is unpatched before the next one.
 pytestmark = pytest.mark.usefixtures("leave_models_unpatched")

@@ -10,7 +10,9 @@ import torch
 from safetensors import safe_open
 
 import random_models
-from training import assert_loader_matches_adapter, cancel_at_step, SIZE, pattern_pixels, run_train, options, weights_snapshot, assert_base_untouched, encoded_training_set, training_loss, saved_tensors
+from training import (
+    SIZE, assert_base_untouched, assert_loader_matches_adapter, cancel_at_step, encoded_training_set, options,
+    pattern_pixels, run_train, saved_tensors, training_loss, weights_snapshot)
 
 
 def test_training_learns_saves_and_leaves_the_base_model_alone(fresh_unet, sd15_clip, small_vae,

@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from lora_lab.trainer.lora import adapters as lora_module
 from lora_lab.trainer.lora.adapters import InjectedLora
 
 
