@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 import random_models
 from lora_files import kohya_tensors, unet_shapes
-from training import assert_within_half_an_adamw_step, options, run_train
+from training import COMPARABLE_OPTIMIZER_ARGS, assert_trained_alike, options, run_train
 
 pytestmark = pytest.mark.usefixtures("leave_models_unpatched")
 LEARNING_RATE = 1e-3
@@ -98,7 +98,7 @@ def test_two_workers_train_the_lora_one_process_trains(comfy, pack, loaded, slim
     dataset = make_dataset(4)
     one_preview = dict(preview_every_n_steps=3, preview_prompts="a cat", preview_steps=2)   # rank 0's, after step 3
     settings = dict(steps=3, batch_size=3, learning_rate=LEARNING_RATE,
-                    options=options(save_precision="fp32", **one_preview))
+                    options=options(save_precision="fp32", optimizer_args=COMPARABLE_OPTIMIZER_ARGS, **one_preview))
     alone = run_train(model, clip, vae, dataset, "dist_alone", **settings)
     with Progress() as progress:
         spread = run_train(model, clip, vae, dataset, "dist_two", **settings, prompt=graph(slim_checkpoint),
@@ -109,8 +109,7 @@ def test_two_workers_train_the_lora_one_process_trains(comfy, pack, loaded, slim
     one, _ = saved(loras_dir, alone["result"][2])
     two, metadata = saved(loras_dir, spread["result"][2])
     assert metadata["ss_steps"] == "3"
-    assert_within_half_an_adamw_step(one, two, LEARNING_RATE)      # the weights moved by up to 3 lr (below)
-    assert max(float(one[key].abs().max()) for key in one if "lora_up" in key) >= 2 * LEARNING_RATE
+    assert_trained_alike(one, two)
     for result in (alone, spread):         # the preview, its report line and its picture, wherever it was rendered
         assert "previews: 1 picture(s) at step(s) 3" in result["ui"]["text"][0], result["ui"]["text"][0]
         assert result["result"][4].shape[0] == 1
@@ -144,10 +143,10 @@ def test_a_save_made_on_two_workers_resumes_in_one_process_and_back(pack, loaded
                                                                     loras_dir):
     """Resume state does not depend on the world size: the step-2 save of a run on two workers goes on in this
     process, and the step-2 save of an in-process run goes on on two workers; both end where the uninterrupted
-    runs end (within half an AdamW step: the gradients were summed in another order, as above)."""
+    runs end (to float32 rounding: the gradients were summed in another order, as above)."""
     model, clip, vae = loaded
     dataset = make_dataset(4)
-    exact = dict(save_precision="fp32", save_every_n_steps=2)
+    exact = dict(save_precision="fp32", save_every_n_steps=2, optimizer_args=COMPARABLE_OPTIMIZER_ARGS)
     settings = dict(steps=4, batch_size=3, learning_rate=LEARNING_RATE)
     two_workers = dict(prompt=graph(slim_checkpoint), distributed=two_processes())
     alone = run_train(model, clip, vae, dataset, "dist_r_alone", **settings, options=options(**exact))
@@ -161,7 +160,7 @@ def test_a_save_made_on_two_workers_resumes_in_one_process_and_back(pack, loaded
         assert resumed["ui"]["loss"] == pytest.approx(alone["ui"]["loss"][2:], rel=1e-6)
         tensors, metadata = saved(loras_dir, resumed["result"][2])
         assert metadata["ss_steps"] == "4"
-        assert_within_half_an_adamw_step(saved(loras_dir, alone["result"][2])[0], tensors, LEARNING_RATE)
+        assert_trained_alike(saved(loras_dir, alone["result"][2])[0], tensors)
 
 
 def test_cancel_stops_the_workers_and_keeps_what_they_trained(pack, loaded, slim_checkpoint, make_dataset, loras_dir):

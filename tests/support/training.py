@@ -34,16 +34,29 @@ def run_train(model, clip, vae, dataset, name, steps=4, options=None, **override
         return LoraLabTrainLora().train_lora(**args)
 
 
-def assert_within_half_an_adamw_step(one: dict, two: dict, learning_rate: float) -> None:
-    """Two LoRAs (key -> tensor) trained from the same start, the same batches and draws, whose gradients were summed
-    in another order (a batch of 3 on one process, shares of 2 + 1 on two): AdamW moves each weight by about lr per
-    step whatever its gradient's size (m / sqrt(v)), so a weight whose gradient nearly cancels moves by another
-    fraction of a step. Measured: at most 0.1 lr, the mean far below 0.01 lr; a wrong share weighting turns whole
-    gradients, by whole steps."""
+# Runs compared across processes train with AdamW's eps raised from torch's 1e-8 to 1e-2. AdamW moves a weight by
+# about lr * g / (|g| + eps): with eps = 1e-8 a gradient within float32 rounding of zero, its sum taken in another
+# order on two processes, can flip sign and move the weight by a whole step the other way (seen on ComfyUI 2025-10:
+# 0.84 lr, in 2 of 493,652 weights). With eps = 1e-2 the step changes by at most lr / eps per unit of gradient, so
+# rounding in the gradients stays rounding in the weights.
+COMPARABLE_OPTIMIZER_ARGS = "eps=1e-2"
+
+
+def assert_trained_alike(one: dict, two: dict) -> None:
+    """Two LoRAs (key -> tensor) trained from the same start on the same batches and draws, with
+    COMPARABLE_OPTIMIZER_ARGS, whose gradients were summed in another order (a batch of 3 in one process, shares of
+    2 + 1 on two processes). lora_up starts at zero, so its largest value is the most training moved a weight.
+    Float32 rounding of the gradients (about 6e-8 relative per addition, a few 1e-6 over the backward's sums)
+    reaches the weights through that bounded step: measured at most 3.7e-6 x that movement (every comparison in
+    tests/comfy/test_distributed_training.py and test_server_distributed.py, ComfyUI 2024-03 and 2025-10).
+    1e-4 x leaves 27x room; a wrong share weighting changes whole gradients by a third or more
+    (tests/unit/distributed's negative control)."""
     assert one.keys() == two.keys()
-    differences = torch.cat([(one[key].float() - two[key].float()).abs().flatten() for key in one])
-    assert float(differences.max()) <= 0.5 * learning_rate
-    assert float(differences.mean()) <= 0.01 * learning_rate
+    moved = max(float(one[key].float().abs().max()) for key in one if "lora_up" in key)
+    assert moved > 0, "the LoRA did not train: the comparison would prove nothing"
+    for key in one:
+        largest = float((one[key].float() - two[key].float()).abs().max())
+        assert largest <= 1e-4 * moved, f"{key}: differs by {largest:.3g}, training moved weights by {moved:.3g}"
 
 
 @contextlib.contextmanager
