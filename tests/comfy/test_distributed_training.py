@@ -4,7 +4,7 @@ ComfyUI's executor and train their shares (gloo, CPU). The LoRA is the one a sin
 comes back to ComfyUI's progress bar, only rank 0 writes, a save resumes on another number of workers, Cancel
 stops the workers, a killed worker's error names its rank and the last good save, and a worker whose model
 differs refuses.
-(The engine's own equality, to 2e-8, and the faults: tests/unit/distributed.)"""
+(The engine's own equality, to 1.5e-8, and the faults: tests/unit/distributed.)"""
 from __future__ import annotations
 
 import os

@@ -12,9 +12,11 @@ from lora_lab.trainer.distributed.data_parallel import contiguous_share
 
 # Both sides sum the same float32 terms in another order (one batch of b on one process; two shares of it and
 # gloo's sum of the two gradients on two), so roundings differ by about 6e-8 relative per operation. The adapter's
-# weights are about 0.12 in size (1e-8 per rounding) and take 4 Adam steps of at most lr = 1e-2: measured, the
-# largest difference is 2.2e-8 (every case below; one thread per process, so each run repeats its numbers).
-# 1e-6 leaves 40x room for that and none for a wrong weighting, which the negative control shows is off by 4e-2.
+# weights are about 0.12 in size (1e-8 per rounding) and take 4 AdamW steps of lr = 1e-2 with eps = 1e-2, so a
+# gradient's rounding changes a step by at most lr / eps times it (torch's eps, 1e-8, would let a gradient within
+# rounding of zero flip sign and move a weight a whole step the other way; tests/support/training.py saw that
+# happen on a real UNet). Measured, the largest difference is 1.5e-8 (every case below); 1e-6 leaves 60x room for
+# that and none for a wrong weighting, which the negative control shows is off by 1.2e-2.
 TOLERANCE = 1e-6
 
 
