@@ -49,7 +49,9 @@ def toy_run(case: dict, parallel=None, on_step=None, resume=None, holder: dict |
     the adapter's parameters as "adapter" before training (for saves from on_step)."""
     _pack_importable()
     from lora_lab.trainer.training.loop import TrainSettings, train
+    from lora_lab.trainer.training.optimizers import parse_optimizer_args
     from toy_training import TinyEpsDenoiser
+    from training import COMPARABLE_OPTIMIZER_ARGS
 
     torch.manual_seed(0)
     model = TinyEpsDenoiser()
@@ -67,7 +69,7 @@ def toy_run(case: dict, parallel=None, on_step=None, resume=None, holder: dict |
         data.examples[case["nan_picture"]].latent[0, 0, 0] = float("nan")
     settings = TrainSettings(steps=case.get("steps", 4), batch_size=case["batch_size"], learning_rate=1e-2,
                              gradient_accumulation=case.get("accumulation", 1), seed=RUN_SEED, max_grad_norm=0,
-                             optimizer_args={"eps": 1e-2})       # rounding stays rounding: test_data_parallel.py
+                             optimizer_args=parse_optimizer_args(COMPARABLE_OPTIMIZER_ARGS))
     losses = []
 
     def record(report):
